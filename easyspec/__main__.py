@@ -1,0 +1,3 @@
+from easyspec.cli.main import main
+
+main()

@@ -1,0 +1,101 @@
+"""`easyspec` command line: generate (serve and bench register themselves here too)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from easyspec.cli.args import add_engine_args, add_sampling_args, options_from_args, sampling_from_args
+
+# Mistakes a user can fix get one line and exit code 2; anything else exit code 1.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from easyspec.engine.engine import Engine
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    params = sampling_from_args(args)
+    options = options_from_args(args)
+    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    with Engine(options) as engine:
+        if prompt_ids is None:
+            prompt_ids = engine.encode_prompt(args.prompt, raw=args.raw)
+        token_ids: list[int] = []
+        text, chunk = "", None
+        for chunk in engine.generate(prompt_ids, params):
+            token_ids += chunk.token_ids
+            text += chunk.text
+            if engine.is_driver and not args.json:
+                print(chunk.text, end="", flush=True)
+        if not engine.is_driver:
+            return 0
+        if args.json:
+            stats = chunk.stats.to_dict()
+            out = {
+                "token_ids": token_ids,
+                "text": text,
+                "finish_reason": chunk.finish_reason,
+                "prompt_tokens": len(prompt_ids),
+                "method": options.method,
+                "devices": options.devices,
+                "stats": stats,
+            }
+            print(json.dumps(out))
+        else:
+            if engine.tokenizer is None:
+                print(" ".join(map(str, token_ids)))
+            else:
+                print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easyspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a continuation of one prompt")
+    gen.add_argument("--prompt", help="prompt text (through the chat template unless --raw)")
+    gen.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and stats")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    for name in ("serve", "bench"):
+        try:
+            module = __import__(f"easyspec.{name}.cli", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    except USER_ERRORS as err:
+        if os.environ.get("EASYSPEC_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except Exception as err:  # one line, never a traceback, unless debugging
+        if os.environ.get("EASYSPEC_DEBUG"):
+            raise
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    # Exit without waiting on threads or process-group teardown that a failed peer could block.
+    os._exit(code)

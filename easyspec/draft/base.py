@@ -1,0 +1,29 @@
+"""The drafter interface: what the engine asks of anything that proposes tokens.
+
+The engine calls `start` once per request with the prompt and the first
+committed token, then per round `propose(k)` on drafting ranks and
+`observe(verdict)` on every rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from easyspec.engine.stats import StageTimer
+from easyspec.verify.types import Proposal, Verdict
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+
+    @abstractmethod
+    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer) -> None:
+        """Begin a request: the prompt and the token the base model sampled after it."""
+
+    @abstractmethod
+    def propose(self, k: int, timer: StageTimer) -> Proposal:
+        """Up to k draft tokens following everything committed so far."""
+
+    @abstractmethod
+    def observe(self, verdict: Verdict) -> None:
+        """The tokens the verifier committed this round."""

@@ -1,0 +1,115 @@
+"""Drafting with a small model of the base model's family.
+
+Two flavours share this class: sequential drafting (standard speculative
+decoding, the draft at TP=1 or sharded like the base) and EasySpec's fuzzy
+drafting, where every step after the first runs the draft's layers in parallel
+groups (easyspec.parallel.layer_parallel).
+
+Each round opens with one exact forward over the tokens whose draft KV is
+missing or not exact, padded to a fixed length so its shape never changes:
+in standard SD that is last round's bonus (and the last draft token when all
+were accepted); under EasySpec calibration it is every token committed last
+round, which rewrites the KV that fuzzy steps wrote. Its last logits give the
+first draft token, so calibration costs no extra step.
+
+Bookkeeping, as positions in the committed sequence:
+  written_upto: positions below hold draft KV of committed tokens (exact or fuzzy)
+  exact_upto:   positions below hold exact draft KV
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from easyspec.draft.base import Drafter
+from easyspec.engine.runner import ModelRunner
+from easyspec.engine.stats import StageTimer
+from easyspec.verify.sampling import SamplingParams, process_logits, sample
+from easyspec.verify.types import Proposal, Verdict
+
+
+class ModelDrafter(Drafter):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        k_max: int,
+        fuzzy: bool = False,
+        calibrate: str = "every-round",
+    ) -> None:
+        self.runner = runner
+        self.params = params
+        self.generator = generator
+        self.fuzzy = fuzzy
+        self.name = "easyspec" if fuzzy else "sd"
+        self.calibrate = calibrate
+        self.chunk = k_max + 1  # the fixed token count of the opening exact forward
+        self.tokens: list[int] = []
+        self.written_upto = self.exact_upto = 0
+        self.calibrate_next = False
+        self.last_k = 0
+
+    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer) -> None:
+        device = self.runner.device
+        with timer.stage("prefill"):
+            self.runner.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
+        self.tokens = [*prompt_ids, first_token]
+        self.written_upto = self.exact_upto = len(prompt_ids)
+        self.calibrate_next = False
+
+    def _sample(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """logits [V] -> (token [], q [V] or None under greedy)."""
+        if self.params.greedy:
+            return logits.argmax(-1), None
+        probs = process_logits(logits[None], self.params)[0]
+        return sample(probs[None], self.generator)[0], probs
+
+    def _feed_exact(self, start: int) -> Tensor:
+        """Run committed tokens [start, end) exactly, in fixed-size padded chunks.
+
+        Returns the logits [V] after the last of them. Padding slots lie past the
+        last real position; later steps overwrite them before anything reads them.
+        """
+        device = self.runner.device
+        pending = self.tokens[start:]
+        logits = None
+        for begin in range(0, len(pending), self.chunk):
+            piece = pending[begin : begin + self.chunk]
+            padded = torch.zeros(self.chunk, dtype=torch.long)
+            padded[: len(piece)] = torch.tensor(piece)
+            logits = self.runner.forward(padded.to(device, non_blocking=True), start + begin)
+            last = len(piece) - 1
+        return logits[last]
+
+    @torch.inference_mode()
+    def propose(self, k: int, timer: StageTimer) -> Proposal:
+        last_pos = len(self.tokens) - 1
+        start = self.exact_upto if self.calibrate_next else self.written_upto
+        with timer.stage("calibrate"):
+            token, probs = self._sample(self._feed_exact(start))
+        self.written_upto = self.exact_upto = last_pos + 1
+        drafted, dists = [token], [probs]
+        mode = "fuzzy" if self.fuzzy else "exact"
+        with timer.stage("draft"):
+            for i in range(1, k):
+                logits = self.runner.forward(drafted[-1].view(1), last_pos + i, mode)
+                token, probs = self._sample(logits[0])
+                drafted.append(token)
+                dists.append(probs)
+        self.last_k = k
+        q = None if self.params.greedy else torch.stack(dists)
+        return Proposal(torch.stack(drafted), q)
+
+    def observe(self, verdict: Verdict) -> None:
+        last_pos = len(self.tokens) - 1
+        self.tokens.extend(verdict.tokens)
+        # Draft tokens 1..k-1 were fed at positions last_pos+1 .. last_pos+k-1; those
+        # that were accepted keep their KV, the rest will be overwritten.
+        self.written_upto = last_pos + 1 + min(verdict.accepted, self.last_k - 1)
+        if not self.fuzzy:
+            self.exact_upto = self.written_upto
+        self.calibrate_next = self.calibrate == "every-round" or (
+            self.calibrate == "on-mismatch" and not verdict.all_accepted
+        )

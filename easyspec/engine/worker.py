@@ -1,0 +1,300 @@
+"""One rank's part of generation: load the models, then run requests in lockstep.
+
+Every rank runs the same loop; rank 0 drives. After each base-model step it
+decides what is committed (verification, EOS, length, stop strings,
+cancellation) and broadcasts that decision, so all ranks agree on every token
+and on when to stop. The loop per round is
+    propose (drafting ranks) -> score (base forward, all ranks) -> verify (rank 0)
+    -> broadcast decision -> observe (all ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from easyspec.draft.base import Drafter
+from easyspec.draft.model import ModelDrafter
+from easyspec.draft.ngram import NgramDrafter
+from easyspec.engine.options import EngineOptions, OptionsError
+from easyspec.engine.runner import ModelRunner
+from easyspec.engine.stats import SpecStats, StageTimer
+from easyspec.model.checkpoint import load_config, load_weights, parse_dtype
+from easyspec.model.tokenizer import StreamDecoder, Tokenizer
+from easyspec.model.transformer import Transformer
+from easyspec.parallel import comm
+from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
+from easyspec.parallel.state import ParallelState
+from easyspec.parallel.tp import shard_model
+from easyspec.verify.rejection import verify_greedy, verify_stochastic
+from easyspec.verify.sampling import SamplingParams, process_logits, sample
+from easyspec.verify.types import Proposal, Verdict
+
+FINISH_REASONS = (None, "stop", "length", "cancelled")
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one step of generation, as they are yielded."""
+
+    token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+def load_sharded(folder: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
+    """Load a model whole, or tensor-parallel over every rank when `tp` is set."""
+    cfg = load_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    slicer = shard_model(model, state.rank, state.world_size, state.group) if tp else None
+    return load_weights(model, folder, dtype, state.device, slicer).eval()
+
+
+class Worker:
+    def __init__(self, options: EngineOptions, state: ParallelState) -> None:
+        self.options, self.state = options, state
+        dtype = parse_dtype(options.dtype)
+        self.tokenizer = Tokenizer.from_folder(options.model)
+        self.base_config = load_config(options.model)
+        if self.base_config.max_position_embeddings < options.max_context:
+            raise OptionsError(
+                f"--max-context {options.max_context} exceeds the base model's "
+                f"max_position_embeddings ({self.base_config.max_position_embeddings}); lower it"
+            )
+        tp = state.world_size > 1
+        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp), options.max_context,
+                                options.cuda_graphs)
+        self.eos = set(self.base_config.eos_token_ids)
+        if self.tokenizer and self.tokenizer.eos_token:
+            eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)
+            if eos_id is not None:
+                self.eos.add(eos_id)
+        self.drafting_ranks = self._drafting_ranks()
+        self.draft_runner = self._load_draft(dtype) if state.rank in self.drafting_ranks else None
+        self.k = options.num_draft
+
+    def _drafting_ranks(self) -> tuple[int, ...]:
+        opts, world = self.options, self.state.world_size
+        if opts.method == "sd":
+            return tuple(range(opts.draft_tp))
+        if opts.method == "easyspec":
+            ranks = tuple(range(opts.layer_parallel))
+            self.state.make_subgroups([ranks])  # collective: every rank takes part
+            return ranks
+        return tuple(range(world))
+
+    def _load_draft(self, dtype: torch.dtype) -> ModelRunner | None:
+        opts, state = self.options, self.state
+        if opts.method not in ("sd", "easyspec"):
+            return None
+        draft_cfg = load_config(opts.draft)
+        check_pair(self.base_config, draft_cfg, opts)
+        if opts.method == "sd":
+            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1)
+            return ModelRunner(model, opts.max_context, opts.cuda_graphs)
+        model = load_sharded(opts.draft, dtype, state, tp=False)
+        ranks = self.drafting_ranks
+        layout = (LayerLayout.parse(opts.groups, draft_cfg.num_layers, len(ranks)) if opts.groups
+                  else LayerLayout.build(draft_cfg.num_layers, len(ranks), opts.keep_first, opts.keep_last))
+        fuzzy = LayerParallelForward(model, layout, state.rank, len(ranks), state.subgroup(ranks),
+                                     opts.parallel_policy)
+        return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={"fuzzy": fuzzy})
+
+    def _make_drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
+        opts = self.options
+        if opts.method == "ngram":
+            return NgramDrafter(self.state.device, opts.ngram_min, opts.ngram_max)
+        if self.draft_runner is None:
+            return None
+        gen = torch.Generator(self.state.device).manual_seed(seed + 1)
+        return ModelDrafter(self.draft_runner, params, gen, opts.k_max, fuzzy=opts.method == "easyspec",
+                            calibrate=opts.calibrate)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise OptionsError("the prompt is empty; give at least one token")
+        vocab = self.base_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise OptionsError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        needed = len(prompt_ids) + params.max_new_tokens + self.options.k_max + 1
+        if needed > self.options.max_context:
+            raise OptionsError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) + draft room "
+                f"({self.options.k_max + 1}) exceeds --max-context {self.options.max_context}; "
+                "shorten the prompt, lower max_new_tokens or raise --max-context"
+            )
+
+    def _agree_seed(self, seed: int | None) -> int:
+        if seed is None:
+            seed = int.from_bytes(os.urandom(6), "little")
+        if not self.state.distributed:
+            return seed
+        box = torch.tensor([seed], dtype=torch.long, device=self.state.device)
+        return int(comm.broadcast(box, 0, self.state.group).item())
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        """Yield a Chunk per step; closing the iterator early cancels the request
+        (the ranks finish the round in progress, then stop together)."""
+        self.check_request(prompt_ids, params)
+        self._cancel = False
+        rounds = self._rounds(prompt_ids, params)
+        try:
+            yield from rounds
+        except GeneratorExit:
+            if self.state.distributed:
+                self._cancel = True
+                for _ in rounds:  # run to the next decision, which now says "stop"
+                    pass
+            raise
+
+    @torch.inference_mode()
+    def _rounds(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        device = self.state.device
+        stats = SpecStats()
+        timer = StageTimer(stats, device, self.options.profile_stages)
+        seed = self._agree_seed(params.seed)
+        generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer and self.state.is_driver else None
+        self.k = self.options.num_draft
+        begin = time.perf_counter()
+
+        with timer.stage("prefill"):
+            logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
+            first = self._pick(logits[None], params, generator)
+        decision = self._decide(first, 0, params, stats)
+        chunk = self._chunk(decision, stats, decoder, begin)
+        yield chunk
+        drafter = self._make_drafter(params, seed)
+        if drafter is not None and not chunk.finished:
+            drafter.start(prompt_ids, decision.tokens[0], timer)
+        position = len(prompt_ids)  # where the newest committed token sits
+        while not chunk.finished:
+            last = torch.tensor([decision.tokens[-1]], device=device)
+            if self.options.method == "vanilla":
+                with timer.stage("verify"):
+                    picked = self._pick(self.base.forward(last, position), params, generator)
+                decision = self._decide(picked, 0, params, stats)
+                stats.rounds += 1
+                position += 1
+            else:
+                proposal = self._propose(drafter, timer)
+                with timer.stage("verify"):
+                    logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [k+1, V]
+                    verdict = self._verify(proposal, logits, params, generator)
+                drafted = proposal.num_tokens
+                decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
+                                        params, stats)
+                stats.record_round(drafted, decision.accepted)
+                position += len(decision.tokens)
+                if not decision.finished:
+                    verdict = Verdict(decision.accepted, decision.tokens, drafted)
+                    if drafter is not None:
+                        drafter.observe(verdict)
+                    self._adapt(verdict)
+            chunk = self._chunk(decision, stats, decoder, begin)
+            yield chunk
+
+    def _pick(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+        """Rank 0 chooses the next token from the base logits [1, V]; others wait for the decision."""
+        if not self.state.is_driver:
+            return []
+        if params.greedy:
+            return [int(logits[-1].argmax())]
+        return [int(sample(process_logits(logits[-1:], params), generator)[0])]
+
+    def _propose(self, drafter: Drafter | None, timer: StageTimer) -> Proposal:
+        """Draft tokens on the drafting ranks, shared with the others when some don't draft."""
+        if drafter is not None:
+            proposal = drafter.propose(self.k, timer)
+        else:
+            proposal = Proposal(torch.empty(self.k, dtype=torch.long, device=self.state.device))
+        if len(self.drafting_ranks) < self.state.world_size:
+            comm.broadcast(proposal.tokens, 0, self.state.group)
+        return proposal
+
+    def _verify(self, proposal: Proposal, logits: Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> Verdict | None:
+        if not self.state.is_driver:
+            return None
+        if params.greedy:
+            return verify_greedy(proposal, logits)
+        return verify_stochastic(proposal, process_logits(logits, params), generator)
+
+    def _adapt(self, verdict: Verdict) -> None:
+        """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
+        Every rank sees the same verdicts, so every rank picks the same k."""
+        if not self.options.adaptive_draft or self.options.method == "ngram":
+            return
+        if verdict.all_accepted:
+            self.k = min(self.k + 1, self.options.k_max)
+        else:
+            self.k = max(self.k - 1, 1)
+
+    def _decide(self, candidates: list[int], accepted: int, params: SamplingParams,
+                stats: SpecStats) -> Decision:
+        """Rank 0 applies EOS / length / cancellation to the candidate tokens and
+        broadcasts the result; every rank returns the same Decision."""
+        if self.state.is_driver:
+            tokens, reason = [], 0
+            budget = params.max_new_tokens - stats.generated
+            for token in candidates:
+                tokens.append(token)
+                if token in self.eos and not params.ignore_eos:
+                    reason = FINISH_REASONS.index("stop")
+                    break
+                if len(tokens) >= budget:
+                    reason = FINISH_REASONS.index("length")
+                    break
+            if reason == 0 and self._cancel:
+                reason = FINISH_REASONS.index("cancelled")
+            message = [len(tokens), accepted, reason, *tokens]
+        if self.state.distributed:
+            box = torch.zeros(3 + self.options.k_max + 1, dtype=torch.long)
+            if self.state.is_driver:
+                box[: len(message)] = torch.tensor(message)
+            box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
+            message = box.tolist()
+        count, accepted, reason = message[:3]
+        decision = Decision(message[3 : 3 + count], accepted, FINISH_REASONS[reason])
+        stats.generated += count
+        return decision
+
+    def _chunk(self, decision: Decision, stats: SpecStats, decoder: StreamDecoder | None,
+               begin: float) -> Chunk:
+        stats.total_s = time.perf_counter() - begin
+        text = decoder.push(decision.tokens) if decoder else ""
+        return Chunk(decision.tokens, text, decision.finished, decision.reason, stats)
+
+
+@dataclass
+class Decision:
+    tokens: list[int]
+    accepted: int
+    reason: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.reason is not None
+
+
+def check_pair(base, draft, options: EngineOptions) -> None:
+    """A draft must speak the base model's vocabulary and reach the same context length."""
+    if draft.vocab_size != base.vocab_size:
+        raise OptionsError(
+            f"the draft's vocab_size ({draft.vocab_size}) differs from the base model's "
+            f"({base.vocab_size}); use a draft of the same family and tokenizer"
+        )
+    if draft.max_position_embeddings < options.max_context:
+        raise OptionsError(
+            f"the draft's max_position_embeddings ({draft.max_position_embeddings}) is shorter than "
+            f"--max-context {options.max_context}; lower --max-context"
+        )

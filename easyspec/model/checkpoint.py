@@ -1,0 +1,233 @@
+"""Read and write Hugging Face-format checkpoint folders.
+
+A folder holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors
+with model.safetensors.index.json), and optionally generation_config.json and the
+tokenizer files (see easyspec.model.tokenizer).
+
+Weights are read tensor by tensor from memory-mapped safetensors files straight
+into the target dtype and device. An optional `slicer` names, per checkpoint
+tensor, the slice of it that this process needs; sharded loading (tensor
+parallelism) uses it so that each process reads only its own bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from easyspec.model.config import ConfigError, ModelConfig
+from easyspec.model.transformer import Transformer
+
+# (dim, start, stop) of the part of a checkpoint tensor a process keeps, given the
+# model parameter it feeds, the checkpoint tensor's name and its full shape.
+TensorSlice = tuple[int, int, int]
+TensorSlicer = Callable[[str, str, tuple[int, ...]], TensorSlice | None]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be loaded; the message names the file and the fault."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    """config.json, with EOS ids from generation_config.json when it has them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (directory not found)")
+    try:
+        cfg = ModelConfig.from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        eos = _read_json(gen_path).get("eos_token_id")
+        if eos is not None:
+            cfg = cfg.replace(eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos))
+    return cfg
+
+
+def checkpoint_sources(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Model parameter name -> checkpoint tensor names concatenated along dim 0."""
+    sources: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"]}
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        attn = f"{hf}.self_attn"
+        sources[f"{ours}.input_norm.weight"] = [f"{hf}.input_layernorm.weight"]
+        sources[f"{ours}.attn.qkv_proj.weight"] = [f"{attn}.{p}_proj.weight" for p in "qkv"]
+        if cfg.attention_bias:
+            sources[f"{ours}.attn.qkv_proj.bias"] = [f"{attn}.{p}_proj.bias" for p in "qkv"]
+        sources[f"{ours}.attn.o_proj.weight"] = [f"{attn}.o_proj.weight"]
+        if cfg.qk_norm:
+            sources[f"{ours}.attn.q_norm.weight"] = [f"{attn}.q_norm.weight"]
+            sources[f"{ours}.attn.k_norm.weight"] = [f"{attn}.k_norm.weight"]
+        sources[f"{ours}.post_attention_norm.weight"] = [f"{hf}.post_attention_layernorm.weight"]
+        sources[f"{ours}.mlp.gate_up_proj.weight"] = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
+        sources[f"{ours}.mlp.down_proj.weight"] = [f"{hf}.mlp.down_proj.weight"]
+    sources["norm.weight"] = ["model.norm.weight"]
+    sources["lm_head.weight"] = ["lm_head.weight"]
+    return sources
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file that holds it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing 'weight_map'")
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.exists():
+                raise CheckpointError(f"{file}: listed in {index.name} but not found")
+        return files
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(
+            f"{folder}: no model.safetensors or model.safetensors.index.json "
+            "(only safetensors checkpoints are supported)"
+        )
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _expected_shape(model: Transformer, param: str) -> tuple[int, ...]:
+    return tuple(model.get_parameter(param).shape)
+
+
+def load_weights(
+    model: Transformer,
+    folder: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    slicer: TensorSlicer | None = None,
+) -> Transformer:
+    """Fill `model` (typically built on the meta device) from the folder's safetensors."""
+    folder = Path(folder)
+    cfg = model.config
+    files = _weight_files(folder)
+    sources = checkpoint_sources(cfg)
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in files
+    if tied:
+        sources["lm_head.weight"] = sources["embed_tokens.weight"]
+    state: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        handles = {}
+
+        def read(param: str, name: str) -> Tensor:
+            if name not in files:
+                raise CheckpointError(f"{folder}: checkpoint has no tensor {name!r}")
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+            part = handles[path].get_slice(name)
+            shape = tuple(part.get_shape())
+            cut = slicer(param, name, shape) if slicer else None
+            if cut is None:
+                tensor = part[:]
+            else:
+                dim, start, stop = cut
+                tensor = part[start:stop] if dim == 0 else part[:, start:stop]
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+            return tensor.to(device=device, dtype=dtype)
+
+        for param, names in sources.items():
+            pieces = [read(param, n) for n in names]
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+            expected = _expected_shape(model, param)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(
+                    f"{files[names[0]].name}: {' + '.join(names)} has shape {tuple(tensor.shape)}, "
+                    f"but config.json implies {expected}"
+                )
+            state[param] = tensor
+    if tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if tied and state["lm_head.weight"] is state["embed_tokens.weight"]:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def load_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    cfg: ModelConfig | None = None,
+) -> Transformer:
+    """Load a whole (unsharded) model for one device."""
+    cfg = cfg or load_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return load_weights(model, folder, dtype, device).eval()
+
+
+def hf_state_dict(model: Transformer) -> Iterator[tuple[str, Tensor]]:
+    """The model's weights under checkpoint names, fused projections split again."""
+    cfg = model.config
+    for param, names in checkpoint_sources(cfg).items():
+        if param == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        tensor = model.get_parameter(param).detach()
+        if len(names) == 1:
+            yield names[0], tensor
+            continue
+        if "qkv_proj" in param:
+            sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        else:
+            sizes = [cfg.intermediate_size] * 2
+        yield from zip(names, tensor.split(sizes, dim=0))
+
+
+def save_checkpoint(model: Transformer, folder: str | Path, max_shard_bytes: int = 1 << 30) -> None:
+    """Write config.json and safetensors shards (with an index when there is more than one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in hf_state_dict(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous().cpu()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

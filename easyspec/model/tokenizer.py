@@ -1,0 +1,116 @@
+"""Text in and out: tokenizer.json through `tokenizers`, chat templates through jinja2."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from easyspec.model.checkpoint import CheckpointError
+
+
+def _special_text(value: object) -> str | None:
+    # tokenizer_config.json writes special tokens as a string or as {"content": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None,
+                 bos_token: str | None, eos_token: str | None, source: str) -> None:
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.source = source
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer | None:
+        """The folder's tokenizer, or None when it has no tokenizer.json."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            return None
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise CheckpointError(f"{path}: cannot be read by the tokenizers library ({err})") from None
+        config: dict = {}
+        config_path = folder / "tokenizer_config.json"
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as err:
+                raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja_path = folder / "chat_template.jinja"
+        if template is None and jinja_path.exists():
+            template = jinja_path.read_text()
+        return cls(tok, template, _special_text(config.get("bos_token")),
+                   _special_text(config.get("eos_token")), str(folder))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        return self._tok.token_to_id(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise CheckpointError(f"{self.source}: the tokenizer has no chat template; pass raw text instead")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added again.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+class StreamDecoder:
+    """Turns committed token ids into text pieces as they arrive.
+
+    A piece is released only once it decodes cleanly: a multi-byte character
+    split across tokens shows up as U+FFFD until its last byte arrives.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""
+        piece, self.text = full[len(self.text):], full
+        return piece

@@ -1,0 +1,242 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) on one device.
+
+It knows nothing of parallelism or speculation. Tensor parallelism swaps some of
+its Linear modules for sharded ones (easyspec.parallel.tp); layer-parallel
+drafting calls each block's two sub-blocks (`attention`, `feed_forward`)
+directly. Batch size is 1 whenever a KV cache is used; a leading batch
+dimension is accepted without a cache (training).
+
+Shapes: T tokens in this forward, D hidden size, H query heads, Hkv key/value
+heads, hd head dim, L = kv_len slots of the cache read by attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from easyspec.model.config import ModelConfig, RopeScaling
+from easyspec.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and scale after casting back, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """[hd/2] float32 inverse frequencies, with Llama-3 wavelength-dependent scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor  # longer wavelengths are slowed down fully
+    high_wavelen = old_len / scaling.high_freq_factor  # shorter ones are kept as they are
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    # In between, interpolate smoothly between the scaled and unscaled frequency.
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward shares.
+
+    cos, sin: [T, hd] in the activation dtype; mask: [T, L] bool (True = attend)
+    or None for plain causal attention without a cache; positions: [T] long.
+    """
+
+    positions: Tensor
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    cache: KVCache | None
+    kv_len: int
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # Head counts are attributes (not read from cfg at run time) so that tensor
+        # parallelism can give each rank its share of heads.
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        # q, k and v in one matmul: one weight read and one launch instead of three.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, step: StepInputs, layer: int) -> Tensor:
+        """x: [B, T, D] -> [B, T, D] (before any tensor-parallel reduction)."""
+        batch, seq, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
+        q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(batch, seq, nh, hd)
+        k = k.view(batch, seq, nkv, hd)
+        v = v.view(batch, seq, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = step.cos[:, None, :], step.sin[:, None, :]  # [T, 1, hd]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        group = nh // nkv
+        if step.cache is None:
+            # No cache (training or a one-off full forward): causal attention over
+            # this forward's own keys, with GQA heads expanded for the fused kernels.
+            qh = q.transpose(1, 2)  # [B, H, T, hd]
+            kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+            vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+            out = out.transpose(1, 2).reshape(batch, seq, nh * hd)
+            return self.o_proj(out)
+
+        assert batch == 1, "a KV cache holds one sequence"
+        keys, values = step.cache.write(layer, step.positions, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        keys, values = keys[None, :, : step.kv_len], values[None, :, : step.kv_len]  # [1, Hkv, L, hd]
+        # Fold the query heads that share a key/value head into the query-length axis,
+        # [1, T, H, hd] -> [1, Hkv, group*T, hd], so attention reads each cached key once.
+        qg = q.view(1, seq, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(1, nkv, group * seq, hd)
+        mask = step.mask.repeat(group, 1)  # [group*T, L]
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        out = out.view(1, nkv, group, seq, hd).permute(0, 3, 1, 2, 4).reshape(1, seq, nh * hd)
+        return self.o_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # gate and up projections fused: rows [0, I) are gate, [I, 2I) are up.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def attention(self, x: Tensor, step: StepInputs) -> Tensor:
+        """The attention sub-block's residual update for input x: [B, T, D]."""
+        return self.attn(self.input_norm(x), step, self.index)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The MLP sub-block's residual update for input x: [B, T, D]."""
+        return self.mlp(self.post_attention_norm(x))
+
+    def forward(self, x: Tensor, step: StepInputs) -> Tensor:
+        x = x + self.attention(x, step)
+        return x + self.feed_forward(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope_cos: Tensor | None = None
+        self.rope_sin: Tensor | None = None
+
+    def init_rope(self, max_len: int, device: torch.device | str) -> None:
+        """Precompute cos/sin for positions [0, max_len) as float32 [max_len, hd]."""
+        cfg = self.config
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos = angles.cos().to(device)
+        self.rope_sin = angles.sin().to(device)
+
+    def allocate_cache(self, max_len: int, device: torch.device | str | None = None) -> KVCache:
+        """A KV cache for `max_len` positions (per-rank head count under TP)."""
+        attn = self.layers[0].attn
+        param = self.embed_tokens.weight
+        device = device or param.device
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_len:
+            self.init_rope(max_len, device)
+        return KVCache(len(self.layers), attn.num_kv_heads, attn.head_dim, max_len, param.dtype, device)
+
+    def step_inputs(
+        self,
+        positions: Tensor,
+        cache: KVCache | None,
+        kv_len: int | None = None,
+        mask: Tensor | None = None,
+    ) -> StepInputs:
+        """positions: [T] long. Without an explicit mask a query attends to every
+        cached slot at or before its own position (causal over absolute positions)."""
+        if self.rope_cos is None or (cache is None and int(positions.max()) >= self.rope_cos.shape[0]):
+            needed = cache.max_len if cache is not None else int(positions.max()) + 1
+            self.init_rope(max(needed, 1), positions.device)
+        dtype = self.embed_tokens.weight.dtype
+        cos = self.rope_cos[positions].to(dtype)
+        sin = self.rope_sin[positions].to(dtype)
+        if cache is None:
+            return StepInputs(positions, cos, sin, None, None, 0)
+        kv_len = cache.max_len if kv_len is None else kv_len
+        if mask is None:
+            slots = torch.arange(kv_len, device=positions.device)
+            mask = slots[None, :] <= positions[:, None]  # [T, L]
+        return StepInputs(positions, cos, sin, mask, cache, kv_len)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and LM head: [..., D] -> float32 [..., V]."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens: [T] (or [B, T] without a cache), positions: [T] long.
+
+        Returns float32 logits [T, V] ([B, T, V] for batched input), or [1, V] for
+        the last token only when `last_only` is set (prefill needs no more).
+        """
+        batched = tokens.dim() == 2
+        x = self.embed_tokens(tokens if batched else tokens[None])  # [B, T, D]
+        step = self.step_inputs(positions, cache, kv_len, mask)
+        for block in self.layers:
+            x = block(x, step)
+        if last_only:
+            x = x[:, -1:]
+        out = self.logits(x)
+        return out if batched else out[0]

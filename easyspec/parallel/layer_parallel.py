@@ -1,0 +1,184 @@
+"""EasySpec layer-parallel ("fuzzy") draft forward.
+
+The draft is replicated on the N drafting ranks. Its layers are cut into
+consecutive groups; a group of one layer runs as usual on every drafting rank
+(no communication), and a group of n <= N layers g[0..n-1] with entry state h0
+runs as follows on drafting rank r:
+
+  attention: rank r < n computes a_r = Attn_{g[r]}(h0) and writes that layer's
+  KV; ONE all-gather shares every a_j together with the new KV entries, so every
+  rank's cache stays identical; then every rank runs, in layer order,
+      h = h0; for j: h = h + a_j; h = h + MLP_{g[j]}(h)
+  layer: rank r computes the whole layer g[r] from h0, d_r = a_r + MLP(h0 + a_r);
+      h = h0 + d_0 + ... + d_{n-1} (ablation: the paper found it loses accuracy)
+  attention+tp-mlp: attention as above; each MLP of the group is then split
+      over the N ranks (rows of gate/up, columns of down) with one all-reduce per
+      MLP, so the ranks share the MLP bytes instead of all reading all of them.
+
+Every rank ends a group with the same h, so no broadcast is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from easyspec.model.kv_cache import KVCache
+from easyspec.model.transformer import Block, Transformer
+from easyspec.parallel import comm
+
+POLICIES = ("attention", "layer", "attention+tp-mlp")
+
+
+class LayoutError(ValueError):
+    """A layer grouping is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def max_group(self) -> int:
+        return max(len(g) for g in self.groups)
+
+    def __str__(self) -> str:
+        return ",".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in self.groups)
+
+    @classmethod
+    def build(cls, num_layers: int, size: int, keep_first: int, keep_last: int) -> LayerLayout:
+        """First/last layers sequential, the middle cut into consecutive groups of `size`."""
+        if size < 1:
+            raise LayoutError(f"--layer-parallel must be >= 1, got {size}")
+        if keep_first < 0 or keep_last < 0 or keep_first + keep_last > num_layers:
+            raise LayoutError(
+                f"--keep-first {keep_first} and --keep-last {keep_last} must be >= 0 and "
+                f"together at most the draft's {num_layers} layers"
+            )
+        groups = [(i,) for i in range(keep_first)]
+        middle = list(range(keep_first, num_layers - keep_last))
+        groups += [tuple(middle[i : i + size]) for i in range(0, len(middle), size)]
+        groups += [(i,) for i in range(num_layers - keep_last, num_layers)]
+        return cls(tuple(groups))
+
+    @classmethod
+    def parse(cls, spec: str, num_layers: int, size: int) -> LayerLayout:
+        """An explicit grouping such as "0,1,2-3,4-5,6-7,8,9"."""
+        groups = []
+        for item in spec.split(","):
+            item = item.strip()
+            try:
+                if "-" in item:
+                    lo, hi = (int(v) for v in item.split("-"))
+                    groups.append(tuple(range(lo, hi + 1)))
+                else:
+                    groups.append((int(item),))
+            except ValueError:
+                raise LayoutError(f"--groups: cannot read {item!r}; write layers like 0,1,2-3,4-5") from None
+        layout = cls(tuple(groups))
+        layout.validate(num_layers, size)
+        return layout
+
+    def validate(self, num_layers: int, size: int) -> None:
+        flat = [layer for g in self.groups for layer in g]
+        if flat != list(range(num_layers)):
+            raise LayoutError(
+                f"--groups must cover the draft's layers 0..{num_layers - 1} once each, in order; got {self}"
+            )
+        too_big = [g for g in self.groups if len(g) > size]
+        if too_big:
+            raise LayoutError(f"--groups: group {too_big[0]} has more layers than --layer-parallel {size}")
+
+
+class _ShardedMLP(nn.Module):
+    """This rank's 1/n of one draft MLP (rows of gate and up, columns of down)."""
+
+    def __init__(self, block: Block, rank: int, n: int) -> None:
+        super().__init__()
+        gate, up = block.mlp.gate_up_proj.weight.chunk(2, dim=0)
+        part = gate.shape[0] // n
+        rows = slice(rank * part, (rank + 1) * part)
+        self.norm = block.post_attention_norm
+        self.gate_up = torch.cat((gate[rows], up[rows])).contiguous()  # [2I/n, D]
+        self.down = block.mlp.down_proj.weight[:, rows].contiguous()  # [D, I/n]
+
+    def forward(self, x: Tensor, group: ProcessGroup | None) -> Tensor:
+        gate, up = F.linear(self.norm(x), self.gate_up).chunk(2, dim=-1)
+        return comm.all_reduce(F.linear(F.silu(gate) * up, self.down), group)
+
+
+class LayerParallelForward:
+    """The fuzzy forward of a replicated draft: fn(tokens, positions, cache, kv_len) -> logits."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        layout: LayerLayout,
+        rank: int,
+        size: int,
+        group: ProcessGroup | None,
+        policy: str = "attention",
+    ) -> None:
+        if policy not in POLICIES:
+            raise LayoutError(f"unknown parallel policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        layout.validate(model.config.num_layers, size)
+        if policy == "attention+tp-mlp" and model.config.intermediate_size % size:
+            raise LayoutError(
+                f"policy attention+tp-mlp needs the draft's intermediate_size "
+                f"({model.config.intermediate_size}) divisible by --layer-parallel {size}"
+            )
+        self.model, self.layout, self.rank, self.size = model, layout, rank, size
+        self.group, self.policy = group, policy
+        self.sharded_mlps: dict[int, _ShardedMLP] = {}
+        if policy == "attention+tp-mlp":
+            for g in layout.groups:
+                if len(g) > 1:
+                    self.sharded_mlps.update({i: _ShardedMLP(model.layers[i], rank, size) for i in g})
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        model = self.model
+        x = model.embed_tokens(tokens[None])  # [1, T, D]
+        step = model.step_inputs(positions, cache, kv_len)
+        for g in self.layout.groups:
+            if len(g) == 1:
+                x = model.layers[g[0]](x, step)
+            else:
+                x = self._group(x, g, step, cache, positions)
+        return model.logits(x)[0]
+
+    def _group(self, h0: Tensor, g: tuple[int, ...], step, cache: KVCache, positions: Tensor) -> Tensor:
+        layers = self.model.layers
+        seq, dim = h0.shape[1], h0.shape[2]
+        kv = cache.keys[0].shape[0] * cache.keys[0].shape[2]  # Hkv * hd
+        mine = g[self.rank] if self.rank < len(g) else None
+        # This rank's contribution: its residual update and its layer's new KV entries.
+        payload = h0.new_zeros(seq, dim + 2 * kv)  # [T, D + 2 * Hkv * hd]
+        if mine is not None:
+            block = layers[mine]
+            update = block.attention(h0, step)
+            if self.policy == "layer":
+                update = update + block.feed_forward(h0 + update)
+            keys = cache.keys[mine].index_select(1, positions).transpose(0, 1).reshape(seq, kv)
+            values = cache.values[mine].index_select(1, positions).transpose(0, 1).reshape(seq, kv)
+            payload = torch.cat((update[0], keys, values), dim=-1)
+        gathered = comm.all_gather(payload, self.group)  # [N, T, D + 2kv]
+        updates = []
+        for j, layer in enumerate(g):
+            update, keys, values = gathered[j].split([dim, kv, kv], dim=-1)
+            updates.append(update[None])
+            if layer != mine:
+                shape = (seq, cache.keys[layer].shape[0], -1)
+                cache.write(layer, positions, keys.reshape(shape).transpose(0, 1),
+                            values.reshape(shape).transpose(0, 1))
+        x = h0
+        for layer, update in zip(g, updates):
+            x = x + update
+            if self.policy == "attention":
+                x = x + layers[layer].feed_forward(x)
+            elif self.policy == "attention+tp-mlp":
+                x = x + self.sharded_mlps[layer](x, self.group)
+        return x

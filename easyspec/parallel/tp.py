@@ -1,0 +1,105 @@
+"""Tensor parallelism as a transformation of a model built on the meta device.
+
+Per block: q/k/v and gate/up are split by output rows (whole GQA heads per rank),
+o_proj and down_proj by input columns, each followed by exactly one all-reduce
+(`RowParallelLinear`). The LM head is split by vocabulary and its logits
+all-gathered; the embedding stays whole on every rank (a lookup reads one row,
+so splitting it saves memory but no time).
+
+`shard_model` rewrites the modules' shapes and returns the slicer that makes the
+checkpoint loader read only this rank's bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from easyspec.model.checkpoint import TensorSlice, TensorSlicer
+from easyspec.model.config import ModelConfig
+from easyspec.model.transformer import Transformer
+from easyspec.parallel import comm
+
+
+class TPError(ValueError):
+    """The model cannot be split over this many devices; the message says why."""
+
+
+class RowParallelLinear(nn.Linear):
+    """A Linear whose input features are split over ranks: local matmul, then one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return comm.all_reduce(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelHead(nn.Linear):
+    """The LM head split over the vocabulary; the shards' logits are gathered back in order."""
+
+    def __init__(self, in_features: int, vocab_per_rank: int, group: ProcessGroup | None) -> None:
+        super().__init__(in_features, vocab_per_rank, bias=False)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        local = F.linear(x, self.weight)  # [..., V/n]
+        gathered = comm.all_gather(local, self.group)  # [n, ..., V/n]
+        return torch.cat(gathered.unbind(0), dim=-1)  # [..., V]
+
+
+def check_divisible(cfg: ModelConfig, tp: int, what: str = "model") -> None:
+    """Raise TPError unless heads, KV heads and the MLP width divide by tp."""
+    for name, value in (
+        ("num_attention_heads", cfg.num_heads),
+        ("num_key_value_heads", cfg.num_kv_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
+        if value % tp:
+            raise TPError(
+                f"the {what}'s {name} ({value}) is not divisible by {tp} devices; "
+                f"use a device count that divides it"
+            )
+
+
+def shard_model(model: Transformer, rank: int, tp: int, group: ProcessGroup | None) -> TensorSlicer:
+    """Give `model` (on the meta device) this rank's shapes; return the checkpoint slicer."""
+    cfg = model.config
+    check_divisible(cfg, tp)
+    q_local, kv_local = cfg.q_size // tp, cfg.kv_size // tp
+    inter_local = cfg.intermediate_size // tp
+    split_head = cfg.vocab_size % tp == 0
+    with torch.device("meta"):
+        for block in model.layers:
+            attn = block.attn
+            attn.num_heads //= tp
+            attn.num_kv_heads //= tp
+            attn.qkv_proj = nn.Linear(cfg.hidden_size, q_local + 2 * kv_local, bias=cfg.attention_bias)
+            attn.o_proj = RowParallelLinear(q_local, cfg.hidden_size, group)
+            block.mlp.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter_local, bias=False)
+            block.mlp.down_proj = RowParallelLinear(inter_local, cfg.hidden_size, group)
+        if split_head:
+            model.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size // tp, group)
+
+    def slicer(param: str, name: str, shape: tuple[int, ...]) -> TensorSlice | None:
+        def rows(size: int) -> TensorSlice:
+            return (0, rank * size, (rank + 1) * size)
+
+        if ".q_proj." in name:
+            return rows(q_local)
+        if ".k_proj." in name or ".v_proj." in name:
+            return rows(kv_local)
+        if ".o_proj." in name:
+            return (1, rank * q_local, (rank + 1) * q_local)
+        if ".gate_proj." in name or ".up_proj." in name:
+            return rows(inter_local)
+        if ".down_proj." in name:
+            return (1, rank * inter_local, (rank + 1) * inter_local)
+        if param == "lm_head.weight" and split_head:
+            return rows(cfg.vocab_size // tp)
+        return None
+
+    return slicer

@@ -1,0 +1,117 @@
+"""Sampling parameters, logits processing and token sampling.
+
+Everything here is pure tensor code that never synchronises with the host, so
+it can run inside a captured CUDA graph: the only Python-level branches depend
+on ``SamplingParams`` (fixed per request), never on tensor values, and every
+intermediate has a shape known ahead of time.
+
+``process_logits`` follows the order used by HF transformers and vLLM:
+temperature, then top-k, then top-p, then softmax. The draft model and the
+target model must be processed with the same parameters, otherwise rejection
+sampling would correct towards the wrong distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "greedy", "process_logits", "sample"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # NaN fails every comparison, so each check is written to reject it.
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """Argmax token ids: logits [..., V] -> long [...]."""
+    return logits.argmax(dim=-1)
+
+
+def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Turn raw logits [..., V] into the sampling distribution, float32 [..., V].
+
+    Greedy params give a one-hot of the argmax, so callers can treat greedy and
+    stochastic decoding uniformly (sampling a one-hot returns its argmax).
+    Each row along the leading dims is processed independently.
+    """
+    vocab = logits.shape[-1]
+    if params.greedy:
+        return torch.nn.functional.one_hot(greedy(logits), vocab).to(torch.float32)  # [..., V]
+
+    # Work in float32: half-precision cumulative sums would move the top-p cut.
+    scores = logits.to(torch.float32) / params.temperature  # [..., V]
+
+    if 0 < params.top_k < vocab:
+        # Scatter the top-k values into a -inf canvas instead of thresholding at
+        # the k-th value, so that ties at the boundary still keep exactly k tokens.
+        values, indices = torch.topk(scores, params.top_k, dim=-1)  # [..., top_k]
+        scores = torch.full_like(scores, -math.inf).scatter(-1, indices, values)
+
+    if params.top_p < 1:
+        # Ascending order, as HF/vLLM do: a token is dropped when the mass of
+        # everything below it (itself included) is <= 1 - top_p, i.e. when the
+        # tokens above it already reach top_p. The crossing token survives.
+        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)  # [..., V]
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [..., V]
+        drop_sorted = cumulative <= (1.0 - params.top_p)  # [..., V]
+        # The most likely token is always kept, even if rounding says otherwise.
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # [..., V]
+        scores = scores.masked_fill(drop, -math.inf)
+
+    return scores.softmax(dim=-1)  # [..., V]
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row: probs [..., V] -> long [...].
+
+    Uses the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with
+    probability p_i / sum(p). Unlike ``torch.multinomial`` it needs no
+    normalisation, handles any number of leading dims, draws a fixed number of
+    random values (so the generator advances deterministically) and is
+    graph-capturable.
+    """
+    probs = probs.to(torch.float32)
+    noise = torch.empty_like(probs).exponential_(generator=generator)  # [..., V]
+    # An exact zero draw would give 0/0 = NaN for zero-probability tokens, and
+    # argmax treats NaN as the maximum; clamping keeps those tokens at 0.
+    noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / noise).argmax(dim=-1)

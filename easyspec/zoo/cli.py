@@ -1,0 +1,142 @@
+"""`python -m easyspec.zoo`: train a pair, cut a prompt set, measure a pair's greedy acceptance.
+
+  train-pair --pair demo|bench --out DIR [--minutes M | --steps S] [--seed 0]
+             [--devices cuda:0,cuda:1|cuda:0|cpu] [--site-packages]
+  prompts    --out FILE [--pair demo] [--n 48] [--seed 0] [--site-packages]
+  eval-pair  DIR [--prompts FILE] [--k 4] [--max-new-tokens 128] [--limit N] [--device cpu]
+
+User mistakes end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from easyspec.model.checkpoint import CheckpointError, parse_dtype
+from easyspec.zoo.pairs import PAIRS
+from easyspec.zoo.pipeline import DEFAULT_PROMPTS, PairError, default_devices, parse_devices, train_pair
+
+PROG = "python -m easyspec.zoo"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block first; one line is easier to read in a log.
+        _fail(f"{self.prog}: {message} (see --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Train and check easyspec's own same-family model pairs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train-pair", help="build corpus + tokenizer, train base and draft")
+    train.add_argument("--pair", required=True, choices=sorted(PAIRS))
+    train.add_argument("--out", required=True, type=Path, help="output folder")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=_positive(float),
+                        help="training time per model (default: the pair's own)")
+    budget.add_argument("--steps", type=_positive(int), help="optimiser steps per model")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--devices", default=None,
+                       help="base device, then draft device; two train in parallel "
+                            f"(default: {default_devices()})")
+    train.add_argument("--site-packages", action="store_true",
+                       help="add installed packages' sources to the standard library's")
+
+    prompts = sub.add_parser("prompts", help="write code-completion prompts cut from held-out files")
+    prompts.add_argument("--out", required=True, type=Path, help="jsonl file to write")
+    prompts.add_argument("--pair", default="demo", choices=sorted(PAIRS), help="whose corpus cap to use")
+    prompts.add_argument("--n", type=_positive(int), default=DEFAULT_PROMPTS)
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--site-packages", action="store_true")
+
+    ev = sub.add_parser("eval-pair", help="greedy mean accepted length of a trained pair")
+    ev.add_argument("dir", type=Path, help="a train-pair output folder (holds base/ and draft/)")
+    ev.add_argument("--prompts", type=Path, help="Spec-Bench jsonl (default: DIR/prompts.jsonl)")
+    ev.add_argument("--k", type=_positive(int), default=4, help="draft tokens per round")
+    ev.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    ev.add_argument("--limit", type=_positive(int), help="use only the first N prompts")
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train-pair":
+            _train_pair(args)
+        elif args.command == "prompts":
+            _prompts(args)
+        else:
+            _eval_pair(args)
+    except (PairError, CheckpointError) as err:
+        _fail(str(err))
+
+
+def _train_pair(args: argparse.Namespace) -> None:
+    devices = parse_devices(args.devices or default_devices())
+    command = shlex.join([PROG, *(sys.argv[1:] if sys.argv[1:] else [])])
+    summary = train_pair(PAIRS[args.pair], args.out, devices, seed=args.seed, steps=args.steps,
+                         minutes=args.minutes, site_packages=args.site_packages, command=command)
+    print(json.dumps(summary, indent=2))
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from easyspec.zoo.corpus import build_corpus
+    from easyspec.zoo.prompts import make_prompts, write_prompts
+
+    corpus = build_corpus(site_packages=args.site_packages, max_bytes=PAIRS[args.pair].corpus_max_bytes)
+    prompts = make_prompts(corpus.val, args.n, args.seed)
+    if not prompts:
+        raise PairError("no prompts could be cut from the held-out files")
+    write_prompts(prompts, args.out)
+    print(f"wrote {len(prompts)} prompts to {args.out}", file=sys.stderr)
+
+
+def _eval_pair(args: argparse.Namespace) -> None:
+    from easyspec.zoo.evaluate import evaluate_pair
+    from easyspec.zoo.prompts import read_prompts
+
+    for role in ("base", "draft"):
+        if not (args.dir / role / "config.json").exists():
+            raise PairError(f"{args.dir / role}: no checkpoint there; pass a train-pair --out folder")
+    try:
+        prompts = read_prompts(args.prompts or args.dir / "prompts.jsonl")
+    except ValueError as err:
+        raise PairError(str(err)) from None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise PairError(f"--device: {args.device!r} is not a device name (try cpu, cuda)") from None
+    result = evaluate_pair(args.dir / "base", args.dir / "draft", prompts[: args.limit], k=args.k,
+                           max_new_tokens=args.max_new_tokens, device=str(device),
+                           dtype=parse_dtype(args.dtype))
+    print(json.dumps(result, indent=2))

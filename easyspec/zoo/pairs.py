@@ -1,0 +1,103 @@
+"""The base/draft pairs the zoo trains: shapes, data caps and optimiser settings.
+
+Both models of a pair share one tokenizer and one corpus, so the draft learns
+to predict what its base predicts. Head counts are powers of two so that the
+base (and the draft, for the TP=N draft baseline) can be split over 2 or 4
+ranks by tensor parallelism.
+
+demo:  committed to the repository, so both bf16 checkpoints together must
+       stay under 24 MiB (about 11.7M parameters, tied embeddings counted once).
+bench: a few hundred million parameters for GPU benchmarks, trained at
+       benchmark time (one model per GPU) and never committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from easyspec.model.config import ModelConfig
+from easyspec.zoo.bpe import BOS_ID, EOS_ID
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seq_len: int
+    batch_size: int  # windows per step; tokens per step = batch_size * seq_len
+    lr: float  # peak AdamW learning rate
+    warmup_steps: int  # capped at a tenth of the run for short runs
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250  # steps between validation passes (one more at the end)
+    eval_windows: int = 64  # held-out windows of seq_len per validation pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    role: str  # "base" or "draft": the output sub-folder
+    config: ModelConfig
+    train: TrainSettings
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    name: str
+    vocab_size: int
+    corpus_max_bytes: int  # cap on the source bytes read (train + held out)
+    tokenizer_max_chars: int  # BPE is trained on this much of the train split
+    default_minutes: float  # training time per model when neither --minutes nor --steps is given
+    base: ModelSpec
+    draft: ModelSpec
+
+
+def _llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
+           context: int) -> ModelConfig:
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=context,  # the training context: RoPE is untested beyond it
+        bos_token_id=BOS_ID,
+        eos_token_ids=(EOS_ID,),
+    )
+
+
+_DEMO_VOCAB, _DEMO_CONTEXT = 4096, 1024
+_BENCH_VOCAB, _BENCH_CONTEXT = 16384, 2048
+
+PAIRS: dict[str, PairSpec] = {
+    "demo": PairSpec(
+        name="demo",
+        vocab_size=_DEMO_VOCAB,
+        corpus_max_bytes=96 << 20,
+        tokenizer_max_chars=24_000_000,
+        default_minutes=1.25,
+        # 8.69M parameters, 16.6 MiB in bf16.
+        base=ModelSpec("base", _llama(_DEMO_VOCAB, 320, 640, 8, 8, 4, _DEMO_CONTEXT),
+                       TrainSettings(seq_len=_DEMO_CONTEXT, batch_size=32, lr=2e-3, warmup_steps=100)),
+        # 2.99M parameters, 5.7 MiB in bf16.
+        draft=ModelSpec("draft", _llama(_DEMO_VOCAB, 160, 448, 8, 4, 2, _DEMO_CONTEXT),
+                        TrainSettings(seq_len=_DEMO_CONTEXT, batch_size=32, lr=3e-3, warmup_steps=100)),
+    ),
+    "bench": PairSpec(
+        name="bench",
+        vocab_size=_BENCH_VOCAB,
+        corpus_max_bytes=256 << 20,
+        tokenizer_max_chars=32_000_000,
+        default_minutes=4.0,
+        # 287M parameters, 548 MiB in bf16.
+        base=ModelSpec("base", _llama(_BENCH_VOCAB, 1024, 2816, 24, 16, 4, _BENCH_CONTEXT),
+                       TrainSettings(seq_len=_BENCH_CONTEXT, batch_size=8, lr=8e-4, warmup_steps=100)),
+        # 55.6M parameters, 106 MiB in bf16.
+        draft=ModelSpec("draft", _llama(_BENCH_VOCAB, 512, 1408, 16, 8, 4, _BENCH_CONTEXT),
+                        TrainSettings(seq_len=_BENCH_CONTEXT, batch_size=8, lr=1.5e-3, warmup_steps=100)),
+    ),
+}
