@@ -120,9 +120,7 @@ def test_top_k_keeps_exactly_k(top_k: int) -> None:
     logits = _random_logits(16, seed=1)
     probs = process_logits(logits, SamplingParams(temperature=1.0, top_k=top_k))
     assert ((probs > 0).sum(dim=-1) == top_k).all()
-    expected_support = torch.zeros_like(probs, dtype=torch.bool).scatter(
-        -1, logits.topk(top_k, dim=-1).indices, True
-    )
+    expected_support = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, logits.topk(top_k, dim=-1).indices, True)
     assert torch.equal(probs > 0, expected_support)
 
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    for name in ("serve", "bench"):
+    for name in ("server", "bench"):  # packages whose cli module registers a command
         try:
             module = __import__(f"easyspec.{name}.cli", fromlist=["register"])
         except ImportError:

@@ -148,7 +148,9 @@ class Worker:
         self._cancel = False
         rounds = self._rounds(prompt_ids, params)
         try:
-            yield from rounds
+            # A plain loop, not `yield from`: closing would close `rounds` before we could drain it.
+            for chunk in rounds:
+                yield chunk
         except GeneratorExit:
             if self.state.distributed:
                 self._cancel = True
@@ -165,12 +167,13 @@ class Worker:
         generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer and self.state.is_driver else None
         self.k = self.options.num_draft
+        self._stops = params.stop
         begin = time.perf_counter()
 
         with timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
             first = self._pick(logits[None], params, generator)
-        decision = self._decide(first, 0, params, stats)
+        decision = self._decide(first, 0, params, stats, decoder)
         chunk = self._chunk(decision, stats, decoder, begin)
         yield chunk
         drafter = self._make_drafter(params, seed)
@@ -182,7 +185,7 @@ class Worker:
             if self.options.method == "vanilla":
                 with timer.stage("verify"):
                     picked = self._pick(self.base.forward(last, position), params, generator)
-                decision = self._decide(picked, 0, params, stats)
+                decision = self._decide(picked, 0, params, stats, decoder)
                 stats.rounds += 1
                 position += 1
             else:
@@ -192,7 +195,7 @@ class Worker:
                     verdict = self._verify(proposal, logits, params, generator)
                 drafted = proposal.num_tokens
                 decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
-                                        params, stats)
+                                        params, stats, decoder)
                 stats.record_round(drafted, decision.accepted)
                 position += len(decision.tokens)
                 if not decision.finished:
@@ -240,7 +243,7 @@ class Worker:
             self.k = max(self.k - 1, 1)
 
     def _decide(self, candidates: list[int], accepted: int, params: SamplingParams,
-                stats: SpecStats) -> Decision:
+                stats: SpecStats, decoder: StreamDecoder | None) -> Decision:
         """Rank 0 applies EOS / length / cancellation to the candidate tokens and
         broadcasts the result; every rank returns the same Decision."""
         if self.state.is_driver:
@@ -254,6 +257,9 @@ class Worker:
                 if len(tokens) >= budget:
                     reason = FINISH_REASONS.index("length")
                     break
+            if reason == 0 and params.stop and decoder is not None:
+                tokens, hit = _cut_at_stop(decoder, tokens, params.stop)
+                reason = FINISH_REASONS.index("stop") if hit else 0
             if reason == 0 and self._cancel:
                 reason = FINISH_REASONS.index("cancelled")
             message = [len(tokens), accepted, reason, *tokens]
@@ -271,7 +277,13 @@ class Worker:
     def _chunk(self, decision: Decision, stats: SpecStats, decoder: StreamDecoder | None,
                begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
-        text = decoder.push(decision.tokens) if decoder else ""
+        text = ""
+        if decoder is not None:
+            before = len(decoder.text)
+            text = decoder.push(decision.tokens)
+            cut = _stop_index(decoder.text, self._stops) if decision.reason == "stop" else None
+            if cut is not None:
+                text = decoder.text[before:cut] if cut > before else ""
         return Chunk(decision.tokens, text, decision.finished, decision.reason, stats)
 
 
@@ -284,6 +296,22 @@ class Decision:
     @property
     def finished(self) -> bool:
         return self.reason is not None
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _cut_at_stop(decoder: StreamDecoder, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], bool]:
+    """Keep tokens up to the one that completes a stop string; report whether one did."""
+    if _stop_index(decoder.tokenizer.decode(decoder.ids + tokens), stops) is None:
+        return tokens, False
+    for end in range(1, len(tokens) + 1):
+        if _stop_index(decoder.tokenizer.decode(decoder.ids + tokens[:end]), stops) is not None:
+            return tokens[:end], True
+    return tokens, True
 
 
 def check_pair(base, draft, options: EngineOptions) -> None:

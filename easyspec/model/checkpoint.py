@@ -203,7 +203,7 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, Tensor]]:
             sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         else:
             sizes = [cfg.intermediate_size] * 2
-        yield from zip(names, tensor.split(sizes, dim=0))
+        yield from zip(names, tensor.split(sizes, dim=0), strict=True)
 
 
 def save_checkpoint(model: Transformer, folder: str | Path, max_shard_bytes: int = 1 << 30) -> None:

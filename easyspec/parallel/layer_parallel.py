@@ -175,7 +175,7 @@ class LayerParallelForward:
                 cache.write(layer, positions, keys.reshape(shape).transpose(0, 1),
                             values.reshape(shape).transpose(0, 1))
         x = h0
-        for layer, update in zip(g, updates):
+        for layer, update in zip(g, updates, strict=True):
             x = x + update
             if self.policy == "attention":
                 x = x + layers[layer].feed_forward(x)

@@ -44,9 +44,7 @@ def _check_target(proposal: Proposal, target: Tensor, name: str) -> None:
     if target.dim() != 2 or target.shape[0] != k + 1:
         raise ValueError(f"{name} must be [k + 1, V] with k={k}, got shape {tuple(target.shape)}")
     if proposal.probs is not None and proposal.probs.shape[-1] != target.shape[-1]:
-        raise ValueError(
-            f"draft vocab {proposal.probs.shape[-1]} != target vocab {target.shape[-1]} in {name}"
-        )
+        raise ValueError(f"draft vocab {proposal.probs.shape[-1]} != target vocab {target.shape[-1]} in {name}")
 
 
 def _count_accepted(accept: Tensor) -> Tensor:

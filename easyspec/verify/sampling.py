@@ -46,11 +46,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
@@ -63,6 +59,20 @@ class SamplingParams:
 def greedy(logits: Tensor) -> Tensor:
     """Argmax token ids: logits [..., V] -> long [...]."""
     return logits.argmax(dim=-1)
+
+
+def _top_p_ascending(sorted_scores: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter on scores sorted ascending [..., n]; dropped entries become -inf.
+
+    As in HF/vLLM, a token is dropped when the mass of it and everything below
+    it is <= 1 - top_p, i.e. when the tokens above it already reach top_p, so
+    the token that crosses the threshold survives.
+    """
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [..., n]
+    drop = cumulative <= (1.0 - top_p)  # [..., n]
+    # The most likely token always survives, even if rounding says otherwise.
+    drop[..., -1] = False
+    return sorted_scores.masked_fill(drop, -math.inf)
 
 
 def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -79,23 +89,20 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     # Work in float32: half-precision cumulative sums would move the top-p cut.
     scores = logits.to(torch.float32) / params.temperature  # [..., V]
 
+    # Both filters work on a candidate list sorted ascending, then scatter the
+    # survivors into a -inf canvas. Scattering the top-k indices (rather than
+    # thresholding at the k-th value) keeps exactly k tokens even with ties.
+    candidates: Tensor | None = None
     if 0 < params.top_k < vocab:
-        # Scatter the top-k values into a -inf canvas instead of thresholding at
-        # the k-th value, so that ties at the boundary still keep exactly k tokens.
-        values, indices = torch.topk(scores, params.top_k, dim=-1)  # [..., top_k]
-        scores = torch.full_like(scores, -math.inf).scatter(-1, indices, values)
-
-    if params.top_p < 1:
-        # Ascending order, as HF/vLLM do: a token is dropped when the mass of
-        # everything below it (itself included) is <= 1 - top_p, i.e. when the
-        # tokens above it already reach top_p. The crossing token survives.
-        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)  # [..., V]
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [..., V]
-        drop_sorted = cumulative <= (1.0 - params.top_p)  # [..., V]
-        # The most likely token is always kept, even if rounding says otherwise.
-        drop_sorted[..., -1] = False
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # [..., V]
-        scores = scores.masked_fill(drop, -math.inf)
+        # top-p only ever sees the k survivors, so it sorts k values, not V.
+        values, indices = torch.topk(scores, params.top_k, dim=-1)  # [..., top_k], descending
+        candidates, candidate_idx = values.flip(-1), indices.flip(-1)
+    elif params.top_p < 1:
+        candidates, candidate_idx = torch.sort(scores, dim=-1)  # [..., V]
+    if candidates is not None:
+        if params.top_p < 1:
+            candidates = _top_p_ascending(candidates, params.top_p)
+        scores = torch.full_like(scores, -math.inf).scatter(-1, candidate_idx, candidates)
 
     return scores.softmax(dim=-1)  # [..., V]
 

@@ -28,8 +28,7 @@ class Proposal:
             raise ValueError(f"Proposal.tokens must be 1-D [k], got shape {tuple(self.tokens.shape)}")
         if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != self.tokens.shape[0]):
             raise ValueError(
-                f"Proposal.probs must be [k, V] with k={self.tokens.shape[0]}, "
-                f"got shape {tuple(self.probs.shape)}"
+                f"Proposal.probs must be [k, V] with k={self.tokens.shape[0]}, got shape {tuple(self.probs.shape)}"
             )
 
     @property
@@ -54,9 +53,7 @@ class Verdict:
         if not 0 <= self.accepted <= self.num_drafted:
             raise ValueError(f"accepted must be in [0, {self.num_drafted}], got {self.accepted}")
         if len(self.tokens) != self.accepted + 1:
-            raise ValueError(
-                f"Verdict needs accepted + 1 = {self.accepted + 1} tokens, got {len(self.tokens)}"
-            )
+            raise ValueError(f"Verdict needs accepted + 1 = {self.accepted + 1} tokens, got {len(self.tokens)}")
 
     @property
     def all_accepted(self) -> bool:

@@ -30,6 +30,7 @@ _SKIP_DIRS = {"__pycache__", ".git", "site-packages", "dist-packages"}
 
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_MAX_FILE_BYTES = 512 * 1024  # larger .py files are mostly generated tables
+_MAX_LINE_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -93,34 +94,57 @@ def _walk_python_files(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
-def collect_files(
-    roots: Sequence[tuple[str, Path]], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-) -> list[SourceFile]:
-    """Every usable .py file under `roots`, in sorted path order.
+def _read_source(file: Path, max_file_bytes: int) -> tuple[str, bytes] | None:
+    """(text, sha256 of the bytes), or None for a file the corpus should not hold."""
+    try:
+        if not 0 < file.stat().st_size <= max_file_bytes:
+            return None
+        raw = file.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    # Very long lines mark generated code (serialised protobufs, tables), which teaches nothing.
+    if not text.strip() or max(map(len, lines)) > _MAX_LINE_CHARS:
+        return None
+    return text, hashlib.sha256(raw).digest()
 
-    Skipped: files over `max_file_bytes`, empty files, files that are not valid
-    UTF-8, and exact duplicates of a file seen earlier (vendored copies would
-    otherwise leak between the train and held-out sides).
+
+def collect_files(
+    roots: Sequence[tuple[str, Path]],
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_bytes: int | None = None,
+) -> list[SourceFile]:
+    """The usable .py files under `roots`, returned in sorted path order.
+
+    Skipped: files over `max_file_bytes`, empty, not valid UTF-8 or generated-looking
+    files, and exact duplicates of a file read earlier (vendored copies would
+    otherwise leak between the train and held-out sides). Under a `max_bytes` cap
+    files are read in stable-hash order until the cap is reached, so the cap samples
+    every package evenly (instead of keeping the alphabetically first) and only
+    about `max_bytes` are read.
     """
-    seen_paths: set[str] = set()
-    seen_content: set[bytes] = set()
-    out: list[SourceFile] = []
+    candidates: dict[str, Path] = {}
     for label, root in roots:
         for file in _walk_python_files(root):
-            path = f"{label}/{file.relative_to(root).as_posix()}"
-            try:
-                if path in seen_paths or not 0 < file.stat().st_size <= max_file_bytes:
-                    continue
-                raw = file.read_bytes()
-                text = raw.decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            digest = hashlib.sha256(raw).digest()
-            if digest in seen_content or not text.strip():
-                continue
-            seen_paths.add(path)
-            seen_content.add(digest)
-            out.append(SourceFile(path, text))
+            candidates.setdefault(f"{label}/{file.relative_to(root).as_posix()}", file)
+    order = sorted(candidates, key=stable_hash if max_bytes is not None else None)
+    seen_content: set[bytes] = set()
+    out: list[SourceFile] = []
+    total = 0
+    for path in order:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        read = _read_source(candidates[path], max_file_bytes)
+        if read is None or read[1] in seen_content:
+            continue
+        text, digest = read
+        size = len(text.encode())
+        if max_bytes is not None and total + size > max_bytes:
+            continue
+        seen_content.add(digest)
+        out.append(SourceFile(path, text))
+        total += size
     out.sort(key=lambda f: f.path)
     return out
 
@@ -132,24 +156,9 @@ def build_corpus(
     roots: Sequence[tuple[str, Path]] | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Corpus:
-    """Collect, cap and split the corpus.
-
-    When the files exceed `max_bytes` (UTF-8 bytes), files are taken in stable-hash
-    order until the cap is reached, so a cap samples every package evenly instead
-    of keeping the alphabetically first ones. Both sides come back in path order.
-    """
+    """Collect (at most `max_bytes` of UTF-8 source) and split by file; both sides in path order."""
     roots = list(roots) if roots is not None else source_roots(site_packages)
-    files = collect_files(roots, max_file_bytes)
-    if max_bytes is not None:
-        kept: list[SourceFile] = []
-        total = 0
-        for f in sorted(files, key=lambda f: stable_hash(f.path)):
-            size = len(f.text.encode())
-            if total + size > max_bytes:
-                continue
-            kept.append(f)
-            total += size
-        files = sorted(kept, key=lambda f: f.path)
+    files = collect_files(roots, max_file_bytes, max_bytes)
     train = [f for f in files if not is_held_out(f.path, val_fraction)]
     val = [f for f in files if is_held_out(f.path, val_fraction)]
     return Corpus(train, val, [f"{label}={root}" for label, root in roots])

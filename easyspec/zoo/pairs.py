@@ -79,7 +79,7 @@ PAIRS: dict[str, PairSpec] = {
         vocab_size=_DEMO_VOCAB,
         corpus_max_bytes=96 << 20,
         tokenizer_max_chars=24_000_000,
-        default_minutes=1.25,
+        default_minutes=1.1,
         # 8.69M parameters, 16.6 MiB in bf16.
         base=ModelSpec("base", _llama(_DEMO_VOCAB, 320, 640, 8, 8, 4, _DEMO_CONTEXT),
                        TrainSettings(seq_len=_DEMO_CONTEXT, batch_size=32, lr=2e-3, warmup_steps=100)),
@@ -92,7 +92,7 @@ PAIRS: dict[str, PairSpec] = {
         vocab_size=_BENCH_VOCAB,
         corpus_max_bytes=256 << 20,
         tokenizer_max_chars=32_000_000,
-        default_minutes=4.0,
+        default_minutes=3.75,
         # 287M parameters, 548 MiB in bf16.
         base=ModelSpec("base", _llama(_BENCH_VOCAB, 1024, 2816, 24, 16, 4, _BENCH_CONTEXT),
                        TrainSettings(seq_len=_BENCH_CONTEXT, batch_size=8, lr=8e-4, warmup_steps=100)),

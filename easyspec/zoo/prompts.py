@@ -7,8 +7,8 @@ Our prompts come in three kinds, all ending at the end of a source line (no
 trailing newline, so the model's first token is the newline-plus-indent that
 BPE learned as one piece, not a rarely seen split of it):
   function: a function's decorators, signature and docstring; the body is the completion;
-  class:    a class header and its first few body lines;
-  test:     a test function's signature and first body lines.
+  class:    a class header and its first body lines (its docstring whole);
+  test:     a test function's signature and first body lines (its docstring whole).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +56,20 @@ def _candidates(file: SourceFile) -> dict[str, list[tuple[str, str]]]:
         first = node.body[0]
         has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
             and isinstance(first.value.value, str)
+        # Never stop inside a docstring: it is always given whole.
+        doc_end = first.end_lineno if has_doc else 0
         if isinstance(node, ast.ClassDef):
-            category, end = "class", min(node.body[0].lineno - 1 + _CLASS_BODY_LINES, node.end_lineno)
+            category, end = "class", max(doc_end, first.lineno - 1 + _CLASS_BODY_LINES)
         elif node.name.startswith("test"):
-            category, end = "test", min(first.lineno - 1 + _TEST_BODY_LINES, node.end_lineno)
+            category, end = "test", max(doc_end, first.lineno - 1 + _TEST_BODY_LINES)
         elif has_doc and len(node.body) > 1:
-            category, end = "function", first.end_lineno
+            category, end = "function", doc_end
         else:
             continue
         if end >= node.end_lineno:
             continue  # the whole definition would be in the prompt: nothing left to complete
-        text = "\n".join(lines[start - 1:end]).rstrip()
+        # Methods are dedented: no training file starts indented, and every prompt starts a document.
+        text = textwrap.dedent("\n".join(lines[start - 1:end])).rstrip()
         if 0 < len(text) <= MAX_PROMPT_CHARS:
             found[category].append((f"{file.path}:{start}", text))
     return found

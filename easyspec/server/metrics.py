@@ -1,0 +1,161 @@
+"""Server metrics in the Prometheus text format (version 0.0.4).
+
+Written by hand rather than with prometheus_client: the server needs a handful
+of counters and histograms, and one dependency fewer on the GPU image.
+
+Speculative counters follow vLLM's definitions (see easyspec.engine.stats):
+a draft is one verification round, mean acceptance length is
+1 + accepted tokens / drafts (the bonus or recovered token counted), so plain
+decoding reads 1.0. Updates come from the engine thread and the event loop,
+reads from the event loop, hence one lock around everything.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+
+PREFIX = "easyspec_"
+
+# Seconds; spans a tiny CPU model's milliseconds to a large model's queue waits.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self, name: str) -> list[str]:
+        lines = [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(self.buckets, self.counts,
+                                                                                   strict=True)]
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum {self.total}")
+        lines.append(f"{name}_count {self.count}")
+        return lines
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    inner = ",".join(f'{key}="{_escape(value)}"' for key, value in pairs)
+    return "{" + inner + "}"
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
+        self.finished: dict[str, int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.drafts = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.accepted_per_position: list[int] = []
+        self.ttft = Histogram()
+        self.tpot = Histogram()
+        self.e2e = Histogram()
+        self.queue_wait = Histogram()
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(("endpoint", endpoint), ("status", str(status)))] += 1
+
+    def record_start(self, queue_wait_s: float) -> None:
+        with self._lock:
+            self.queue_wait.observe(queue_wait_s)
+
+    def record_finish(self, finish_reason: str, prompt_tokens: int, stats: dict,
+                      ttft_s: float | None, e2e_s: float, decode_s: float) -> None:
+        """One finished (or cancelled) request; `stats` is SpecStats.to_dict()."""
+        with self._lock:
+            self.finished[finish_reason] += 1
+            self.prompt_tokens += prompt_tokens
+            generated = stats["generated"]
+            self.generation_tokens += generated
+            self.drafts += stats["rounds"]
+            self.draft_tokens += stats["drafted"]
+            self.accepted_tokens += stats["accepted"]
+            per_position = stats["accepted_per_position"]
+            missing = len(per_position) - len(self.accepted_per_position)
+            self.accepted_per_position.extend([0] * max(0, missing))
+            for i, count in enumerate(per_position):
+                self.accepted_per_position[i] += count
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s)
+            self.e2e.observe(e2e_s)
+            if generated > 1:  # the first token's latency is TTFT, not a per-token step
+                self.tpot.observe(decode_s / (generated - 1))
+
+    def render(self, queue_length: int, running: int, healthy: bool) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, lines: list[str]) -> None:
+            out.append(f"# HELP {PREFIX}{name} {help_text}")
+            out.append(f"# TYPE {PREFIX}{name} {kind}")
+            out.extend(lines)
+
+        def sample(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> str:
+            return f"{PREFIX}{name}{_labels(labels)} {value}"
+
+        with self._lock:
+            mean_len = 1.0 + self.accepted_tokens / self.drafts if self.drafts else math.nan
+            family("requests_total", "counter", "HTTP requests by endpoint and status code.",
+                   [sample("requests_total", n, key) for key, n in sorted(self.requests.items())])
+            family("request_finished_total", "counter",
+                   "Generations ended, by finish reason (cancelled: the client went away).",
+                   [sample("request_finished_total", n, (("finish_reason", reason),))
+                    for reason, n in sorted(self.finished.items())])
+            family("prompt_tokens_total", "counter", "Prompt tokens processed.",
+                   [sample("prompt_tokens_total", self.prompt_tokens)])
+            family("generation_tokens_total", "counter", "Tokens generated.",
+                   [sample("generation_tokens_total", self.generation_tokens)])
+            family("time_to_first_token_seconds", "histogram", "From arrival in the queue to the first token.",
+                   self.ttft.render(PREFIX + "time_to_first_token_seconds"))
+            family("time_per_output_token_seconds", "histogram",
+                   "Per request: time after the first token divided by the tokens after it.",
+                   self.tpot.render(PREFIX + "time_per_output_token_seconds"))
+            family("e2e_request_latency_seconds", "histogram", "From arrival in the queue to the last token.",
+                   self.e2e.render(PREFIX + "e2e_request_latency_seconds"))
+            family("queue_wait_seconds", "histogram", "Time a request waited for the engine.",
+                   self.queue_wait.render(PREFIX + "queue_wait_seconds"))
+            family("spec_decode_num_drafts_total", "counter",
+                   "Verification rounds (vLLM: drafts); plain decoding counts one per token.",
+                   [sample("spec_decode_num_drafts_total", self.drafts)])
+            family("spec_decode_num_draft_tokens_total", "counter", "Draft tokens proposed.",
+                   [sample("spec_decode_num_draft_tokens_total", self.draft_tokens)])
+            family("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+                   [sample("spec_decode_num_accepted_tokens_total", self.accepted_tokens)])
+            family("spec_decode_num_accepted_tokens_per_pos_total", "counter",
+                   "Rounds whose draft token at this position (0-based) was accepted.",
+                   [sample("spec_decode_num_accepted_tokens_per_pos_total", n, (("position", str(i)),))
+                    for i, n in enumerate(self.accepted_per_position)])
+        family("spec_decode_mean_acceptance_length", "gauge",
+               "1 + accepted tokens / drafts since start (NaN before the first round).",
+               [sample("spec_decode_mean_acceptance_length", mean_len)])
+        family("num_requests_waiting", "gauge", "Requests in the queue, not yet started.",
+               [sample("num_requests_waiting", queue_length)])
+        family("num_requests_running", "gauge", "Requests being generated (0 or 1: the engine runs one).",
+               [sample("num_requests_running", running)])
+        family("engine_healthy", "gauge", "1 while the engine works, 0 after a worker failure.",
+               [sample("engine_healthy", int(healthy))])
+        family("model_info", "gauge", "The served model name.",
+               [sample("model_info", 1, (("model_name", self.model_name),))])
+        return "\n".join(out) + "\n"

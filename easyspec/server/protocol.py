@@ -1,0 +1,273 @@
+"""OpenAI request bodies in, OpenAI-shaped responses and errors out.
+
+Field policy (documented in the README):
+- Unknown fields are accepted and ignored (logged), as OpenAI and vLLM do, so
+  clients that send newer fields keep working.
+- Known fields are type-checked: a wrong JSON type is a 400 naming the field.
+- Known fields the engine cannot honour are a 400 when set to anything but
+  their neutral value, rather than silently ignored, because ignoring them
+  would change the output without telling: n / best_of > 1, echo, suffix,
+  logprobs / top_logprobs, logit_bias, presence / frequency penalties, tools,
+  and a response_format other than text. `user` is ignored.
+- Extensions (as in vLLM): top_k (-1 or 0 = off) and ignore_eos.
+- `model` may be any string: one model is served, and the response names it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 256
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "null"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None) -> Any:
+    """body[name] if it has one of `types` (null counts as absent); a 400 naming the field otherwise."""
+    value = body.get(name)
+    if value is None:
+        return default
+    # JSON true/false arrive as bool, which Python also counts as int.
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise ApiError(400, f"'{name}' must be {expected}, got {_json_type(value)}", param=name,
+                       code="invalid_type")
+    return value
+
+
+def _number(body: dict, name: str) -> float | None:
+    value = _get(body, name, (int, float), "a number")
+    return None if value is None else float(value)
+
+
+def _unsupported(name: str, what: str) -> ApiError:
+    return ApiError(400, f"{what} is not supported by this server", param=name, code="unsupported")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """The fields of a completion or chat request that shape generation."""
+
+    prompt: str | list[int] | None  # completions: text or token ids
+    messages: list[dict] | None  # chat: messages for the chat template
+    max_tokens: int | None  # None: the default, bounded by the context left
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+    ignored: tuple[str, ...]  # unknown fields, reported in the log
+
+
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+                  "stream_options", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                  "ignore_eos"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                "parallel_tool_calls", "response_format"}
+
+
+def _common(body: dict, known: set[str], max_tokens: int | None) -> dict:
+    _get(body, "model", (str,), "a string")
+    _get(body, "user", (str,), "a string")
+    n = _get(body, "n", (int,), "an integer", 1)
+    if n > 1:
+        raise ApiError(400, "n > 1 is not supported yet; send one request per completion", param="n",
+                       code="unsupported")
+    if n < 1:
+        raise ApiError(400, f"'n' must be at least 1, got {n}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name):
+            raise _unsupported(name, f"a non-zero {name}")
+    if _get(body, "logit_bias", (dict,), "an object"):
+        raise _unsupported("logit_bias", "logit_bias")
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
+    temperature = _number(body, "temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not temperature >= 0:  # written so that NaN fails too
+        raise ApiError(400, f"'temperature' must be >= 0, got {temperature}", param="temperature")
+    top_p = _number(body, "top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    top_k = _get(body, "top_k", (int,), "an integer", 0)
+    if top_k < -1:
+        raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}", param="top_k")
+    stop = _get(body, "stop", (str, list), "a string or an array of strings", [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a string or an array of non-empty strings", param="stop",
+                       code="invalid_type")
+    stream = _get(body, "stream", (bool,), "a boolean", False)
+    options = _get(body, "stream_options", (dict,), "an object", {})
+    include_usage = _get(options, "include_usage", (bool,), "a boolean", False)
+    return dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k, 0),
+        seed=_get(body, "seed", (int,), "an integer"),
+        stop=tuple(stops),
+        ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
+        stream=stream,
+        include_usage=stream and include_usage,
+        ignored=tuple(sorted(set(body) - known)),
+    )
+
+
+def _parse_prompt(body: dict) -> str | list[int]:
+    if "prompt" not in body:
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "batched prompts are not supported; send one prompt per request", param="prompt",
+                       code="unsupported")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise ApiError(400, "'prompt' must be a string or a non-empty array of token ids", param="prompt",
+                   code="invalid_type")
+
+
+def parse_completion(body: dict) -> GenerationRequest:
+    if _get(body, "best_of", (int,), "an integer", 1) > 1:
+        raise _unsupported("best_of", "best_of > 1")
+    if _get(body, "echo", (bool,), "a boolean", False):
+        raise _unsupported("echo", "echo")
+    if _get(body, "suffix", (str,), "a string"):
+        raise _unsupported("suffix", "suffix")
+    if _get(body, "logprobs", (int,), "an integer") is not None:
+        raise _unsupported("logprobs", "logprobs")
+    max_tokens = _get(body, "max_tokens", (int,), "an integer")
+    fields = _common(body, COMPLETION_FIELDS, max_tokens)
+    return GenerationRequest(prompt=_parse_prompt(body), messages=None, **fields)
+
+
+def _parse_messages(body: dict) -> list[dict]:
+    messages = _get(body, "messages", (list,), "an array")
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{param} must be an object, got {_json_type(message)}", param=param,
+                           code="invalid_type")
+        if not isinstance(message.get("role"), str):
+            raise ApiError(400, f"{param}.role must be a string", param=f"{param}.role", code="invalid_type")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text can reach a text-only model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"{param}.content: only text parts are supported", param=f"{param}.content",
+                               code="unsupported")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ApiError(400, f"{param}.content must be a string or an array of text parts",
+                           param=f"{param}.content", code="invalid_type")
+        out.append({**message, "content": content})
+    return out
+
+
+def parse_chat(body: dict) -> GenerationRequest:
+    if _get(body, "logprobs", (bool,), "a boolean", False):
+        raise _unsupported("logprobs", "logprobs")
+    if _get(body, "top_logprobs", (int,), "an integer", 0):
+        raise _unsupported("top_logprobs", "top_logprobs")
+    if _get(body, "tools", (list,), "an array"):
+        raise _unsupported("tools", "tool calling")
+    response_format = _get(body, "response_format", (dict,), "an object", {})
+    if response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", f"response_format {response_format.get('type')!r}")
+    max_tokens = _get(body, "max_completion_tokens", (int,), "an integer")
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", (int,), "an integer")
+    fields = _common(body, CHAT_FIELDS, max_tokens)
+    return GenerationRequest(prompt=None, messages=_parse_messages(body), **fields)
+
+
+class ResponseShape:
+    """Builds the JSON bodies of one completion or chat response, streamed or not."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, chunk: bool) -> dict:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def full(self, text: str, finish_reason: str | None, usage: dict, stats: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._envelope(False), "choices": [choice], "usage": usage, "easyspec": stats}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        """A streamed chunk of one choice; chat deltas carry the role on the first chunk only."""
+        if self.chat:
+            delta: dict = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._envelope(True), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._envelope(True), "choices": [], "usage": usage}

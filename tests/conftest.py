@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random checkpoints written by HF transformers itself."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_models import make_hf_checkpoint  # noqa: E402
+
+# A larger init spread than HF's default makes greedy continuations of random
+# models vary from token to token, so equality tests compare something real.
+SPREAD = dict(initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def pair_dir(tmp_path_factory) -> Path:
+    """base/ (llama3 family, 4 layers), near/ (base plus noise: mostly accepted),
+    far/ (unrelated 4-layer draft: mostly rejected), deep/ (8-layer draft for layer groups)."""
+    root = tmp_path_factory.mktemp("pair")
+    base = make_hf_checkpoint("llama3", root / "base", seed=0, num_hidden_layers=4, **SPREAD)
+    make_hf_checkpoint("llama3", root / "far", seed=1, num_hidden_layers=4, **SPREAD)
+    make_hf_checkpoint("llama3", root / "deep", seed=2, num_hidden_layers=8, **SPREAD)
+    import torch
+
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    base.save_pretrained(root / "near", safe_serialization=True)
+    return root

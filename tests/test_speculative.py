@@ -1,0 +1,101 @@
+"""Speculative greedy output is token-identical to plain greedy decoding (float32).
+
+Covered: a draft equal to the base (all accepted), a noisy copy (mostly accepted),
+an unrelated draft (mostly rejected), n-gram lookup, EasySpec with every
+calibration and parallel policy, on one process and on two over gloo.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from easyspec import Engine, EngineOptions, SamplingParams
+
+PROMPTS = [[1, 2, 3], [5, 9, 4, 4, 7, 1, 2], [100, 3, 27, 27, 27, 8]]
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY):
+    ids, chunk = [], None
+    for chunk in engine.generate(prompt, params):
+        ids += chunk.token_ids
+    return ids, chunk.stats
+
+
+@pytest.fixture(scope="module")
+def reference(pair_dir):
+    with Engine(EngineOptions(model=str(pair_dir / "base"))) as engine:
+        return [run(engine, p)[0] for p in PROMPTS]
+
+
+ONE_PROCESS = [
+    dict(method="sd", draft="base"),
+    dict(method="sd", draft="near"),
+    dict(method="sd", draft="far", num_draft=3),
+    dict(method="sd", draft="near", num_draft=6, adaptive_draft=True, max_draft=8),
+    dict(method="ngram"),
+    dict(method="easyspec", draft="deep", layer_parallel=1),
+]
+
+
+@pytest.mark.parametrize("config", ONE_PROCESS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_one_process_greedy_equals_plain(pair_dir, reference, config):
+    config = dict(config)
+    if "draft" in config:
+        config["draft"] = str(pair_dir / config["draft"])
+    with Engine(EngineOptions(model=str(pair_dir / "base"), **config)) as engine:
+        for prompt, expected in zip(PROMPTS, reference, strict=True):
+            ids, stats = run(engine, prompt)
+            assert ids == expected
+            assert stats.rounds > 0 and stats.generated == len(ids)
+            assert stats.mean_accepted_length == pytest.approx(1 + stats.accepted / stats.rounds)
+
+
+def test_acceptance_tracks_draft_quality(pair_dir):
+    rates = {}
+    for name in ("base", "near", "far"):
+        opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / name), method="sd")
+        with Engine(opts) as engine:
+            rates[name] = run(engine, PROMPTS[1])[1].acceptance_rate
+    assert rates["base"] == 1.0
+    assert rates["near"] > rates["far"]
+
+
+TWO_PROCESSES = [
+    dict(method="vanilla"),
+    dict(method="sd", draft="near", draft_tp=1),
+    dict(method="sd", draft="near", draft_tp=2),
+    dict(method="ngram"),
+    dict(method="easyspec", draft="deep", calibrate="every-round"),
+    dict(method="easyspec", draft="deep", calibrate="on-mismatch", parallel_policy="attention+tp-mlp"),
+    dict(method="easyspec", draft="deep", calibrate="never", parallel_policy="layer", groups="0,1-2,3-4,5,6-7"),
+]
+
+
+@pytest.mark.parametrize("config", TWO_PROCESSES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_two_processes_greedy_equals_plain(pair_dir, reference, config):
+    config = dict(config)
+    if "draft" in config:
+        config["draft"] = str(pair_dir / config["draft"])
+    with Engine(EngineOptions(model=str(pair_dir / "base"), devices=2, **config)) as engine:
+        for prompt, expected in zip(PROMPTS[:2], reference[:2], strict=True):
+            assert run(engine, prompt)[0] == expected
+
+
+def test_sampling_is_seeded_and_stops(pair_dir):
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_new_tokens=16, ignore_eos=True)
+    opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "near"), method="sd")
+    with Engine(opts) as engine:
+        first, stats = run(engine, PROMPTS[0], params)
+        second, _ = run(engine, PROMPTS[0], params)
+    assert first == second and len(first) == 16 and stats.drafted > 0
+
+
+def test_cancelling_two_processes_keeps_ranks_in_step(pair_dir, reference):
+    opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "deep"), method="easyspec", devices=2)
+    with Engine(opts) as engine:
+        stream = engine.generate(PROMPTS[0], GREEDY)
+        next(stream)
+        next(stream)
+        stream.close()  # cancel mid-request
+        assert run(engine, PROMPTS[1])[0] == reference[1]
