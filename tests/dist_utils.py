@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 
 import torch.multiprocessing as mp
@@ -15,7 +16,8 @@ def _entry(rank, world, port, fn, args, queue):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     try:
         state = init_parallel(rank, world, "cpu", timeout_s=60)
-        queue.put((rank, fn(state, *args), None))
+        # Plain pickle: tensors travel by value, not as shared memory tied to this process.
+        queue.put((rank, pickle.dumps(fn(state, *args)), None))
         shutdown_parallel(state)
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
@@ -35,7 +37,7 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 120.0) -> list:
             rank, value, error = queue.get(timeout=timeout_s)
             if error:
                 raise AssertionError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(10)

@@ -385,11 +385,20 @@ def _follower_pids(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker process through /proc")
-def test_two_devices_then_worker_failure(request, model_dirs, spec_server):
-    server = start(request, model_dirs, "--model", str(model_dirs["base"]), "--devices", "2")
+def test_two_devices_cancel_then_worker_failure(request, model_dirs, queue_server):
+    server = start(request, model_dirs, "--model", str(model_dirs["long"]), "--devices", "2", "--timeout", "20")
     client = server.client()
     ids = [7, 8, 9, 10]
-    assert complete(client, ids).choices[0].text == complete(spec_server.client(), ids).choices[0].text
+    expected = complete(queue_server.client(), ids).choices[0].text
+    assert complete(client, ids).choices[0].text == expected
+    stream = client.completions.create(model="m", prompt="the quick brown fox", max_tokens=1000, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    # Rank 0 must take rank 1 along when it cancels: the next request is answered, not stuck in a collective.
+    assert complete(client, ids).choices[0].text == expected
+    assert server.metrics()['easyspec_request_finished_total{finish_reason="cancelled"}'] == 1
+
     followers = _follower_pids(server.proc.pid)
     assert len(followers) == 1
     os.kill(followers[0], 9)

@@ -172,7 +172,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     s = TrainSettings(seq_len=8, batch_size=1, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(step, 200, s) for step in range(200)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_at(0, 20, s) == pytest.approx(0.5)  # warm-up shrinks to a tenth of a short run
 
 
@@ -194,7 +194,7 @@ def test_training_lowers_the_loss_and_is_deterministic(tokenizer_dir, stdlib_cor
     assert last_val < first_val < np.log(512)
     assert result.train_loss < np.log(512) and logs
     again, _ = train_model(spec, train, val, "cpu", seed=1, log=logs.append, steps=30)
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     timed, timed_result = train_model(spec, train, val, "cpu", seed=1, log=logs.append, minutes=0.02)
     assert timed_result.steps >= 1 and "steps fit in" in "\n".join(logs)

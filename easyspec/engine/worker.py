@@ -149,7 +149,7 @@ class Worker:
         rounds = self._rounds(prompt_ids, params)
         try:
             # A plain loop, not `yield from`: closing would close `rounds` before we could drain it.
-            for chunk in rounds:
+            for chunk in rounds:  # noqa: UP028
                 yield chunk
         except GeneratorExit:
             if self.state.distributed:

@@ -7,12 +7,12 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from easyspec.engine.engine import Engine
-from easyspec.engine.options import OptionsError
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
     DEFAULT_MAX_TOKENS,
@@ -45,6 +45,7 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error_response(err: ApiError) -> web.Response:
@@ -58,7 +59,7 @@ def _endpoint(request: web.Request) -> str:
 
 
 @web.middleware
-async def _guard(request: web.Request, handler) -> web.StreamResponse:
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication, OpenAI-shaped errors for everything that fails, and request counting."""
     state = request.app[STATE]
     try:
@@ -122,7 +123,7 @@ def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> 
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                                 max_new_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
         engine.worker.check_request(prompt_ids, params)
-    except (OptionsError, ValueError) as err:
+    except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
         code = "context_length_exceeded" if max_tokens > room else None
         raise ApiError(400, str(err), code=code) from None
     return params

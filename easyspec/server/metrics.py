@@ -113,14 +113,15 @@ class Metrics:
             out.extend(lines)
 
         def sample(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> str:
-            return f"{PREFIX}{name}{_labels(labels)} {value}"
+            text = "NaN" if math.isnan(value) else str(value)  # the exposition format spells it NaN
+            return f"{PREFIX}{name}{_labels(labels)} {text}"
 
         with self._lock:
             mean_len = 1.0 + self.accepted_tokens / self.drafts if self.drafts else math.nan
             family("requests_total", "counter", "HTTP requests by endpoint and status code.",
                    [sample("requests_total", n, key) for key, n in sorted(self.requests.items())])
             family("request_finished_total", "counter",
-                   "Generations ended, by finish reason (cancelled: the client went away).",
+                   "Generations ended, by finish reason (cancelled: the client went away; error: the engine raised).",
                    [sample("request_finished_total", n, (("finish_reason", reason),))
                     for reason, n in sorted(self.finished.items())])
             family("prompt_tokens_total", "counter", "Prompt tokens processed.",

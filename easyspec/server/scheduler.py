@@ -218,7 +218,7 @@ class Scheduler:
         decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         watcher = StopWatcher(job.params.stop)
         first_token: float | None = None
-        reason, stats = "cancelled", None
+        reason, stats = "error", None  # stays "error" only if the engine raises
         generation = engine.generate(job.prompt_ids, job.params)
         try:
             for chunk in generation:
@@ -226,6 +226,7 @@ class Scheduler:
                     first_token = time.perf_counter()
                 stats = chunk.stats
                 if job.cancelled:
+                    reason = "cancelled"
                     break
                 piece = decoder.push(chunk.token_ids) if decoder else ""
                 if decoder and chunk.finished:

@@ -89,10 +89,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "train-pair":
-            _train_pair(args)
+            _train_pair(args, shlex.join([*PROG.split(), *argv]))
         elif args.command == "prompts":
             _prompts(args)
         else:
@@ -101,9 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(err))
 
 
-def _train_pair(args: argparse.Namespace) -> None:
+def _train_pair(args: argparse.Namespace, command: str) -> None:
     devices = parse_devices(args.devices or default_devices())
-    command = shlex.join([PROG, *(sys.argv[1:] if sys.argv[1:] else [])])
     summary = train_pair(PAIRS[args.pair], args.out, devices, seed=args.seed, steps=args.steps,
                          minutes=args.minutes, site_packages=args.site_packages, command=command)
     print(json.dumps(summary, indent=2))

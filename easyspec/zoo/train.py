@@ -271,6 +271,8 @@ def export_model(model: Transformer, folder: str | Path, tokenizer_folder: str |
     folder = Path(folder)
     model = model.to(device="cpu", dtype=dtype).eval()
     save_checkpoint(model, folder, max_shard_bytes=SHARD_BYTES)
+    for shard in folder.glob("*.safetensors"):
+        shard.chmod(0o644)  # safetensors writes owner-only files; a checkpoint is meant to be shared
     for name in TOKENIZER_FILES:
         shutil.copyfile(Path(tokenizer_folder) / name, folder / name)
     generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
