@@ -111,11 +111,18 @@ def test_killed_worker_ends_run_with_error(tmp_path):
     while time.monotonic() < deadline and not _children(proc.pid):
         time.sleep(0.2)
     kids = _children(proc.pid)
+    if not kids:
+        proc.kill()
     assert kids, "the follower process did not start"
     time.sleep(3)  # let it get into the token loop
     os.kill(kids[0], signal.SIGKILL)
     start = time.monotonic()
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        for kid in _children(proc.pid):
+            os.kill(kid, signal.SIGKILL)
     assert time.monotonic() - start < 30
     assert proc.returncode != 0
     lines = err.strip().splitlines()

@@ -71,12 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    for name in ("server", "bench"):  # packages whose cli module registers a command
-        try:
-            module = __import__(f"easyspec.{name}.cli", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    from easyspec.bench.cli import register as register_bench
+    from easyspec.server.cli import register as register_serve
+
+    register_serve(sub)
+    register_bench(sub)
     return parser
 
 

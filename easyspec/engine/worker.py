@@ -24,8 +24,9 @@ from easyspec.draft.ngram import NgramDrafter
 from easyspec.engine.options import EngineOptions, OptionsError
 from easyspec.engine.runner import ModelRunner
 from easyspec.engine.stats import SpecStats, StageTimer
+from easyspec.engine.stop import StopText
 from easyspec.model.checkpoint import load_config, load_weights, parse_dtype
-from easyspec.model.tokenizer import StreamDecoder, Tokenizer
+from easyspec.model.tokenizer import Tokenizer
 from easyspec.model.transformer import Transformer
 from easyspec.parallel import comm
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
@@ -165,16 +166,15 @@ class Worker:
         timer = StageTimer(stats, device, self.options.profile_stages)
         seed = self._agree_seed(params.seed)
         generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer and self.state.is_driver else None
+        text = StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None
         self.k = self.options.num_draft
-        self._stops = params.stop
         begin = time.perf_counter()
 
         with timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
             first = self._pick(logits[None], params, generator)
-        decision = self._decide(first, 0, params, stats, decoder)
-        chunk = self._chunk(decision, stats, decoder, begin)
+        decision = self._decide(first, 0, params, stats, text)
+        chunk = self._chunk(decision, stats, text, begin)
         yield chunk
         drafter = self._make_drafter(params, seed)
         if drafter is not None and not chunk.finished:
@@ -185,7 +185,7 @@ class Worker:
             if self.options.method == "vanilla":
                 with timer.stage("verify"):
                     picked = self._pick(self.base.forward(last, position), params, generator)
-                decision = self._decide(picked, 0, params, stats, decoder)
+                decision = self._decide(picked, 0, params, stats, text)
                 stats.rounds += 1
                 position += 1
             else:
@@ -195,7 +195,7 @@ class Worker:
                     verdict = self._verify(proposal, logits, params, generator)
                 drafted = proposal.num_tokens
                 decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
-                                        params, stats, decoder)
+                                        params, stats, text)
                 stats.record_round(drafted, decision.accepted)
                 position += len(decision.tokens)
                 if not decision.finished:
@@ -203,7 +203,7 @@ class Worker:
                     if drafter is not None:
                         drafter.observe(verdict)
                     self._adapt(verdict)
-            chunk = self._chunk(decision, stats, decoder, begin)
+            chunk = self._chunk(decision, stats, text, begin)
             yield chunk
 
     def _pick(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
@@ -243,9 +243,9 @@ class Worker:
             self.k = max(self.k - 1, 1)
 
     def _decide(self, candidates: list[int], accepted: int, params: SamplingParams,
-                stats: SpecStats, decoder: StreamDecoder | None) -> Decision:
-        """Rank 0 applies EOS / length / cancellation to the candidate tokens and
-        broadcasts the result; every rank returns the same Decision."""
+                stats: SpecStats, text: StopText | None) -> Decision:
+        """Rank 0 applies EOS / length / stop strings / cancellation to the candidate
+        tokens and broadcasts the result; every rank returns the same Decision."""
         if self.state.is_driver:
             tokens, reason = [], 0
             budget = params.max_new_tokens - stats.generated
@@ -257,9 +257,10 @@ class Worker:
                 if len(tokens) >= budget:
                     reason = FINISH_REASONS.index("length")
                     break
-            if reason == 0 and params.stop and decoder is not None:
-                tokens, hit = _cut_at_stop(decoder, tokens, params.stop)
-                reason = FINISH_REASONS.index("stop") if hit else 0
+            # Checked even after EOS or length: a stop string completed before them ends it first.
+            stop_at = text.push(tokens) if text is not None else None
+            if stop_at is not None:
+                tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
             if reason == 0 and self._cancel:
                 reason = FINISH_REASONS.index("cancelled")
             message = [len(tokens), accepted, reason, *tokens]
@@ -274,17 +275,10 @@ class Worker:
         stats.generated += count
         return decision
 
-    def _chunk(self, decision: Decision, stats: SpecStats, decoder: StreamDecoder | None,
-               begin: float) -> Chunk:
+    def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
-        text = ""
-        if decoder is not None:
-            before = len(decoder.text)
-            text = decoder.push(decision.tokens)
-            cut = _stop_index(decoder.text, self._stops) if decision.reason == "stop" else None
-            if cut is not None:
-                text = decoder.text[before:cut] if cut > before else ""
-        return Chunk(decision.tokens, text, decision.finished, decision.reason, stats)
+        piece = text.take(decision.finished) if text is not None else ""
+        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
 
 
 @dataclass
@@ -296,22 +290,6 @@ class Decision:
     @property
     def finished(self) -> bool:
         return self.reason is not None
-
-
-def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string starts in text, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def _cut_at_stop(decoder: StreamDecoder, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], bool]:
-    """Keep tokens up to the one that completes a stop string; report whether one did."""
-    if _stop_index(decoder.tokenizer.decode(decoder.ids + tokens), stops) is None:
-        return tokens, False
-    for end in range(1, len(tokens) + 1):
-        if _stop_index(decoder.tokenizer.decode(decoder.ids + tokens[:end]), stops) is not None:
-            return tokens[:end], True
-    return tokens, True
 
 
 def check_pair(base, draft, options: EngineOptions) -> None:

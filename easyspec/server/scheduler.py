@@ -12,10 +12,9 @@ ends with a final Delta or an ApiError. Cancelling a Job (the client went
 away) is noticed between engine steps; closing the generator then stops the
 request cleanly on every rank.
 
-Stop strings are also handled here, whatever the engine does with them: text
-that could be the start of a stop string is held back until it is known not
-to be one, so a stream never shows part of a stop string, and the streamed
-pieces always add up to the non-streamed text.
+The text of each Delta is the engine's Chunk.text: the engine ends generation
+at stop strings and never releases any part of one, so streamed pieces add up
+to the non-streamed text.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from easyspec.engine.engine import Engine
-from easyspec.model.tokenizer import StreamDecoder, Tokenizer
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import ApiError
 from easyspec.verify.sampling import SamplingParams
@@ -68,39 +66,6 @@ class Job:
             self._loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel()
-
-
-class StopWatcher:
-    """Cuts text at the earliest stop string, holding back a possible partial match."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str, final: bool) -> tuple[str, bool]:
-        """Text safe to release, and whether a stop string was found."""
-        buffer = self.pending + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return buffer[: min(hits)], True
-        if final:
-            self.pending = ""
-            return buffer, False
-        held = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(buffer)), held, -1):
-                if buffer.endswith(stop[:size]):
-                    held = size
-                    break
-        self.pending = buffer[len(buffer) - held:] if held else ""
-        return buffer[: len(buffer) - held], False
-
-
-def _rest(decoder: StreamDecoder) -> str:
-    """Text the decoder still holds back (an unfinished character), released at the end."""
-    full = decoder.tokenizer.decode(decoder.ids)
-    return full[len(decoder.text):] if full.startswith(decoder.text) else ""
 
 
 class Scheduler:
@@ -214,9 +179,6 @@ class Scheduler:
     def _run(self, engine: Engine, job: Job) -> None:
         started = time.perf_counter()
         self.metrics.record_start(started - job.arrived)
-        tokenizer: Tokenizer | None = engine.tokenizer
-        decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        watcher = StopWatcher(job.params.stop)
         first_token: float | None = None
         reason, stats = "error", None  # stays "error" only if the engine raises
         generation = engine.generate(job.prompt_ids, job.params)
@@ -228,17 +190,12 @@ class Scheduler:
                 if job.cancelled:
                     reason = "cancelled"
                     break
-                piece = decoder.push(chunk.token_ids) if decoder else ""
-                if decoder and chunk.finished:
-                    piece += _rest(decoder)
-                text, hit = watcher.feed(piece, chunk.finished)
-                if not (hit or chunk.finished):
-                    if text:
-                        job.push(Delta(text))
+                if not chunk.finished:
+                    if chunk.text:
+                        job.push(Delta(chunk.text))
                     continue
-                reason = "stop" if hit else chunk.finish_reason
-                job.push(Delta(text, reason, stats.generated, stats.to_dict()))
-                break
+                reason = chunk.finish_reason
+                job.push(Delta(chunk.text, reason, stats.generated, stats.to_dict()))
         finally:
             # Stops the engine between steps (on every rank) if it is not done yet.
             generation.close()

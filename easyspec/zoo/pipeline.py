@@ -29,7 +29,7 @@ import torch
 import torch.multiprocessing
 
 from easyspec.zoo.bpe import load_tokenizer, save_tokenizer, train_bpe
-from easyspec.zoo.corpus import build_corpus
+from easyspec.zoo.corpus import build_corpus, stable_hash
 from easyspec.zoo.pairs import ModelSpec, PairSpec
 from easyspec.zoo.prompts import make_prompts, write_prompts
 from easyspec.zoo.train import device_name, export_model, pack_stream, train_model
@@ -97,10 +97,6 @@ def run_job(job: Job) -> dict[str, Any]:
     return record
 
 
-def _spawned(job: Job) -> None:
-    run_job(job)
-
-
 def parse_devices(text: str) -> list[str]:
     """'cpu', 'cuda', 'cuda:0,cuda:1' ... -> at most two checked device names."""
     devices = [d.strip() for d in text.split(",") if d.strip()]
@@ -135,7 +131,9 @@ def prepare_data(pair: PairSpec, out: Path, data_dir: Path, site_packages: bool,
         raise PairError("the corpus has no held-out or no train files; is the Python standard library there?")
     log("data", f"{summary['train_files']} train files ({summary['train_chars'] / 1e6:.1f}M chars), "
         f"{summary['val_files']} held out, {time.perf_counter() - t0:.1f}s")
-    tok = train_bpe((f.text for f in corpus.train), pair.vocab_size, pair.tokenizer_max_chars)
+    # Hash order, so that a capped tokenizer sample covers every package, not the alphabetically first.
+    sample = (f.text for f in sorted(corpus.train, key=lambda f: stable_hash(f.path)))
+    tok = train_bpe(sample, pair.vocab_size, pair.tokenizer_max_chars)
     context = max(pair.base.train.seq_len, pair.draft.train.seq_len)
     save_tokenizer(tok, out / "tokenizer", model_max_length=context)
     write_prompts(make_prompts(corpus.val, n_prompts, seed), out / "prompts.jsonl")
@@ -196,7 +194,7 @@ def train_pair(pair: PairSpec, out: str | Path, devices: list[str], seed: int = 
 
 def _run_parallel(jobs: list[Job]) -> None:
     ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    procs = [ctx.Process(target=_spawned, args=(job,), name=job.spec.role) for job in jobs]
+    procs = [ctx.Process(target=run_job, args=(job,), name=job.spec.role) for job in jobs]
     for proc in procs:
         proc.start()
     running = list(procs)

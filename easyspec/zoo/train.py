@@ -39,8 +39,9 @@ from easyspec.zoo.pairs import ModelSpec, TrainSettings
 
 INIT_STD = 0.02
 SHARD_BYTES = 16 << 20
-_PROBE_STEPS = 6  # timed throw-away steps (after two warm-up steps) that size a --minutes run
+_PROBE_STEPS = 10  # timed throw-away steps (after two warm-up steps) that size a --minutes run
 _LOG_EVERY = 50
+_START_CHUNK = 512  # steps whose window offsets are drawn and copied to the device at once
 
 Log = Callable[[str], None]
 
@@ -166,14 +167,29 @@ class _Session:
         self.train, self.val = train, val
         self.val_starts = _val_starts(len(val), s.seq_len, s.eval_windows)
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._starts = torch.empty(0, s.batch_size, dtype=torch.long)  # [steps, B] window offsets, on device
+        self._next = 0
+
+    def _draw_starts(self) -> Tensor:
+        """The next step's [B] window offsets.
+
+        They are drawn on the CPU (the same order on every device) for _START_CHUNK
+        steps at once: copying pageable memory to a GPU waits for the GPU to go
+        idle, which would stall the launch queue if done every step.
+        """
+        if self._next == len(self._starts):
+            s = self.settings
+            chunk = torch.randint(0, len(self.train) - s.seq_len, (_START_CHUNK, s.batch_size), generator=self.gen)
+            self._starts, self._next = chunk.to(self.train.device), 0
+        self._next += 1
+        return self._starts[self._next - 1]
 
     def step(self, step: int, total: int) -> Tensor:
         """One optimiser step at schedule position `step` of `total`; returns the loss on the device."""
         s = self.settings
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, total, s)
-        starts = torch.randint(0, len(self.train) - s.seq_len, (s.batch_size,), generator=self.gen)
-        inputs, targets = _windows(self.train, starts, s.seq_len)
+        inputs, targets = _windows(self.train, self._draw_starts(), s.seq_len)
         with self.autocast:
             loss = _loss(self.model, inputs, targets, self.positions)
         loss.backward()

@@ -1,0 +1,221 @@
+"""Every method side by side on the same prompts, Spec-Bench style.
+
+Speedup = mean over prompts of (tokens/s of the method / tokens/s of vanilla).
+Mean accepted length counts the bonus token (1.00 for vanilla). Warm-up runs
+are excluded; the engine synchronises the device at stage boundaries, so the
+per-stage times are real device time. Every method's greedy output is compared
+with vanilla's: exact match, or the first position where it diverges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from easyspec.engine.engine import Engine
+from easyspec.engine.options import EngineOptions
+from easyspec.model.checkpoint import load_config, parse_dtype, save_checkpoint
+from easyspec.model.config import PRESETS
+from easyspec.model.transformer import Transformer
+from easyspec.verify.sampling import SamplingParams
+
+
+@dataclass
+class MethodSpec:
+    """One bench row: a label and the engine options that differ from the base ones."""
+
+    label: str
+    changes: dict
+
+
+@dataclass
+class MethodResult:
+    label: str
+    options: dict
+    tokens_per_s: list[float] = field(default_factory=list)  # per prompt (mean over repeats)
+    spread: list[float] = field(default_factory=list)  # per prompt: (max - min) / mean over repeats
+    outputs: list[list[int]] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    speedup: float = 0.0
+    divergence: list[int | None] = field(default_factory=list)  # first differing position, None if equal
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(s[key] for s in self.stats) if self.stats else 0.0
+
+
+def parse_methods(text: str, devices: int) -> list[MethodSpec]:
+    """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]]."""
+    specs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "vanilla":
+            specs.append(MethodSpec("vanilla", {"method": "vanilla"}))
+        elif item == "ngram":
+            specs.append(MethodSpec("ngram", {"method": "ngram"}))
+        elif item == "sd-tp1":
+            specs.append(MethodSpec("sd draft TP=1", {"method": "sd", "draft_tp": 1}))
+        elif item == "sd-tpN":
+            specs.append(MethodSpec(f"sd draft TP={devices}", {"method": "sd", "draft_tp": devices}))
+        elif item.startswith("easyspec"):
+            parts = item.split(":")
+            policy = parts[1] if len(parts) > 1 else "attention"
+            calibrate = parts[2] if len(parts) > 2 else "every-round"
+            size = int(parts[3]) if len(parts) > 3 else devices
+            specs.append(MethodSpec(f"easyspec N={size} {policy} {calibrate}",
+                                    {"method": "easyspec", "parallel_policy": policy, "calibrate": calibrate,
+                                     "layer_parallel": size}))
+        else:
+            raise ValueError(f"unknown bench method {item!r}; use vanilla, sd-tp1, sd-tpN, ngram, "
+                             "easyspec[:policy[:calibration[:N]]]")
+    return specs
+
+
+def random_checkpoint(preset: str, folder: Path, dtype: str, device: str, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of a real model shape (timing only: its outputs mean nothing)."""
+    if (folder / "config.json").exists():
+        return folder
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(PRESETS[preset]).to(parse_dtype(dtype))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    save_checkpoint(model, folder, max_shard_bytes=4 << 30)
+    del model
+    return folder
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
+               params: SamplingParams, repeats: int, warmup: int) -> MethodResult:
+    options = base.replace(**spec.changes)
+    if options.method in ("vanilla", "ngram"):
+        options = options.replace(draft=None)
+    result = MethodResult(spec.label, dataclasses.asdict(options))
+    with Engine(options) as engine:
+        for _, ids in prompts[:warmup]:
+            for _ in engine.generate(ids, params):
+                pass
+        for category, ids in prompts:
+            rates, output, stats = [], [], {}
+            for _ in range(repeats):
+                output, chunk = [], None
+                start = time.perf_counter()
+                for chunk in engine.generate(ids, params):
+                    output += chunk.token_ids
+                elapsed = time.perf_counter() - start
+                rates.append(len(output) / elapsed)
+                stats = chunk.stats.to_dict()
+            mean_rate = statistics.fmean(rates)
+            result.tokens_per_s.append(mean_rate)
+            result.spread.append((max(rates) - min(rates)) / mean_rate if mean_rate else 0.0)
+            result.outputs.append(output)
+            result.stats.append(stats)
+            result.categories.append(category)
+            print(f"  {spec.label}: {category} {mean_rate:.1f} tok/s", file=sys.stderr, flush=True)
+    return result
+
+
+def summarise(results: list[MethodResult]) -> None:
+    """Speedups and output equality against the vanilla row (which must come first)."""
+    vanilla = results[0]
+    for r in results:
+        r.speedup = statistics.fmean(m / v for m, v in zip(r.tokens_per_s, vanilla.tokens_per_s, strict=True))
+        r.divergence = [first_divergence(o, v) for o, v in zip(r.outputs, vanilla.outputs, strict=True)]
+
+
+def markdown_table(results: list[MethodResult]) -> str:
+    head = ("| method | tok/s | speedup | mean accepted length | acceptance | draft ms/tok | calibrate ms/tok "
+            "| verify ms/tok | spread | equal to vanilla |")
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        gen = sum(s["generated"] for s in r.stats) or 1
+        per_tok = {k: 1000 * sum(s[k] for s in r.stats) / gen for k in ("draft_s", "calibrate_s", "verify_s")}
+        equal = sum(d is None for d in r.divergence)
+        lines.append(
+            f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
+            f"| {r.mean('mean_accepted_length'):.2f} | {r.mean('acceptance_rate'):.2f} "
+            f"| {per_tok['draft_s']:.2f} | {per_tok['calibrate_s']:.2f} | {per_tok['verify_s']:.2f} "
+            f"| {100 * max(r.spread):.1f}% | {equal}/{len(r.divergence)} |"
+        )
+    return "\n".join(lines)
+
+
+def by_category(results: list[MethodResult]) -> str:
+    cats = sorted(set(results[0].categories))
+    lines = ["| method | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    vanilla = results[0]
+    for r in results:
+        cells = []
+        for c in cats:
+            ratios = [m / v for m, v, k in zip(r.tokens_per_s, vanilla.tokens_per_s, r.categories, strict=True)
+                      if k == c]
+            cells.append(f"{statistics.fmean(ratios):.2f}x")
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: list[MethodResult], out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}
+    (out / "bench.json").write_text(json.dumps(payload, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [r.label for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    bottom = [0.0] * len(results)
+    for key in ("calibrate_s", "draft_s", "verify_s"):
+        vals = []
+        for r in results:
+            gen = sum(s["generated"] for s in r.stats) or 1
+            vals.append(1000 * sum(s[key] for s in r.stats) / gen)
+        ax1.barh(labels, vals, left=bottom, label=key.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax1.set_xlabel("ms per generated token")
+    ax1.legend()
+    ax2.barh(labels, [r.speedup for r in results])
+    ax2.set_xlabel("speedup over vanilla")
+    fig.suptitle(meta.get("title", "easyspec bench"))
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=110)
+
+
+def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num_prompts: int,
+                    prompt_len: int) -> list[tuple[str, list[int]]]:
+    """Prompts as token ids: from a Spec-Bench jsonl file (first turn), or random ids of a fixed length."""
+    if prompts_file is None:
+        vocab = load_config(engine_options.model).vocab_size
+        gen = torch.Generator().manual_seed(0)
+        return [("random", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist())
+                for _ in range(num_prompts)]
+    from easyspec.model.tokenizer import Tokenizer
+    from easyspec.zoo.prompts import read_prompts
+
+    tokenizer = Tokenizer.from_folder(engine_options.model)
+    if tokenizer is None:
+        raise ValueError(f"{engine_options.model} has no tokenizer.json; bench with random prompts instead")
+    rows = [(p.category, tokenizer.encode(p.turns[0])) for p in read_prompts(prompts_file)]
+    return rows[:num_prompts]

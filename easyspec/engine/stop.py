@@ -1,0 +1,103 @@
+"""Stop strings: where generation ends, and what text may be shown before it does.
+
+Text that could be the beginning of a stop string is held back until the next
+tokens show that it is not one, so streamed text never contains any part of a
+stop string and its pieces always add up to the final text, which is cut just
+before the earliest stop string.
+"""
+
+from __future__ import annotations
+
+from easyspec.model.tokenizer import StreamDecoder, Tokenizer
+
+
+class StopWatcher:
+    """Text in, text safe to show out: cut before the earliest stop string, a possible
+    partial match held back until it is settled."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def _earliest(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def would_stop(self, text: str) -> bool:
+        """Whether feeding `text` next would complete a stop string; changes nothing."""
+        return not self.stopped and self._earliest(self.held + text) is not None
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """Text safe to release, and whether a stop string has been found.
+        `final` releases what is held back: no more text is coming."""
+        if self.stopped:
+            return "", True
+        buffer = self.held + text
+        cut = self._earliest(buffer)
+        if cut is not None:
+            self.held, self.stopped = "", True
+            return buffer[:cut], True
+        keep = 0 if final else self._partial(buffer)
+        self.held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def _partial(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string: a stop string can
+        only start there, so holding back that much is enough."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+class StopText:
+    """Committed token ids in, text to show out, for one request on the rank that decides.
+
+    `push` takes each step's tokens and says whether one of them completes a stop
+    string (generation then ends at that token); `take` hands out the text released
+    since the previous call.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.watcher = StopWatcher(stops)
+        self._released = ""
+
+    def push(self, tokens: list[int]) -> int | None:
+        """Decode the next committed tokens; returns how many of them it took to complete a
+        stop string (the rest are not taken), or None when none completes one."""
+        # Decoding costs as much as the whole text so far, so a step is decoded in one go,
+        # token by token only when it holds a stop string and the token ending it must be found.
+        if len(tokens) > 1 and self._may_stop(tokens):
+            for count, token in enumerate(tokens, 1):
+                if self._feed(self.decoder.push([token])):
+                    return count
+            return None
+        return len(tokens) if self._feed(self.decoder.push(tokens)) else None
+
+    def take(self, final: bool) -> str:
+        """Text released since the last call; `final` also releases what is held back."""
+        if final:
+            # The decoder may still hold an unfinished character: the request's end releases it.
+            decoder = self.decoder
+            full = decoder.tokenizer.decode(decoder.ids)
+            self._feed(full[len(decoder.text):] if full.startswith(decoder.text) else "", final=True)
+        text, self._released = self._released, ""
+        return text
+
+    def _may_stop(self, tokens: list[int]) -> bool:
+        if not self.watcher.stops:
+            return False
+        decoder = self.decoder
+        full = decoder.tokenizer.decode(decoder.ids + tokens)
+        # Text that rewrites what was already decoded cannot be judged in one go: go token by token.
+        return not full.startswith(decoder.text) or self.watcher.would_stop(full[len(decoder.text):])
+
+    def _feed(self, text: str, final: bool = False) -> bool:
+        released, hit = self.watcher.feed(text, final)
+        self._released += released
+        return hit

@@ -1,0 +1,97 @@
+"""Stop strings: the watcher's hold-back on plain text, then through the Engine's streamed chunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hf_models import make_hf_checkpoint
+from test_server import SPREAD, write_tokenizer
+
+from easyspec import Engine, EngineOptions, SamplingParams
+from easyspec.engine.stop import StopWatcher
+
+
+def feed_all(watcher: StopWatcher, pieces: list[str]) -> list[tuple[str, bool]]:
+    """What the watcher releases per piece, the last piece being final."""
+    return [watcher.feed(piece, final=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+
+
+def test_partial_match_is_held_back_until_it_fails():
+    watcher = StopWatcher(("STOP",))
+    assert feed_all(watcher, ["abc S", "T", "x", "yz"]) == [("abc ", False), ("", False), ("STx", False),
+                                                          ("yz", False)]
+
+
+def test_match_spanning_pieces_cuts_before_it():
+    watcher = StopWatcher(("STOP",))
+    assert watcher.feed("one S") == ("one ", False)
+    assert watcher.feed("T") == ("", False)
+    assert watcher.feed("OP and more") == ("", True)
+    assert watcher.feed("later", final=True) == ("", True)  # nothing more once stopped
+
+
+def test_earliest_of_several_stops_wins():
+    watcher = StopWatcher(("xyz", "b d", "c"))
+    assert watcher.feed("a b") == ("a ", False)  # "b" could begin "b d"
+    assert watcher.feed(" c d xyz") == ("b ", True)
+
+
+def test_shorter_stop_inside_a_longer_partial_match():
+    # "ab" is still only a partial "abcd" when "b" alone completes: the cut is before "b".
+    watcher = StopWatcher(("abcd", "b"))
+    assert watcher.feed("xa") == ("x", False)
+    assert watcher.feed("bc") == ("a", True)
+
+
+def test_held_text_is_released_at_the_end():
+    watcher = StopWatcher(("the end",))
+    assert watcher.feed("so, the") == ("so, ", False)
+    assert watcher.feed(" en") == ("", False)
+    assert watcher.feed("", final=True) == ("the en", False)
+
+
+def test_no_stops_holds_nothing():
+    watcher = StopWatcher(("",))
+    assert watcher.feed("anything") == ("anything", False)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory) -> Path:
+    """A tiny model whose token ids decode to whole words, so stop strings can span tokens."""
+    folder = tmp_path_factory.mktemp("stop") / "base"
+    make_hf_checkpoint("llama3", folder, seed=5, **SPREAD)
+    write_tokenizer(folder, None)
+    return folder
+
+
+PROMPT = [7, 8, 9, 10]
+
+
+def stream(engine: Engine, stop: tuple[str, ...]) -> tuple[list[str], list[int], str | None]:
+    """Each chunk's text, all token ids and the finish reason of a greedy 16-token request."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True, stop=stop)
+    chunks = list(engine.generate(PROMPT, params))
+    return [c.text for c in chunks], [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+
+# "sd" with the model drafting for itself commits several tokens per step, so a stop
+# string can be completed in the middle of a step as well as across steps.
+@pytest.mark.parametrize("method", ["vanilla", "sd"])
+def test_streamed_chunks_add_up_to_the_cut_text(word_model, method):
+    draft = str(word_model) if method == "sd" else None
+    with Engine(EngineOptions(model=str(word_model), method=method, draft=draft, num_draft=3)) as engine:
+        pieces, ids, reason = stream(engine, ())
+        full = "".join(pieces)
+        words = full.split(" ")
+        assert reason == "length" and len(words) > 8
+        for first in (2, 4):
+            stop = " ".join(words[first : first + 2])  # two tokens: its first word streams before the second
+            expected = full[: full.index(stop)]
+            pieces, ids, reason = stream(engine, (stop, "never appears"))
+            assert "".join(pieces) == expected and reason == "stop"
+            text = engine.tokenizer.decode(ids)
+            assert stop in text and stop not in engine.tokenizer.decode(ids[:-1])  # ends at the completing token
+        # A stop string that begins at the very end but never completes: the held-back word comes out at the end.
+        pieces, _, reason = stream(engine, (words[-1] + " never",))
+        assert "".join(pieces) == full and reason == "length"
