@@ -20,7 +20,7 @@ demo)
     # 1. The demo pair: base and draft trained at once, one per GPU.
     timeout 330 python3 -m easyspec.zoo train-pair --pair demo --out "$work/demo" --minutes "${MINUTES:-1.5}" \
         --devices cuda:0,cuda:1 --site-packages 2>&1 | tail -n 25
-    tar -czf "$out/demo-pair.tgz" -C "$work/demo" base draft prompts.jsonl pair.json
+    tar -czf - -C "$work/demo" base draft prompts.jsonl pair.json | split -b 15M - "$out/demo-pair.tgz."
     # 2. End to end on the demo pair and its held-out prompts, float32 so outputs must equal vanilla exactly.
     timeout 420 python3 -m easyspec bench --device cuda --devices 2 --model "$work/demo/base" \
         --draft "$work/demo/draft" --prompts "$work/demo/prompts.jsonl" --num-prompts 12 --max-new-tokens 128 \

@@ -12,15 +12,11 @@ from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.engine.stop import StopWatcher
 
 
-def feed_all(watcher: StopWatcher, pieces: list[str]) -> list[tuple[str, bool]]:
-    """What the watcher releases per piece, the last piece being final."""
-    return [watcher.feed(piece, final=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
-
-
 def test_partial_match_is_held_back_until_it_fails():
     watcher = StopWatcher(("STOP",))
-    assert feed_all(watcher, ["abc S", "T", "x", "yz"]) == [("abc ", False), ("", False), ("STx", False),
-                                                          ("yz", False)]
+    assert watcher.feed("abc S") == ("abc ", False)
+    assert watcher.feed("T") == ("", False)
+    assert watcher.feed("x") == ("STx", False)
 
 
 def test_match_spanning_pieces_cuts_before_it():

@@ -81,7 +81,7 @@ class StopText:
 
     def take(self, final: bool) -> str:
         """Text released since the last call; `final` also releases what is held back."""
-        if final:
+        if final and not self.watcher.stopped:
             # The decoder may still hold an unfinished character: the request's end releases it.
             decoder = self.decoder
             full = decoder.tokenizer.decode(decoder.ids)

@@ -90,7 +90,7 @@ PAIRS: dict[str, PairSpec] = {
     "bench": PairSpec(
         name="bench",
         vocab_size=_BENCH_VOCAB,
-        corpus_max_bytes=256 << 20,
+        corpus_max_bytes=128 << 20,
         tokenizer_max_chars=32_000_000,
         default_minutes=3.75,
         # 287M parameters, 548 MiB in bf16.

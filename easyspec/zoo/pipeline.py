@@ -7,8 +7,9 @@ Output folder layout:
   pair.json       what was trained, on which data, and both models' losses
 
 With two devices the two models train at the same time, one spawned process
-each (the same device twice is allowed: small models leave a GPU idle between
-kernel launches); with one device they train one after the other in this process.
+each (naming the same device twice is allowed, but then they share it); with
+one device they train one after the other in this process. A time budget
+(--minutes) applies to each model.
 """
 
 from __future__ import annotations
