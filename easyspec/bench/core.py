@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 from easyspec.engine.engine import Engine
 from easyspec.engine.options import EngineOptions
@@ -106,6 +108,38 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
                params: SamplingParams, repeats: int, warmup: int) -> MethodResult:
+    """Measure one method in a fresh process: every method starts from a clean device and
+    process group, and a method that fails or hangs cannot take the others down."""
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_method_process, args=(send, spec, base, prompts, params, repeats, warmup))
+    proc.start()
+    send.close()
+    try:
+        kind, payload = receive.recv()
+    except EOFError:
+        kind, payload = "error", f"the benchmark process died (exit code {proc.exitcode})"
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+    if kind == "error":
+        raise RuntimeError(f"{spec.label}: {payload}")
+    return payload
+
+
+def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
+    try:
+        send.send(("ok", _measure(spec, base, prompts, params, repeats, warmup)))
+    except Exception as err:  # reported by the parent as one line
+        send.send(("error", f"{type(err).__name__}: {err}"))
+    send.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, which CUDA graphs holding NCCL work can block
+
+
+def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
+             params: SamplingParams, repeats: int, warmup: int) -> MethodResult:
     options = base.replace(**spec.changes)
     if options.method in ("vanilla", "ngram"):
         options = options.replace(draft=None)

@@ -7,6 +7,7 @@ receives the ParallelState (or the one group it needs) as an argument.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -67,6 +68,9 @@ def init_parallel(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        if world_size > 1:
+            # Processes share the cores: more threads than cores makes every step slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if world_size == 1:
         return ParallelState(device=device)
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -82,6 +86,11 @@ def init_parallel(
     return ParallelState(rank=rank, world_size=world_size, device=device, group=dist.group.WORLD)
 
 
-def shutdown_parallel(state: ParallelState) -> None:
-    if state.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_parallel(state: ParallelState, timeout_s: float = 5.0) -> None:
+    """Leave the process group, waiting at most timeout_s: once NCCL collectives have
+    been captured in CUDA graphs, destroying the group can block indefinitely."""
+    if not (state.distributed and dist.is_initialized()):
+        return
+    closer = threading.Thread(target=dist.destroy_process_group, name="easyspec-pg-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
