@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # one line, never a traceback, unless debugging
         if os.environ.get("EASYSPEC_DEBUG"):
             raise
+        from easyspec.engine.engine import WorkerFailure, exit_on_failure
+
+        if isinstance(err, WorkerFailure):
+            exit_on_failure(str(err))
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         code = 1
     sys.stdout.flush()

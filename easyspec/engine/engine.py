@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
@@ -21,11 +22,20 @@ from easyspec.parallel.tp import check_divisible
 from easyspec.verify.sampling import SamplingParams
 
 
-def _exit_on_failure(message: str) -> None:
-    # A peer is gone; rank 0 may be blocked inside a collective that will never
-    # finish, so leave at once rather than wait for the process-group timeout.
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
+class WorkerFailure(RuntimeError):
+    """A worker process died or its collectives broke; the message names the rank."""
+
+
+_fatal_lock = threading.Lock()
+
+
+def exit_on_failure(message: str) -> None:
+    """Print one error line and leave at once. A peer is gone and rank 0 may be blocked in
+    a collective that will never finish; the lock keeps the watchdog thread and the main
+    thread from both reporting the same failure."""
+    with _fatal_lock:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def preflight(options: EngineOptions) -> EngineOptions:
@@ -77,7 +87,7 @@ class Engine:
         elif options.devices > 1:
             set_rendezvous(free_port())
             self.followers = Followers(_follower_main, options.devices, (options,))
-            self.followers.watch(on_worker_failure or _exit_on_failure)
+            self.followers.watch(on_worker_failure or exit_on_failure)
             state = init_parallel(0, options.devices, options.device, timeout_s=options.timeout_s)
         else:
             state = init_parallel(0, 1, options.device)
@@ -107,7 +117,14 @@ class Engine:
         self.worker.check_request(prompt_ids, params)
         if self.followers is not None:
             self.followers.send(("generate", prompt_ids, params))
-        yield from self.worker.generate(prompt_ids, params)
+        try:
+            yield from self.worker.generate(prompt_ids, params)
+        except RuntimeError as err:
+            # A collective that fails usually means a peer died: name it rather than the transport error.
+            dead = self.followers.failure() if self.followers is not None else None
+            if dead is not None:
+                raise WorkerFailure(dead) from err
+            raise
 
     def close(self) -> None:
         if self.followers is not None:

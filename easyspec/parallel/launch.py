@@ -78,6 +78,17 @@ class Followers:
 
         threading.Thread(target=loop, name="easyspec-watchdog", daemon=True).start()
 
+    def failure(self, wait_s: float = 2.0) -> str | None:
+        """A line naming a follower that has died (waiting up to wait_s for one to be seen), or None."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes, strict=True), start=1):
+                if not proc.is_alive():
+                    return f"worker rank {rank} failed: {self._last_words(pipe, proc)}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     @staticmethod
     def _last_words(pipe: Connection, proc: mp.Process) -> str:
         try:
