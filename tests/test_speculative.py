@@ -8,8 +8,10 @@ calibration and parallel policy, on one process and on two over gloo.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from easyspec import Engine, EngineOptions, SamplingParams
+from easyspec.model.checkpoint import load_model
 
 PROMPTS = [[1, 2, 3], [5, 9, 4, 4, 7, 1, 2], [100, 3, 27, 27, 27, 8]]
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -99,3 +101,26 @@ def test_cancelling_two_processes_keeps_ranks_in_step(pair_dir, reference):
         next(stream)
         stream.close()  # cancel mid-request
         assert run(engine, PROMPTS[1])[0] == reference[1]
+
+
+def test_kv_rollback_equals_fresh_prefill(pair_dir):
+    """After rounds with rejections, the KV of every committed position equals a fresh
+    prefill of the committed tokens: rejected entries were overwritten, never read."""
+    opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "far"), method="sd", num_draft=3)
+    with Engine(opts) as engine:
+        prompt = PROMPTS[1]
+        ids, stats = run(engine, prompt)
+        assert stats.accepted < stats.drafted  # some drafts were rejected and rolled back
+        fed = prompt + ids[:-1]  # the newest token has not been through either model yet
+        worker = engine.worker
+        for runner, folder in ((worker.base, "base"), (worker.draft_runner, "far")):
+            fresh = load_model(pair_dir / folder)
+            cache = fresh.allocate_cache(runner.cache.max_len)
+            with torch.no_grad():
+                fresh(torch.tensor(fed), torch.arange(len(fed)), cache)
+            for layer in range(len(cache.keys)):
+                n = len(fed) if folder == "base" else len(fed) - 1
+                torch.testing.assert_close(runner.cache.keys[layer][:, :n], cache.keys[layer][:, :n],
+                                           atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(runner.cache.values[layer][:, :n], cache.values[layer][:, :n],
+                                           atol=1e-4, rtol=1e-4)
