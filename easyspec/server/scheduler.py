@@ -181,6 +181,14 @@ class Scheduler:
         self.metrics.record_start(started - job.arrived)
         first_token: float | None = None
         reason, stats = "error", None  # stays "error" only if the engine raises
+        recorded = False
+
+        def record() -> None:
+            end = time.perf_counter()
+            self.metrics.record_finish(reason, len(job.prompt_ids), stats.to_dict(),
+                                       None if first_token is None else first_token - job.arrived,
+                                       end - job.arrived, end - (first_token or end))
+
         generation = engine.generate(job.prompt_ids, job.params)
         try:
             for chunk in generation:
@@ -195,12 +203,13 @@ class Scheduler:
                         job.push(Delta(chunk.text))
                     continue
                 reason = chunk.finish_reason
+                # Count the request before the client sees its end, so /metrics read right
+                # after a response already includes it.
+                record()
+                recorded = True
                 job.push(Delta(chunk.text, reason, stats.generated, stats.to_dict()))
         finally:
             # Stops the engine between steps (on every rank) if it is not done yet.
             generation.close()
-            if stats is not None:
-                end = time.perf_counter()
-                self.metrics.record_finish(reason, len(job.prompt_ids), stats.to_dict(),
-                                           None if first_token is None else first_token - job.arrived,
-                                           end - job.arrived, end - (first_token or end))
+            if stats is not None and not recorded:
+                record()
