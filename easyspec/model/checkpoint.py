@@ -210,7 +210,8 @@ def save_checkpoint(model: Transformer, folder: str | Path, max_shard_bytes: int
     """Write config.json and safetensors shards (with an index when there is more than one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, tensor in hf_state_dict(model):

@@ -134,8 +134,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         return cfg
 
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json dict that HF transformers loads as the same model."""
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """The config.json dict that HF transformers loads as the same model; `dtype` names
+        the dtype the weights are stored in."""
         arch = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
@@ -157,7 +158,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "torch_dtype": "bfloat16",
+            "torch_dtype": dtype,
         }
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
