@@ -39,6 +39,3 @@ class KVCache:
         k_buf.index_copy_(1, positions, keys)
         v_buf.index_copy_(1, positions, values)
         return k_buf, v_buf
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

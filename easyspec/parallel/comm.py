@@ -40,8 +40,3 @@ def broadcast(x: Tensor, src: int, group: ProcessGroup | None) -> Tensor:
     if group is not None:
         dist.broadcast(x, src=src, group=group)
     return x
-
-
-def barrier(group: ProcessGroup | None) -> None:
-    if group is not None:
-        dist.barrier(group=group)

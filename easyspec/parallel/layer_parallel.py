@@ -42,10 +42,6 @@ class LayoutError(ValueError):
 class LayerLayout:
     groups: tuple[tuple[int, ...], ...]
 
-    @property
-    def max_group(self) -> int:
-        return max(len(g) for g in self.groups)
-
     def __str__(self) -> str:
         return ",".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in self.groups)
 
