@@ -70,8 +70,8 @@ class StopText:
     def push(self, tokens: list[int]) -> int | None:
         """Decode the next committed tokens; returns how many of them it took to complete a
         stop string (the rest are not taken), or None when none completes one."""
-        # Decoding costs as much as the whole text so far, so a step is decoded in one go,
-        # token by token only when it holds a stop string and the token ending it must be found.
+        # A step is decoded in one go, token by token only when it holds a stop string
+        # and the token ending it must be found.
         if len(tokens) > 1 and self._may_stop(tokens):
             for count, token in enumerate(tokens, 1):
                 if self._feed(self.decoder.push([token])):
@@ -83,19 +83,16 @@ class StopText:
         """Text released since the last call; `final` also releases what is held back."""
         if final and not self.watcher.stopped:
             # The decoder may still hold an unfinished character: the request's end releases it.
-            decoder = self.decoder
-            full = decoder.tokenizer.decode(decoder.ids)
-            self._feed(full[len(decoder.text):] if full.startswith(decoder.text) else "", final=True)
+            self._feed(self.decoder.flush(), final=True)
         text, self._released = self._released, ""
         return text
 
     def _may_stop(self, tokens: list[int]) -> bool:
         if not self.watcher.stops:
             return False
-        decoder = self.decoder
-        full = decoder.tokenizer.decode(decoder.ids + tokens)
-        # Text that rewrites what was already decoded cannot be judged in one go: go token by token.
-        return not full.startswith(decoder.text) or self.watcher.would_stop(full[len(decoder.text):])
+        text = self.decoder.peek(tokens)
+        # Text that cannot be judged in one go (an unfinished character) goes token by token.
+        return text is None or self.watcher.would_stop(text)
 
     def _feed(self, text: str, final: bool = False) -> bool:
         released, hit = self.watcher.feed(text, final)

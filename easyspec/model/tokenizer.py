@@ -99,18 +99,46 @@ class StreamDecoder:
     """Turns committed token ids into text pieces as they arrive.
 
     A piece is released only once it decodes cleanly: a multi-byte character
-    split across tokens shows up as U+FFFD until its last byte arrives.
+    split across tokens shows up as U+FFFD until its last byte arrives. Only a
+    short window is decoded per step (the unread tokens plus a few already read
+    ones, whose text is subtracted), so the cost does not grow with the text.
     """
+
+    # Read tokens decoded again in front of new ones, so that spaces and merges at
+    # the boundary come out as they do in the whole text.
+    CONTEXT = 6
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._start = 0  # first id of the decoding window
+        self._read = 0  # ids before this are already in self.text
+
+    def _unread_text(self, extra: list[int], allow_partial: bool = False) -> str | None:
+        """Text of ids[_read:] + extra, or None while it does not decode cleanly yet."""
+        head = self.tokenizer.decode(self.ids[self._start : self._read])
+        full = self.tokenizer.decode(self.ids[self._start :] + extra)
+        if not full.startswith(head) or (full.endswith("\ufffd") and not allow_partial):
+            return None
+        return full[len(head) :]
+
+    def peek(self, token_ids: list[int]) -> str | None:
+        """The text `token_ids` would release if pushed now, without pushing them."""
+        return self._unread_text(token_ids)
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        piece, self.text = full[len(self.text):], full
+        piece = self._unread_text([])
+        return "" if piece is None else self._commit(piece)
+
+    def flush(self) -> str:
+        """At the end of a request: whatever is still held back, unfinished characters included."""
+        piece = self._unread_text([], allow_partial=True)
+        return "" if piece is None else self._commit(piece)
+
+    def _commit(self, piece: str) -> str:
+        self.text += piece
+        self._read = len(self.ids)
+        self._start = max(0, self._read - self.CONTEXT)
         return piece
