@@ -145,3 +145,28 @@ def test_cli_errors_are_one_line(tmp_path):
         assert out.returncode != 0
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, out.stderr)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_reference_formulas(dtype: torch.dtype) -> None:
+    from easyspec.model import kernels
+
+    g = torch.Generator("cuda").manual_seed(5)
+    x = torch.randn(1, 3, 64, generator=g, device="cuda").to(dtype)
+    weight = torch.randn(64, generator=g, device="cuda").to(dtype)
+    q = torch.randn(1, 3, 4, 16, generator=g, device="cuda").to(dtype)
+    k = torch.randn(1, 3, 2, 16, generator=g, device="cuda").to(dtype)
+    cos = torch.randn(3, 1, 16, generator=g, device="cuda").to(dtype)
+    sin = torch.randn(3, 1, 16, generator=g, device="cuda").to(dtype)
+    gate_up = torch.randn(1, 3, 96, generator=g, device="cuda").to(dtype)
+    expected = (kernels.rms_norm_reference(x, weight, 1e-5), *kernels.rotary_reference(q, k, cos, sin),
+                kernels.silu_mul_reference(gate_up))
+    kernels.use_fused(True)
+    try:
+        got = (kernels.rms_norm(x, weight, 1e-5), *kernels.rotary(q, k, cos, sin), kernels.silu_mul(gate_up))
+    finally:
+        kernels.use_fused(False)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from easyspec.model import kernels
 from easyspec.model.config import ModelConfig, RopeScaling
 from easyspec.model.kv_cache import KVCache
 
@@ -30,10 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and scale after casting back, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
@@ -55,17 +53,14 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class StepInputs:
     """What every layer of one forward shares.
 
     cos, sin: [T, hd] in the activation dtype; mask: [T, L] bool (True = attend)
     or None for plain causal attention without a cache; positions: [T] long.
+    group_mask: the mask repeated for the query heads that share a KV head,
+    [group*T, L], built once per forward instead of once per layer.
     """
 
     positions: Tensor
@@ -74,6 +69,7 @@ class StepInputs:
     mask: Tensor | None
     cache: KVCache | None
     kv_len: int
+    group_mask: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -101,8 +97,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = step.cos[:, None, :], step.sin[:, None, :]  # [T, 1, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = kernels.rotary(q, k, cos, sin)
 
         group = nh // nkv
         if step.cache is None:
@@ -121,8 +116,7 @@ class Attention(nn.Module):
         # Fold the query heads that share a key/value head into the query-length axis,
         # [1, T, H, hd] -> [1, Hkv, group*T, hd], so attention reads each cached key once.
         qg = q.view(1, seq, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(1, nkv, group * seq, hd)
-        mask = step.mask.repeat(group, 1)  # [group*T, L]
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.group_mask)
         out = out.view(1, nkv, group, seq, hd).permute(0, 3, 1, 2, 4).reshape(1, seq, nh * hd)
         return self.o_proj(out)
 
@@ -135,8 +129,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
@@ -211,7 +204,8 @@ class Transformer(nn.Module):
         if mask is None:
             slots = torch.arange(kv_len, device=positions.device)
             mask = slots[None, :] <= positions[:, None]  # [T, L]
-        return StepInputs(positions, cos, sin, mask, cache, kv_len)
+        group = self.config.num_heads // self.config.num_kv_heads
+        return StepInputs(positions, cos, sin, mask, cache, kv_len, mask.repeat(group, 1))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and LM head: [..., D] -> float32 [..., V]."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from easyspec.model import kernels
 from easyspec.model.kv_cache import KVCache
 from easyspec.model.transformer import Block, Transformer
 from easyspec.parallel import comm
@@ -103,8 +104,8 @@ class _ShardedMLP(nn.Module):
         self.down = block.mlp.down_proj.weight[:, rows].contiguous()  # [D, I/n]
 
     def forward(self, x: Tensor, group: ProcessGroup | None) -> Tensor:
-        gate, up = F.linear(self.norm(x), self.gate_up).chunk(2, dim=-1)
-        return comm.all_reduce(F.linear(F.silu(gate) * up, self.down), group)
+        hidden = kernels.silu_mul(F.linear(self.norm(x), self.gate_up))  # [B, T, I/n]
+        return comm.all_reduce(F.linear(hidden, self.down), group)
 
 
 class LayerParallelForward:
