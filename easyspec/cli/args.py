@@ -25,6 +25,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     g.add_argument("--max-context", type=int, help="KV cache length in tokens (default: up to 2048)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
+    g.add_argument("--no-fused-kernels", action="store_true",
+                   help="CUDA: run norms, rotary and SiLU-gating as plain PyTorch ops instead of compiled kernels")
+    g.add_argument("--no-p2p-collectives", action="store_true",
+                   help="CUDA: send every collective through NCCL instead of the peer-to-peer path for small ones")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
     s = p.add_argument_group("speculation")
     s.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (k)")
@@ -81,6 +85,8 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         ngram_max=args.ngram_max,
         max_context=args.max_context,
         cuda_graphs=not args.no_cuda_graphs,
+        fused_kernels=not args.no_fused_kernels,
+        p2p_collectives=not args.no_p2p_collectives,
         timeout_s=args.timeout,
     )
 

@@ -25,6 +25,7 @@ from easyspec.engine.options import EngineOptions, OptionsError
 from easyspec.engine.runner import ModelRunner
 from easyspec.engine.stats import SpecStats, StageTimer
 from easyspec.engine.stop import StopText
+from easyspec.model import kernels
 from easyspec.model.checkpoint import load_config, load_weights, parse_dtype
 from easyspec.model.tokenizer import Tokenizer
 from easyspec.model.transformer import Transformer
@@ -63,6 +64,7 @@ class Worker:
     def __init__(self, options: EngineOptions, state: ParallelState) -> None:
         self.options, self.state = options, state
         dtype = parse_dtype(options.dtype)
+        kernels.use_fused(options.fused_kernels and state.device.type == "cuda")
         self.tokenizer = Tokenizer.from_folder(options.model)
         self.base_config = load_config(options.model)
         if self.base_config.max_position_embeddings < options.max_context:
@@ -79,6 +81,8 @@ class Worker:
             if eos_id is not None:
                 self.eos.add(eos_id)
         self.drafting_ranks = self._drafting_ranks()
+        if options.p2p_collectives and state.device.type == "cuda":
+            self._enable_p2p(dtype)
         self.draft_runner = self._load_draft(dtype) if state.rank in self.drafting_ranks else None
         self.k = options.num_draft
 
@@ -91,6 +95,14 @@ class Worker:
             self.state.make_subgroups([ranks])  # collective: every rank takes part
             return ranks
         return tuple(range(world))
+
+    def _enable_p2p(self, dtype: torch.dtype) -> None:
+        """Peer-to-peer collectives for the base's group and the drafting group (each a collective call)."""
+        state = self.state
+        comm.enable_p2p(state.group, state.device, (dtype,))
+        ranks = self.drafting_ranks
+        if self.options.method == "easyspec" and len(ranks) > 1 and state.rank in ranks:
+            comm.enable_p2p(state.subgroup(ranks), state.device, (dtype,))
 
     def _load_draft(self, dtype: torch.dtype) -> ModelRunner | None:
         opts, state = self.options, self.state

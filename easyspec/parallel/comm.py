@@ -3,9 +3,18 @@
 Each function takes the process group explicitly; a group of None means a single
 participant, where every collective is the identity. Collectives here are
 synchronous so that they can be captured inside CUDA graphs.
+
+On CUDA a group can be given a peer-to-peer path (`enable_p2p`): small
+floating-point all-reduces then run as one kernel that reads every peer's copy
+of a symmetric-memory buffer directly over NVLink, a few microseconds instead
+of NCCL's ~17 inside a graph, and small all-gathers ride on the same kernel
+(each rank fills its own slot of a zeroed stack, and the sum is the stack).
+Anything larger than the buffer, or of another dtype, goes through NCCL.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,10 +22,60 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 
+class _PeerBuffer:
+    """A symmetric-memory buffer per dtype for one group, and the one-shot reduction over it."""
+
+    def __init__(self, group: ProcessGroup, device: torch.device, dtypes: tuple[torch.dtype, ...],
+                 max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group.group_name
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.buffers: dict[torch.dtype, Tensor] = {}
+        for dtype in dtypes:
+            buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+            symm_mem.rendezvous(buffer, self.group_name)  # collective over the group
+            self.buffers[dtype] = buffer
+
+    def fits(self, x: Tensor) -> bool:
+        buffer = self.buffers.get(x.dtype)
+        return buffer is not None and x.numel() <= buffer.numel()
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        slot = self.buffers[x.dtype][: x.numel()].view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x.contiguous(), "sum", self.group_name)
+
+
+_peer: dict[str, _PeerBuffer] = {}
+
+
+def enable_p2p(group: ProcessGroup | None, device: torch.device, dtypes: tuple[torch.dtype, ...],
+               max_bytes: int = 4 << 20) -> bool:
+    """Set up the peer-to-peer path for `group` (collective: every member calls it).
+
+    Returns False, leaving NCCL in charge, where the device, the build or the
+    GPUs' connection doesn't allow it.
+    """
+    if group is None or device.type != "cuda" or group.group_name in _peer:
+        return group is not None and group.group_name in _peer
+    dtypes = tuple(d for d in dtypes if d.is_floating_point)
+    try:
+        _peer[group.group_name] = _PeerBuffer(group, device, dtypes, max_bytes)
+    except (RuntimeError, ImportError, AttributeError) as err:
+        print(f"easyspec: peer-to-peer all-reduce unavailable ({str(err).splitlines()[0]}); using NCCL",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def all_reduce(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Sum `x` over the group, in place; returns x."""
-    if group is not None:
-        dist.all_reduce(x, group=group)
+    """Sum `x` over the group; returns the sum (x itself, reduced in place, or a new tensor)."""
+    if group is None:
+        return x
+    peer = _peer.get(group.group_name)
+    if peer is not None and peer.fits(x):
+        return peer.all_reduce(x)
+    dist.all_reduce(x, group=group)
     return x
 
 
@@ -25,6 +84,12 @@ def all_gather(x: Tensor, group: ProcessGroup | None) -> Tensor:
     if group is None:
         return x[None]
     size = dist.get_world_size(group)
+    peer = _peer.get(group.group_name)
+    if peer is not None and x.dtype in peer.buffers and size * x.numel() <= peer.buffers[x.dtype].numel():
+        # Adding zeros is exact, so the sum of the zero-padded stacks is the gathered stack.
+        stack = x.new_zeros(size, *x.shape)
+        stack[peer.rank] = x
+        return peer.all_reduce(stack)
     # Gathered flat (the layout every backend accepts), then viewed as a stack.
     out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
     _all_gather_flat(out, x.reshape(-1), group=group)
