@@ -72,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     from easyspec.bench.cli import register as register_bench
+    from easyspec.bench.steps import register as register_steps
     from easyspec.server.cli import register as register_serve
 
     register_serve(sub)
     register_bench(sub)
+    register_steps(sub)
     return parser
 
 
