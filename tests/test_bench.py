@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+
+import pytest
 
 
 def test_bench_smoke(pair_dir, tmp_path):
@@ -28,3 +31,183 @@ def test_bench_rejects_unknown_method(pair_dir):
     out = subprocess.run([sys.executable, "-m", "easyspec", "bench", "--model", str(pair_dir / "base"),
                           "--methods", "vanilla,warp"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown bench method 'warp'" in out.stderr
+
+
+def _bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "easyspec", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """Cells of the main table's rows (the first table printed)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | tok/s | speedup"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in line.strip(" |").split("|")])
+    return rows
+
+
+def test_bench_sweep_and_hf_row(pair_dir, tmp_path):
+    # Two runnable settings and two that cannot run (a group of 3 layers on N=2), plus the HF baseline.
+    out = _bench("--model", str(pair_dir / "base"), "--draft", str(pair_dir / "deep"), "--devices", "2",
+                 "--methods", "vanilla,hf", "--sweep", "num_draft=2,3;groups=auto|0-2,3,4,5,6,7",
+                 "--num-prompts", "1", "--prompt-len", "10", "--max-new-tokens", "10", "--repeats", "1",
+                 "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _rows(out.stdout)
+    labels = [r[0] for r in rows]
+    assert sorted(labels) == sorted(["vanilla", "hf transformers (1 device)", "easyspec k=2 groups=auto",
+                                     "easyspec k=3 groups=auto"])
+    speedups = [float(r[2].rstrip("x")) for r in rows]
+    assert speedups == sorted(speedups, reverse=True), "a sweep prints its rows by speedup"
+    hf = rows[labels.index("hf transformers (1 device)")]
+    assert hf[5:8] == ["-", "-", "-"] and hf[-1] == "1/1", "HF greedy must equal ours; it has no stage times"
+    assert out.stdout.count("skipped, --groups: group (0, 1, 2) has more layers") == 2
+    swept = [r for r in rows if r[0].startswith("easyspec")]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"best setting: {max(swept, key=lambda r: float(r[2].rstrip('x')))[0]} (")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["results"]) == 4 and len(data["not_run"]) == 2
+    assert data["sweep"]["grid"] == {"num_draft": [2, 3], "groups": [None, "0-2,3,4,5,6,7"]}
+    assert data["sweep"]["best"] == last
+    # Not a terminal: one plain progress line per timed run (4 rows x 1 prompt x 1 repeat), no \r.
+    assert "\r" not in out.stderr and out.stderr.count("prompt 1/1 repeat 1/1") == 4
+
+
+def test_bench_rejects_malformed_sweep(pair_dir):
+    out = _bench("--model", str(pair_dir / "base"), "--sweep", "num_draft=3;num_draft=4", timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --sweep: num_draft is given twice; list all its values once"]
+
+
+def test_parse_sweep():
+    from easyspec.bench.sweep import parse_sweep
+
+    grid = parse_sweep(" layer-parallel=1,2 ; groups=auto|0,1-2,3 ;num_draft=3,4,5;calibrate=every-round,on-mismatch")
+    assert grid == {"layer_parallel": [1, 2], "groups": [None, "0,1-2,3"], "num_draft": [3, 4, 5],
+                    "calibrate": ["every-round", "on-mismatch"]}
+    bad = {"num_draft": "cannot read", "k=3": "unknown key 'k'", "num_draft=0": "whole numbers >= 1",
+           "keep_first=x": "whole numbers >= 0", "calibrate=sometimes": "not one of",
+           "groups=0,a": "is not like 0,1,2-3,4", "num_draft=3,,4": "empty or repeated", ";": "is empty",
+           "parallel_policy=layer,layer": "empty or repeated"}
+    for text, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            parse_sweep(text)
+
+
+def test_sweep_specs_skip_settings_that_cannot_run(pair_dir):
+    from easyspec.bench.sweep import parse_sweep, sweep_specs
+    from easyspec.engine.options import EngineOptions
+
+    base = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "deep"), devices=2)
+    specs, skipped = sweep_specs(parse_sweep("layer_parallel=1,2,3;groups=auto|0,1-2,3-4,5,6,7"), base)
+    assert [s.label for s in specs] == ["easyspec N=1 groups=auto", "easyspec N=2 groups=auto",
+                                        "easyspec N=2 groups=0,1-2,3-4,5,6,7"]
+    assert specs[2].changes == {"method": "easyspec", "layer_parallel": 2, "groups": "0,1-2,3-4,5,6,7"}
+    assert len(skipped) == 3 and all("skipped" in s for s in skipped)
+    with pytest.raises(ValueError, match="no setting can run"):
+        sweep_specs(parse_sweep("layer_parallel=3"), base)
+
+
+def _stats(rounds: int, draft: float, calibrate: float, verify: float, accepted: int = 0,
+           per_position: list[int] | None = None) -> dict:
+    return {"rounds": rounds, "accepted": accepted, "accepted_per_position": per_position or [],
+            "draft_s": draft, "calibrate_s": calibrate, "verify_s": verify, "generated": rounds}
+
+
+def test_projection_arithmetic(tmp_path):
+    from easyspec.bench.core import MethodResult
+    from easyspec.bench.project import load_acceptance, project
+
+    # The real pair drafted k=4: 300 of 4 x 100 drafted tokens accepted over two prompts, per position 90/80/70/60.
+    source = {"meta": {}, "results": [
+        {"label": "vanilla", "options": {"method": "vanilla", "num_draft": 4}, "stats": [_stats(50, 0, 0, 1)]},
+        {"label": "sd", "options": {"method": "sd", "num_draft": 4},
+         "stats": [_stats(60, 0, 0, 0, 180, [55, 50, 45, 30]), _stats(40, 0, 0, 0, 120, [35, 30, 25, 30])]},
+        {"label": "ngram", "options": {"method": "ngram", "num_draft": 4}, "stats": [_stats(9, 0, 0, 0, 9, [9])]},
+    ]}
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps(source))
+    acceptance = load_acceptance(str(path))
+    assert set(acceptance) == {"sd"} and acceptance["sd"]["accepted_per_position"] == [90, 80, 70, 60]
+
+    def row(label: str, method: str, k: int, stats: dict) -> MethodResult:
+        return MethodResult(label, {"method": method, "num_draft": k}, stats=[stats])
+
+    # Random-weight run: a vanilla step takes 10 ms; an sd round drafts 6 ms, calibrates 2 ms, verifies 12 ms.
+    results = [row("vanilla", "vanilla", 4, _stats(100, 0, 0, 1.0)),
+               row("sd", "sd", 4, _stats(10, 0.06, 0.02, 0.12)),
+               row("sd", "sd", 2, _stats(10, 0.02, 0.02, 0.11)),
+               row("sd", "sd", 8, _stats(10, 0.1, 0.02, 0.2)),
+               row("easyspec", "easyspec", 4, _stats(10, 0.05, 0.02, 0.12)),
+               row("ngram", "ngram", 4, _stats(10, 0, 0, 0.1))]
+    rows, missing = project(results, acceptance)
+    assert [r["label"] for r in rows] == ["vanilla", "sd", "sd"]
+    vanilla, k4, k2 = rows
+    assert vanilla["tokens_per_s"] == pytest.approx(100.0) and vanilla["speedup"] == 1.0
+    # k=4: 20 ms per round / 4.0 tokens = 5 ms per token -> 200 tok/s, 2x.
+    assert k4["round_ms"] == pytest.approx(20.0) and k4["mean_accepted_length"] == pytest.approx(4.0)
+    assert k4["tokens_per_s"] == pytest.approx(200.0) and k4["speedup"] == pytest.approx(2.0)
+    # k=2 from the first two positions: 1 + (90 + 80) / 100 = 2.7 tokens per 15 ms round.
+    assert k2["mean_accepted_length"] == pytest.approx(2.7) and k2["speedup"] == pytest.approx(10 * 2.7 / 15)
+    assert missing == ["sd: not projected, the source drafted k=4, fewer than 8",
+                       "easyspec: not projected, no row of that label in the acceptance file"]
+    source["meta"]["preset"] = "llama-3.1-8b"
+    path.write_text(json.dumps(source))
+    with pytest.raises(ValueError, match="random-weight"):
+        load_acceptance(str(path))
+    with pytest.raises(ValueError, match="not a readable bench.json"):
+        load_acceptance(str(tmp_path / "missing.json"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar():
+    from easyspec.bench.progress import Progress
+
+    log = io.StringIO()
+    p = Progress(4, stream=log)
+    p.begin("vanilla", 1, 2)
+    p.step("prompt 1/2")
+    p.note("hf transformers (1 device): not run, no transformers")
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in log.getvalue()
+    assert lines[1].startswith("[" + "#" * 6 + "." * 18 + "] 1/4  25%") and lines[1].endswith("vanilla: prompt 1/2")
+    term = _Terminal()
+    p = Progress(2, stream=term)
+    p.begin("vanilla", 1, 1)
+    p.step("a")
+    p.step("b")
+    p.close()
+    text = term.getvalue()
+    assert text.count("\r") == 3 and text.endswith("vanilla: b\n") and text.count("\n") == 1
+    quiet = _Terminal()
+    p = Progress(2, quiet=True, stream=quiet)
+    p.begin("vanilla", 1, 1)
+    p.step("a")
+    p.note("x")
+    p.close()
+    assert quiet.getvalue() == ""
+
+
+def test_bench_goes_on_without_transformers(pair_dir, tmp_path, monkeypatch, capsys):
+    import easyspec.bench.hf
+    from easyspec.cli.main import build_parser
+
+    monkeypatch.setattr(easyspec.bench.hf, "find_spec", lambda name: None)
+    args = build_parser().parse_args(["bench", "--model", str(pair_dir / "base"), "--methods", "vanilla,hf",
+                                      "--num-prompts", "1", "--prompt-len", "8", "--max-new-tokens", "4",
+                                      "--repeats", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert [r[0] for r in _rows(out)] == ["vanilla"]
+    note = "hf transformers (1 device): not run, transformers is not installed (pip install transformers)"
+    assert note in out.splitlines()
+    assert json.loads((tmp_path / "bench.json").read_text())["not_run"] == [note]

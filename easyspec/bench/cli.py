@@ -1,4 +1,4 @@
-"""`easyspec bench`: every method on the same prompts, a markdown table printed last."""
+"""`easyspec bench`: every method on the same prompts; a progress bar on stderr, the tables on stdout at the end."""
 
 from __future__ import annotations
 
@@ -11,13 +11,26 @@ from pathlib import Path
 from easyspec.cli.args import add_engine_args, options_from_args
 from easyspec.verify.sampling import SamplingParams
 
+DEFAULT_METHODS = "vanilla,sd-tp1,sd-tpN,ngram,easyspec"
+SWEEP_HELP = ("EasySpec settings to sweep, each an easyspec row after the --methods rows: the cartesian product "
+              "of 'key=v1,v2;key=...', e.g. 'layer_parallel=1,2;groups=auto|0,1-2,3;num_draft=3,4,5;"
+              "calibrate=every-round,on-mismatch'. Keys: layer_parallel, groups, num_draft, calibrate, "
+              "parallel_policy, keep_first, keep_last; values split on ',' except groups values, split on '|' "
+              "(auto = built from --keep-first/--keep-last). Prints rows by speedup and the best setting last")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="compare decoding methods side by side")
     add_engine_args(p)
     b = p.add_argument_group("benchmark")
-    b.add_argument("--methods", default="vanilla,sd-tp1,sd-tpN,ngram,easyspec",
-                   help="comma list of vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]]")
+    b.add_argument("--methods",
+                   help="comma list of vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf "
+                        "(HF transformers eager generate, one device); vanilla first. Default: "
+                        f"{DEFAULT_METHODS}, or vanilla alone with --sweep")
+    b.add_argument("--sweep", metavar="SPEC", help=SWEEP_HELP)
+    b.add_argument("--acceptance-from", metavar="BENCH_JSON",
+                   help="with --preset: bench.json of an end-to-end run on a trained pair; rows of the same label "
+                        "get a projected speedup from its acceptance (printed and stored as projected)")
     b.add_argument("--prompts", help="Spec-Bench jsonl file; default: random prompt ids")
     b.add_argument("--num-prompts", type=int, default=8)
     b.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
@@ -30,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workdir", default="/tmp/easyspec-bench", help="where preset checkpoints are written")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     b.add_argument("--title", default="easyspec bench")
+    b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
 
 
@@ -44,7 +58,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         summarise,
         write_outputs,
     )
+    from easyspec.bench.hf import LABEL as HF_LABEL
+    from easyspec.bench.hf import transformers_missing
+    from easyspec.bench.progress import Progress
+    from easyspec.bench.project import NOTE, load_acceptance, project, projected_table
+    from easyspec.bench.sweep import best_line, parse_sweep, ranked, sweep_specs
 
+    # Everything that only reads the command line or a file is checked before any checkpoint is written.
+    specs = parse_methods(args.methods or ("vanilla" if args.sweep else DEFAULT_METHODS), args.devices)
+    if not specs or specs[0].label != "vanilla":
+        raise ValueError("--methods must start with vanilla (speedups are measured against it)")
+    grid = parse_sweep(args.sweep) if args.sweep else None
+    acceptance = load_acceptance(args.acceptance_from) if args.acceptance_from else None
     work = Path(args.workdir)
     if args.preset:
         args.model = str(random_checkpoint(args.preset, work / args.preset, args.dtype, args.device))
@@ -54,18 +79,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.method is None:
         args.method = "sd" if args.draft or args.model is None else "vanilla"
     base = options_from_args(args)
-    specs = parse_methods(args.methods, args.devices)
-    if not specs or specs[0].label != "vanilla":
-        raise ValueError("--methods must start with vanilla (speedups are measured against it)")
-    if any(s.changes["method"] in ("sd", "easyspec") for s in specs) and not base.draft:
+    if (grid or any(s.changes["method"] in ("sd", "easyspec") for s in specs)) and not base.draft:
         raise ValueError("sd and easyspec rows need a draft: pass --draft DIR or --draft-preset NAME")
+    swept, notes = sweep_specs(grid, base) if grid else ([], [])  # notes: one line per row not run
+    specs += swept
+    if any(s.label == HF_LABEL for s in specs) and (missing := transformers_missing()):
+        notes.append(f"{HF_LABEL}: not run, {missing}")
+        specs = [s for s in specs if s.label != HF_LABEL]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True,
                             seed=0)
     prompts = load_prompt_ids(base, args.prompts, args.num_prompts, args.prompt_len)
+    progress = Progress(len(specs) * len(prompts) * args.repeats, quiet=args.quiet)
+    for line in notes:
+        progress.note(line)
     results = []
     for i, spec in enumerate(specs, start=1):
-        print(f"[{i}/{len(specs)}] {spec.label}", file=sys.stderr, flush=True)
-        results.append(run_method(spec, base, prompts, params, args.repeats, args.warmup))
+        progress.begin(spec.label, i, len(specs))
+        try:
+            results.append(run_method(spec, base, prompts, params, args.repeats, args.warmup, progress.step))
+        except RuntimeError as err:
+            if spec.label != HF_LABEL:  # an optional baseline must not cost the rest of the run
+                progress.close()
+                raise
+            notes.append(f"{HF_LABEL}: not run, {str(err).removeprefix(HF_LABEL + ': ')}")
+            progress.note(notes[-1])
+    progress.close()
     summarise(results)
     meta = {
         "title": args.title,
@@ -76,16 +114,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "model": base.model,
         "draft": base.draft,
+        "preset": args.preset,
+        "draft_preset": args.draft_preset,
         "prompts": args.prompts or f"{args.num_prompts} random prompts of {args.prompt_len} ids",
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
     }
-    write_outputs(results, Path(args.out), meta)
+    extra: dict = {"not_run": notes}
+    if grid:
+        extra["sweep"] = {"spec": args.sweep, "grid": grid, "ranking": [r.label for r in ranked(results)],
+                          "best": best_line(results, {s.label for s in swept})}
+    projected = missing_projection = None
+    if acceptance is not None:
+        projected, missing_projection = project(results, acceptance)
+        extra["projected"] = {"note": NOTE, "acceptance_from": args.acceptance_from, "rows": projected,
+                              "not_projected": missing_projection}
+    write_outputs(results, Path(args.out), meta, extra)
     print(f"\n## {args.title}\n{json.dumps(meta)}\n")
-    print(markdown_table(results))
+    if grid:
+        print("Sorted by speedup:\n")
+    print(markdown_table(ranked(results) if grid else results))
+    for line in notes:
+        print(line)
     if len(set(results[0].categories)) > 1:
         print("\nSpeedup by prompt category:\n")
         print(by_category(results))
+    if projected is not None:
+        print("\n" + projected_table(projected, args.acceptance_from))
+        for line in missing_projection:
+            print(line)
+    if grid:
+        print("\n" + extra["sweep"]["best"])
     return 0
 
 

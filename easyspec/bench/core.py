@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +55,17 @@ class MethodResult:
 
 
 def parse_methods(text: str, devices: int) -> list[MethodSpec]:
-    """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]]."""
+    """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf."""
     specs = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         if item == "vanilla":
             specs.append(MethodSpec("vanilla", {"method": "vanilla"}))
         elif item == "ngram":
             specs.append(MethodSpec("ngram", {"method": "ngram"}))
+        elif item == "hf":
+            from easyspec.bench.hf import LABEL
+
+            specs.append(MethodSpec(LABEL, {"method": "hf"}))
         elif item == "sd-tp1":
             specs.append(MethodSpec("sd draft TP=1", {"method": "sd", "draft_tp": 1}))
         elif item == "sd-tpN":
@@ -75,7 +80,7 @@ def parse_methods(text: str, devices: int) -> list[MethodSpec]:
                                      "layer_parallel": size}))
         else:
             raise ValueError(f"unknown bench method {item!r}; use vanilla, sd-tp1, sd-tpN, ngram, "
-                             "easyspec[:policy[:calibration[:N]]]")
+                             "easyspec[:policy[:calibration[:N]]], hf")
     return specs
 
 
@@ -107,18 +112,24 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
-               params: SamplingParams, repeats: int, warmup: int) -> MethodResult:
+               params: SamplingParams, repeats: int, warmup: int,
+               progress: Callable[[str], None] | None = None) -> MethodResult:
     """Measure one method in a fresh process: every method starts from a clean device and
-    process group, and a method that fails or hangs cannot take the others down."""
+    process group, and a method that fails or hangs cannot take the others down.
+    `progress` is called with a short line after every timed run."""
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_method_process, args=(send, spec, base, prompts, params, repeats, warmup))
     proc.start()
     send.close()
-    try:
-        kind, payload = receive.recv()
-    except EOFError:
-        kind, payload = "error", f"the benchmark process died (exit code {proc.exitcode})"
+    kind, payload = "progress", ""
+    while kind == "progress":
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            kind, payload = "error", f"the benchmark process died (exit code {proc.exitcode})"
+        if kind == "progress" and progress is not None:
+            progress(payload)
     proc.join(30)
     if proc.is_alive():
         proc.kill()
@@ -129,7 +140,10 @@ def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, l
 
 def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
     try:
-        send.send(("ok", _measure(spec, base, prompts, params, repeats, warmup)))
+        def report(line: str) -> None:
+            send.send(("progress", line))
+
+        send.send(("ok", _measure(spec, base, prompts, params, repeats, warmup, report)))
     except Exception as err:  # reported by the parent as one line
         send.send(("error", f"{type(err).__name__}: {err}"))
     send.close()
@@ -139,7 +153,14 @@ def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
 
 
 def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
-             params: SamplingParams, repeats: int, warmup: int) -> MethodResult:
+             params: SamplingParams, repeats: int, warmup: int, report: Callable[[str], None]) -> MethodResult:
+    if spec.changes["method"] == "hf":
+        from easyspec.bench.hf import measure_hf
+
+        result = MethodResult(spec.label, {"method": "hf", "model": base.model, "device": base.device,
+                                           "dtype": base.dtype, "devices": 1})
+        measure_hf(result, base, prompts, params, repeats, warmup, report)
+        return result
     options = base.replace(**spec.changes)
     if options.method in ("vanilla", "ngram"):
         options = options.replace(draft=None)
@@ -148,9 +169,9 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
         for _, ids in prompts[:warmup]:
             for _ in engine.generate(ids, params):
                 pass
-        for category, ids in prompts:
+        for i, (category, ids) in enumerate(prompts, start=1):
             rates, output, stats = [], [], {}
-            for _ in range(repeats):
+            for j in range(1, repeats + 1):
                 output, chunk = [], None
                 start = time.perf_counter()
                 for chunk in engine.generate(ids, params):
@@ -158,13 +179,13 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
                 elapsed = time.perf_counter() - start
                 rates.append(len(output) / elapsed)
                 stats = chunk.stats.to_dict()
+                report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
             mean_rate = statistics.fmean(rates)
             result.tokens_per_s.append(mean_rate)
             result.spread.append((max(rates) - min(rates)) / mean_rate if mean_rate else 0.0)
             result.outputs.append(output)
             result.stats.append(stats)
             result.categories.append(category)
-            print(f"  {spec.label}: {category} {mean_rate:.1f} tok/s", file=sys.stderr, flush=True)
     return result
 
 
@@ -182,12 +203,14 @@ def markdown_table(results: list[MethodResult]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in results:
         gen = sum(s["generated"] for s in r.stats) or 1
-        per_tok = {k: 1000 * sum(s[k] for s in r.stats) / gen for k in ("draft_s", "calibrate_s", "verify_s")}
+        # A row without stage timers (the HF baseline) shows '-' rather than a zero that looks measured.
+        per_tok = {k: f"{1000 * sum(s[k] for s in r.stats) / gen:.2f}" if k in r.stats[0] else "-"
+                   for k in ("draft_s", "calibrate_s", "verify_s")}
         equal = sum(d is None for d in r.divergence)
         lines.append(
             f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
             f"| {r.mean('mean_accepted_length'):.2f} | {r.mean('acceptance_rate'):.2f} "
-            f"| {per_tok['draft_s']:.2f} | {per_tok['calibrate_s']:.2f} | {per_tok['verify_s']:.2f} "
+            f"| {per_tok['draft_s']} | {per_tok['calibrate_s']} | {per_tok['verify_s']} "
             f"| {100 * max(r.spread):.1f}% | {equal}/{len(r.divergence)} |"
         )
     return "\n".join(lines)
@@ -207,9 +230,11 @@ def by_category(results: list[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[MethodResult], out: Path, meta: dict) -> None:
+def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dict | None = None) -> None:
+    """bench.json (meta, every row, and any `extra` sections such as the sweep or the projection)
+    and, when matplotlib is installed, bench.png."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}
+    payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results], **(extra or {})}
     (out / "bench.json").write_text(json.dumps(payload, indent=1))
     try:
         import matplotlib
@@ -225,7 +250,7 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict) -> None:
         vals = []
         for r in results:
             gen = sum(s["generated"] for s in r.stats) or 1
-            vals.append(1000 * sum(s[key] for s in r.stats) / gen)
+            vals.append(1000 * sum(s.get(key, 0.0) for s in r.stats) / gen)
         ax1.barh(labels, vals, left=bottom, label=key.removesuffix("_s"))
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax1.set_xlabel("ms per generated token")

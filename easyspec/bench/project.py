@@ -1,0 +1,115 @@
+"""Projected end-to-end speedups: per-stage latencies measured at real shapes with random weights,
+combined with the acceptance measured end to end on a real model pair. Projected, never measured.
+
+Random weights make the draft useless (acceptance ~0), but every round still drafts k tokens and
+verifies k + 1, so the time of one round is real. With a real pair a round commits on average
+`mean accepted length` tokens (bonus counted), hence
+
+    projected time per token = (draft + calibrate + verify per round) / mean accepted length
+    projected speedup        = vanilla time per step / projected time per token
+
+Only the timed stages count, on both sides: prefill and host time between stages are left out.
+The acceptance for a row with k draft tokens is read from the real run's per-position counts
+(1 + sum of the first k acceptance rates), so a real run with k=8 also serves rows with k=4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from easyspec.bench.core import MethodResult
+
+NOTE = "projected, not measured"
+PROJECTED_METHODS = ("sd", "easyspec")  # drafters whose round cost does not depend on the text
+
+
+def load_acceptance(path: str) -> dict[str, dict]:
+    """Method label -> acceptance totals over all prompts, from an end-to-end bench.json."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        rows = payload["results"]
+        meta = payload.get("meta", {})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--acceptance-from {path}: not a readable bench.json ({type(err).__name__})") from None
+    if meta.get("preset") or meta.get("draft_preset"):
+        raise ValueError(f"--acceptance-from {path} is itself a random-weight (--preset) run; "
+                         "give the bench.json of an end-to-end run on a trained pair")
+    table = {}
+    for row in rows:
+        stats = row.get("stats") or []
+        rounds = sum(s.get("rounds", 0) for s in stats)
+        options = row.get("options", {})
+        if options.get("method") not in PROJECTED_METHODS or options.get("adaptive_draft") or not rounds:
+            continue
+        per_position: list[int] = []
+        for s in stats:
+            counts = s.get("accepted_per_position", [])
+            per_position += [0] * (len(counts) - len(per_position))
+            for i, count in enumerate(counts):
+                per_position[i] += count
+        table[row["label"]] = {"rounds": rounds, "accepted": sum(s["accepted"] for s in stats),
+                               "accepted_per_position": per_position, "num_draft": row["options"]["num_draft"],
+                               "source": path}
+    return table
+
+
+def accepted_length(k: int, source: dict) -> float | None:
+    """Mean accepted length (bonus counted) with k draft tokens, from per-position acceptance
+    measured with k' >= k; None when the source drafted fewer than k."""
+    if k > source["num_draft"]:
+        return None
+    if k == source["num_draft"]:
+        return 1.0 + source["accepted"] / source["rounds"]
+    return 1.0 + sum(source["accepted_per_position"][:k]) / source["rounds"]
+
+
+def stage_ms_per_round(stats: list[dict]) -> dict[str, float]:
+    """Draft, calibrate and verify milliseconds per round, totalled over prompts."""
+    rounds = sum(s["rounds"] for s in stats) or 1
+    return {k: 1000 * sum(s[f"{k}_s"] for s in stats) / rounds for k in ("draft", "calibrate", "verify")}
+
+
+def project(results: list[MethodResult], acceptance: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    """Projected rows (vanilla first) for every sd/easyspec row with an acceptance of the same label,
+    and one line for each such row that could not be projected."""
+    vanilla_ms = stage_ms_per_round(results[0].stats)["verify"]  # one step commits one token
+    if vanilla_ms <= 0:
+        raise ValueError("the vanilla row has no timed decoding steps, so nothing can be projected from it")
+    rows = [{"label": results[0].label, "k": 0, "draft_ms": 0.0, "calibrate_ms": 0.0, "verify_ms": vanilla_ms,
+             "round_ms": vanilla_ms, "mean_accepted_length": 1.0, "tokens_per_s": 1000 / vanilla_ms,
+             "speedup": 1.0}]
+    missing = []
+    for r in results[1:]:
+        if r.options.get("method") not in PROJECTED_METHODS:
+            continue
+        k = r.options["num_draft"]
+        source = acceptance.get(r.label)
+        length = accepted_length(k, source) if source and not r.options.get("adaptive_draft") else None
+        if length is None:
+            if r.options.get("adaptive_draft"):
+                why = "adaptive k makes the cost of a round vary"
+            elif source:
+                why = f"the source drafted k={source['num_draft']}, fewer than {k}"
+            else:
+                why = "no row of that label in the acceptance file"
+            missing.append(f"{r.label}: not projected, {why}")
+            continue
+        ms = stage_ms_per_round(r.stats)
+        round_ms = ms["draft"] + ms["calibrate"] + ms["verify"]
+        rows.append({"label": r.label, "k": k, "draft_ms": ms["draft"], "calibrate_ms": ms["calibrate"],
+                     "verify_ms": ms["verify"], "round_ms": round_ms, "mean_accepted_length": length,
+                     "tokens_per_s": 1000 * length / round_ms, "speedup": vanilla_ms * length / round_ms})
+    return rows, missing
+
+
+def projected_table(rows: list[dict], source: str) -> str:
+    head = (f"Projected, not measured: stage latencies of this run x acceptance measured end to end in {source}\n\n"
+            "| method | k | draft ms/round | calibrate ms/round | verify ms/round | mean accepted length (measured) "
+            "| projected tok/s | projected speedup |")
+    lines = [head, "|" + "---|" * 8]
+    for p in rows:
+        lines.append(f"| {p['label']} | {p['k']} | {p['draft_ms']:.2f} | {p['calibrate_ms']:.2f} "
+                     f"| {p['verify_ms']:.2f} | {p['mean_accepted_length']:.2f} | {p['tokens_per_s']:.1f} "
+                     f"| {p['speedup']:.2f}x |")
+    return "\n".join(lines)
