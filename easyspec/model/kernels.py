@@ -9,8 +9,10 @@ arithmetic (float32 inside the norm, the same casts). The model always calls
 them through this module, so swapping them changes every layer at once.
 
 They are compiled with dynamic shapes: one compilation serves every token
-count and every layer. Fused kernels are used on CUDA only; on CPU the eager
-formulas run (and are what the tests compare against references).
+count and every layer. Attention over the KV cache for a few query tokens
+goes to a split-KV Triton kernel (easyspec.model.decode_attention). Fused
+kernels are used on CUDA only; on CPU the eager formulas run (and are what the
+tests compare against references).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from easyspec.model import decode_attention
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -45,19 +49,46 @@ def silu_mul_reference(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def cached_attention_reference(q: Tensor, keys: Tensor, values: Tensor, group_mask: Tensor, kv_len: int) -> Tensor:
+    """Attention of T query tokens over the first kv_len cache slots.
+
+    q: [T, H, hd]; keys/values: [Hkv, max_len, hd]; group_mask: bool [G*T, >= kv_len]
+    (G = H / Hkv, row g*T + t for group member g and token t). Returns [T, H, hd].
+    """
+    seq, heads, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    # Fold the query heads that share a KV head into the query axis so each cached key is read once.
+    qg = q.view(seq, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * seq, head_dim)
+    out = F.scaled_dot_product_attention(qg, keys[None, :, :kv_len], values[None, :, :kv_len],
+                                         attn_mask=group_mask[:, :kv_len])  # [1, Hkv, G*T, hd]
+    return out.view(kv_heads, group, seq, head_dim).permute(2, 0, 1, 3).reshape(seq, heads, head_dim)
+
+
+def _cached_attention_split(q: Tensor, keys: Tensor, values: Tensor, group_mask: Tensor, kv_len: int) -> Tensor:
+    """The split-KV Triton kernel where it applies (few query tokens), else the reference."""
+    rows = q.shape[0] * (q.shape[1] // keys.shape[0])
+    if decode_attention.supported(q, q.shape[-1], rows):
+        return decode_attention.decode_attention(q.contiguous(), keys, values, group_mask, kv_len)
+    return cached_attention_reference(q, keys, values, group_mask, kv_len)
+
+
 rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm_reference
 rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = rotary_reference
 silu_mul: Callable[[Tensor], Tensor] = silu_mul_reference
+cached_attention: Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] = cached_attention_reference
 
 _fused: dict[str, Callable] = {}
 
 
 def use_fused(enabled: bool) -> None:
     """Route every layer through the compiled kernels (True) or the eager formulas (False)."""
-    global rms_norm, rotary, silu_mul
+    global rms_norm, rotary, silu_mul, cached_attention
     if not enabled:
         rms_norm, rotary, silu_mul = rms_norm_reference, rotary_reference, silu_mul_reference
+        cached_attention = cached_attention_reference
         return
+    cached_attention = _cached_attention_split
     if not _fused:
         for name, fn in (("rms_norm", rms_norm_reference), ("rotary", rotary_reference),
                          ("silu_mul", silu_mul_reference)):

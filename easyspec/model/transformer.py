@@ -112,13 +112,8 @@ class Attention(nn.Module):
 
         assert batch == 1, "a KV cache holds one sequence"
         keys, values = step.cache.write(layer, step.positions, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        keys, values = keys[None, :, : step.kv_len], values[None, :, : step.kv_len]  # [1, Hkv, L, hd]
-        # Fold the query heads that share a key/value head into the query-length axis,
-        # [1, T, H, hd] -> [1, Hkv, group*T, hd], so attention reads each cached key once.
-        qg = q.view(1, seq, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(1, nkv, group * seq, hd)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.group_mask)
-        out = out.view(1, nkv, group, seq, hd).permute(0, 3, 1, 2, 4).reshape(1, seq, nh * hd)
-        return self.o_proj(out)
+        out = kernels.cached_attention(q[0], keys, values, step.group_mask, step.kv_len)  # [T, H, hd]
+        return self.o_proj(out.reshape(1, seq, nh * hd))
 
 
 class FeedForward(nn.Module):
