@@ -16,8 +16,9 @@ numbers the engine gets. Per context length it reports:
   one hidden state. Sums of these explain the step times; they are not a
   profile of the steps themselves.
 
-World size 1 also times Hugging Face transformers' eager decode of the base
-shape when transformers is installed (the reference we must beat by far).
+With N > 1 GPUs the base is also timed whole on one GPU (TP=1). Rank 0 also
+times Hugging Face transformers' eager decode of the base shape on one GPU when
+transformers is installed (the reference we must beat by far).
 """
 
 from __future__ import annotations
@@ -157,10 +158,24 @@ def _measure(cfg: StepBenchConfig, state: ParallelState) -> list[dict]:
         rec.add(f"base {cfg.base} verify {cfg.num_draft + 1} tokens TP={n}", ctx, ms)
     del base_runner, base
     torch.cuda.empty_cache()
+    if n > 1:
+        # The same base whole on one GPU (rank 0; the others wait): the TP=1 baseline of this run.
+        if state.rank == 0:
+            whole = random_model(base_cfg, ParallelState(device=state.device), False, cfg.dtype, seed=0)
+            floor_one = streamed_bytes(whole) / bandwidth * 1e3
+            runner = ModelRunner(whole, max_len, use_graphs=True)
+            for ctx in cfg.contexts:
+                ms = time_ms(_step(runner, 1, ctx), cfg.iters)
+                rec.add(f"base {cfg.base} decode TP=1", ctx, ms, floor_ms=round(floor_one, 4),
+                        floor_pct=round(100 * floor_one / ms, 1))
+            del runner, whole
+            torch.cuda.empty_cache()
+        rec.barrier()
     if cfg.draft:
         _measure_draft(cfg, state, rec, max_len)
-    if n == 1 and cfg.hf:
+    if cfg.hf and state.rank == 0:
         _measure_hf(base_cfg, cfg, state, rec)
+    rec.barrier()
     return rec.rows
 
 
@@ -282,14 +297,19 @@ def run_step_bench(cfg: StepBenchConfig) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Rank 0's rows as a table (the JSON keeps every rank's)."""
-    lines = ["| what | context | ms | % of floor |", "|---|---|---|---|"]
-    for row in rows:
-        if row["rank"] != 0:
-            continue
+    """Rank 0's rows as a table (the JSON keeps every rank's). Draft steps carry their speedup
+    over the same draft at TP=1, and base steps over TP=1 likewise."""
+    mine = [row for row in rows if row["rank"] == 0]
+    reference = {(row["what"].rsplit(" TP=", 1)[0].replace(" step", ""), row["context"]): row["ms"]
+                 for row in mine if row["what"].endswith(" TP=1")}
+    lines = ["| what | context | ms | % of floor | vs TP=1 |", "|---|---|---|---|---|"]
+    for row in mine:
+        what = row["what"]
         pct = f"{row['floor_pct']}%" if "floor_pct" in row else ""
-        ctx = row["context"] or "-"
-        lines.append(f"| {row['what']} | {ctx} | {row['ms']:.3f} | {pct} |")
+        family = what.split(" step")[0] if " step" in what else what.split(" decode")[0] + " decode"
+        ref = reference.get((family, row["context"]))
+        ratio = f"{ref / row['ms']:.2f}x" if ref and ("step" in what or "decode" in what) else ""
+        lines.append(f"| {what} | {row['context'] or '-'} | {row['ms']:.3f} | {pct} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -303,7 +323,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
     p.add_argument("--no-fused-kernels", action="store_true", help="plain PyTorch norms/rotary/SiLU")
     p.add_argument("--no-p2p-collectives", action="store_true", help="every collective through NCCL")
-    p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (1 device only)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (one GPU)")
     p.add_argument("--out", help="write the rows as JSON here")
     p.set_defaults(func=cmd_bench_steps)
 
