@@ -5,8 +5,14 @@ A step is keyed by (mode, T, L): the forward function ("exact" or a drafter's
 L is rounded up to a multiple of `KV_BUCKET` so that the attention cost follows
 the context length while only a handful of graphs exist. Each key is captured
 once, on first use, after a warm-up that writes only to scratch slots at the
-end of the cache; later calls copy tokens and positions into the captured
-input buffers and replay.
+end of the cache; later calls copy their inputs (tokens and positions, plus
+slots and the attention mask for masked steps, or the slot lists of a KV move)
+into the captured input buffers and replay.
+
+Two kinds of forward: `forward` runs T consecutive positions with the causal
+mask; `forward_masked` takes explicit positions, the slots to write and a
+[T, L] mask, which is what tree drafting and verification need (tokens that
+share a position, each attending only to its own ancestors).
 """
 
 from __future__ import annotations
@@ -16,18 +22,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from easyspec.model.kv_cache import KVCache
+from easyspec.model.kv_cache import KVCache, SlotView
 from easyspec.model.transformer import Transformer
 
 KV_BUCKET = 256
 
-# fn(tokens [T], positions [T], cache, kv_len) -> float32 logits [T, V]
-StepFn = Callable[[Tensor, Tensor, KVCache, int], Tensor]
+# fn(tokens [T], positions [T], cache, kv_len, mask [T, kv_len] bool or None for causal) -> float32 logits [T, V]
+StepFn = Callable[..., Tensor]
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, tokens: Tensor, positions: Tensor, out: Tensor) -> None:
-        self.graph, self.tokens, self.positions, self.out = graph, tokens, positions, out
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[Tensor, ...], out: Tensor | None) -> None:
+        self.graph, self.inputs, self.out = graph, inputs, out
 
 
 class ModelRunner:
@@ -42,24 +48,31 @@ class ModelRunner:
         scratch: int = 64,
     ) -> None:
         self.model = model
-        # Scratch slots past max_len absorb warm-up writes and padding tokens.
+        # Scratch slots past max_len absorb warm-up writes and padding tokens, so no step
+        # may be longer than `scratch` tokens.
         self.cache = model.allocate_cache(max_len + scratch)
         self.max_len = max_len
         self.scratch = scratch
         self.device = model.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.steps: dict[str, StepFn] = {"exact": self._exact, **(steps or {})}
-        self._graphs: dict[tuple[str, int, int], _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._arange = torch.arange(max_len + scratch, device=self.device)
 
-    def _exact(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
-        return self.model(tokens, positions, cache, kv_len)
+    def _exact(self, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView, kv_len: int,
+               mask: Tensor | None = None) -> Tensor:
+        return self.model(tokens, positions, cache, kv_len, mask)
 
     def kv_len_for(self, end: int) -> int:
-        """Cache slots to read when the highest position is end - 1."""
+        """Cache slots to read when the highest slot written is end - 1."""
         bucket = -(-end // KV_BUCKET) * KV_BUCKET
         return min(bucket, self.max_len + self.scratch)
+
+    def _scratch_slots(self, n: int) -> Tensor:
+        """The last n slots of the cache: warm-up runs really execute, so they write here."""
+        end = self.max_len + self.scratch
+        return self._arange[end - n : end].clone()
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start: int, mode: str = "exact") -> Tensor:
@@ -72,33 +85,81 @@ class ModelRunner:
         if start + seq > self.max_len + self.scratch:
             raise ValueError(f"position {start + seq - 1} is past the KV cache ({self.max_len} slots)")
         kv_len = self.kv_len_for(start + seq)
+        fn = self.steps[mode]
+
+        def step(tokens: Tensor, positions: Tensor) -> Tensor:
+            return fn(tokens, positions, self.cache, kv_len)
+
+        def warm() -> tuple[Tensor, ...]:
+            return torch.zeros(seq, dtype=torch.long, device=self.device), self._scratch_slots(seq)
+
+        return self._run((mode, seq, kv_len), step, (tokens, self._arange[start : start + seq]), warm)
+
+    @torch.inference_mode()
+    def forward_masked(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
+                       mode: str = "exact") -> Tensor:
+        """One forward with explicit positions, write slots and attention mask.
+
+        tokens, positions, slots: [T] long; mask: [T, L] bool (True = attend) with
+        L = kv_len_for(highest slot read or written + 1). Returns float32 logits
+        [T, V] (under CUDA graphs, the graph's output buffer, as in `forward`).
+        """
+        seq, kv_len = mask.shape
+        if seq > self.scratch:
+            raise ValueError(f"a masked step of {seq} tokens needs more than the runner's {self.scratch} scratch slots")
+        fn = self.steps[mode]
+
+        def step(tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+            return fn(tokens, positions, SlotView(self.cache, slots), kv_len, mask)
+
+        def warm() -> tuple[Tensor, ...]:
+            scratch = self._scratch_slots(seq)
+            ones = torch.ones(seq, kv_len, dtype=torch.bool, device=self.device)
+            return torch.zeros(seq, dtype=torch.long, device=self.device), scratch, scratch.clone(), ones
+
+        return self._run((mode, seq, kv_len, "masked"), step, (tokens, positions, slots, mask), warm)
+
+    @torch.inference_mode()
+    def move_kv(self, src: Tensor, dst: Tensor) -> None:
+        """Copy every layer's cache entries at slots src [n] to slots dst [n] (long, dst distinct).
+
+        All sources are read before any destination is written, so the lists may overlap.
+        """
+
+        def move(src: Tensor, dst: Tensor) -> None:
+            for buffers in (self.cache.keys, self.cache.values):
+                for buf in buffers:  # [Hkv, S, hd]
+                    buf.index_copy_(1, dst, buf.index_select(1, src))
+
+        def warm() -> tuple[Tensor, ...]:
+            scratch = self._scratch_slots(src.shape[0])
+            return scratch, scratch.clone()
+
+        self._run(("move", src.shape[0]), move, (src, dst), warm)
+
+    def _run(self, key: tuple, fn: Callable[..., Tensor | None], args: tuple[Tensor, ...],
+             warm: Callable[[], tuple[Tensor, ...]]) -> Tensor | None:
+        """fn(*args) eagerly, or by replaying the graph captured for `key`."""
         if not self.use_graphs:
-            positions = self._arange[start : start + seq]
-            return self.steps[mode](tokens, positions, self.cache, kv_len)
-        key = (mode, seq, kv_len)
-        graph = self._graphs.get(key) or self._capture(key)
-        graph.tokens.copy_(tokens)
-        graph.positions.copy_(self._arange[start : start + seq])
+            return fn(*args)
+        graph = self._graphs.get(key) or self._capture(key, fn, warm())
+        for buffer, arg in zip(graph.inputs, args, strict=True):
+            buffer.copy_(arg)
         graph.graph.replay()
         return graph.out
 
-    def _capture(self, key: tuple[str, int, int]) -> _Graph:
-        mode, seq, kv_len = key
-        fn = self.steps[mode]
-        tokens = torch.zeros(seq, dtype=torch.long, device=self.device)
-        # Warm-up runs really execute: point them at the scratch slots.
-        end = self.max_len + self.scratch
-        positions = self._arange[end - seq : end].clone()
+    def _capture(self, key: tuple, fn: Callable[..., Tensor | None], inputs: tuple[Tensor, ...]) -> _Graph:
+        """Capture fn over `inputs`, buffers whose values make the warm-up touch only scratch slots."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(tokens, positions, self.cache, kv_len)
+                fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = fn(tokens, positions, self.cache, kv_len)
-        captured = _Graph(graph, tokens, positions, out)
+            out = fn(*inputs)
+        captured = _Graph(graph, inputs, out)
         self._graphs[key] = captured
         return captured
 

@@ -39,3 +39,22 @@ class KVCache:
         k_buf.index_copy_(1, positions, keys)
         v_buf.index_copy_(1, positions, values)
         return k_buf, v_buf
+
+
+class SlotView:
+    """The same cache, with one forward's entries stored at explicit slots.
+
+    A plain forward stores token t at slot positions[t]. When several tokens
+    share a position (alternative continuations of one prefix, each at the same
+    depth) they still need slots of their own: this view stores the forward's
+    t-th entry at slots[t] instead, and the caller's attention mask says which
+    slots each token may read. slots: [T] long, distinct.
+    """
+
+    def __init__(self, cache: KVCache, slots: Tensor) -> None:
+        self.cache, self.slots = cache, slots
+        self.keys, self.values, self.max_len = cache.keys, cache.values, cache.max_len
+
+    def write(self, layer: int, positions: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """As KVCache.write, but at this view's slots; the tokens' positions [T] are not used."""
+        return self.cache.write(layer, self.slots, keys, values)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from easyspec.model import kernels
-from easyspec.model.kv_cache import KVCache
+from easyspec.model.kv_cache import KVCache, SlotView
 from easyspec.model.transformer import Block, Transformer
 from easyspec.parallel import comm
 
@@ -136,18 +136,22 @@ class LayerParallelForward:
                 if len(g) > 1:
                     self.sharded_mlps.update({i: _ShardedMLP(model.layers[i], rank, size) for i in g})
 
-    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView, kv_len: int,
+                 mask: Tensor | None = None) -> Tensor:
+        """tokens, positions: [T]; mask: [T, L] bool or None for causal -> logits [T, V]."""
         model = self.model
         x = model.embed_tokens(tokens[None])  # [1, T, D]
-        step = model.step_inputs(positions, cache, kv_len)
+        step = model.step_inputs(positions, cache, kv_len, mask)
+        # Where this forward's KV entries land: at their positions, or at a view's own slots.
+        slots = cache.slots if isinstance(cache, SlotView) else positions
         for g in self.layout.groups:
             if len(g) == 1:
                 x = model.layers[g[0]](x, step)
             else:
-                x = self._group(x, g, step, cache, positions)
+                x = self._group(x, g, step, cache, slots)
         return model.logits(x)[0]
 
-    def _group(self, h0: Tensor, g: tuple[int, ...], step, cache: KVCache, positions: Tensor) -> Tensor:
+    def _group(self, h0: Tensor, g: tuple[int, ...], step, cache: KVCache | SlotView, slots: Tensor) -> Tensor:
         layers = self.model.layers
         seq, dim = h0.shape[1], h0.shape[2]
         kv = cache.keys[0].shape[0] * cache.keys[0].shape[2]  # Hkv * hd
@@ -159,8 +163,8 @@ class LayerParallelForward:
             update = block.attention(h0, step)
             if self.policy == "layer":
                 update = update + block.feed_forward(h0 + update)
-            keys = cache.keys[mine].index_select(1, positions).transpose(0, 1).reshape(seq, kv)
-            values = cache.values[mine].index_select(1, positions).transpose(0, 1).reshape(seq, kv)
+            keys = cache.keys[mine].index_select(1, slots).transpose(0, 1).reshape(seq, kv)
+            values = cache.values[mine].index_select(1, slots).transpose(0, 1).reshape(seq, kv)
             payload = torch.cat((update[0], keys, values), dim=-1)
         gathered = comm.all_gather(payload, self.group)  # [N, T, D + 2kv]
         updates = []
@@ -169,7 +173,7 @@ class LayerParallelForward:
             updates.append(update[None])
             if layer != mine:
                 shape = (seq, cache.keys[layer].shape[0], -1)
-                cache.write(layer, positions, keys.reshape(shape).transpose(0, 1),
+                cache.write(layer, slots, keys.reshape(shape).transpose(0, 1),
                             values.reshape(shape).transpose(0, 1))
         x = h0
         for layer, update in zip(g, updates, strict=True):
