@@ -6,6 +6,7 @@ import torch
 
 from easyspec.engine.worker import load_sharded
 from easyspec.model.checkpoint import load_model
+from easyspec.model.kv_cache import SlotView
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
 
 
@@ -20,12 +21,12 @@ def tp_logits(state, folder: str, tokens: list[int]):
     return full, tail
 
 
-def reference_fuzzy(model, layout: LayerLayout, tokens, positions, cache, kv_len):
+def reference_fuzzy(model, layout: LayerLayout, tokens, positions, cache, kv_len, mask=None):
     """The formulas of method.md, written out serially: attention of a group's layers
     all read the group's entry state h0; their outputs are added in layer order,
     each followed by that layer's MLP."""
     x = model.embed_tokens(tokens[None])
-    step = model.step_inputs(positions, cache, kv_len)
+    step = model.step_inputs(positions, cache, kv_len, mask)
     for group in layout.groups:
         h0 = x
         updates = [model.layers[i].attention(h0, step) for i in group]
@@ -63,4 +64,38 @@ def layer_parallel_vs_reference(state, folder: str, groups: str, policy: str):
         "ref_keys": [k[:, :11] for k in ref_cache.keys],
         "calibrated_keys": [k[:, :11] for k in ours_cache.keys],
         "exact_keys": [k[:, :11] for k in exact_cache.keys],
+    }
+
+
+def tree_levels_fuzzy_vs_reference(state, folder: str, groups: str):
+    """Two tree levels through the layer-parallel forward (slots apart from positions, a tree
+    mask) and through the serial formulas. The root sits at slot 7; level 1 holds two children
+    at position 8 in slots 8 and 9, level 2 one child of each at position 9 in slots 10 and 11."""
+    model = load_model(folder)
+    layout = LayerLayout.parse(groups, model.config.num_layers, state.world_size)
+    fuzzy = LayerParallelForward(model, layout, state.rank, state.world_size, state.group)
+    prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    levels = [  # tokens, positions, slots, the tree slots each query sees
+        ([5, 3], [8, 8], [8, 9], [[7, 8], [7, 9]]),
+        ([2, 7], [9, 9], [10, 11], [[7, 9, 10], [7, 8, 11]]),
+    ]
+    with torch.no_grad():
+        ours_cache, ref_cache = model.allocate_cache(64), model.allocate_cache(64)
+        for cache in (ours_cache, ref_cache):
+            model(prompt[:7], torch.arange(7), cache, 64)
+            model(prompt[7:], torch.tensor([7]), cache, 64)
+        ours, ref = [], []
+        for tokens, positions, slots, seen in levels:
+            mask = torch.zeros(2, 64, dtype=torch.bool)  # [T, L]
+            mask[:, :7] = True
+            for row, visible in enumerate(seen):
+                mask[row, visible] = True
+            tokens, positions, slots = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
+            ours.append(fuzzy(tokens, positions, SlotView(ours_cache, slots), 64, mask))
+            ref.append(reference_fuzzy(model, layout, tokens, positions, SlotView(ref_cache, slots), 64, mask))
+    return {
+        "ours": torch.cat(ours),
+        "ref": torch.cat(ref),
+        "ours_keys": [k[:, :12] for k in ours_cache.keys],
+        "ref_keys": [k[:, :12] for k in ref_cache.keys],
     }

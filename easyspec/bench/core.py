@@ -54,10 +54,26 @@ class MethodResult:
         return statistics.fmean(s[key] for s in self.stats) if self.stats else 0.0
 
 
+def split_tree_suffix(item: str) -> tuple[str, dict]:
+    """'sd-tp1:tree=4x5' -> ('sd-tp1', {'tree_width': 4, 'tree_depth': 5}); without the suffix, (item, {})."""
+    head, sep, shape = item.rpartition(":tree=")
+    if not sep:
+        return item, {}
+    try:
+        width, depth = (int(v) for v in shape.split("x"))
+    except ValueError:
+        raise ValueError(f"bench method {item!r}: write a tree as tree=WxD, e.g. sd-tp1:tree=4x5") from None
+    if head not in ("sd-tp1", "sd-tpN") and not head.startswith("easyspec"):
+        raise ValueError(f"bench method {item!r}: tree=WxD applies to sd-tp1, sd-tpN and easyspec rows")
+    return head, {"tree_width": width, "tree_depth": depth}
+
+
 def parse_methods(text: str, devices: int) -> list[MethodSpec]:
-    """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf."""
+    """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf;
+    sd and easyspec rows take a `:tree=WxD` suffix (tree drafting, W nodes per level, depth D)."""
     specs = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
+        item, tree = split_tree_suffix(item)
         if item == "vanilla":
             specs.append(MethodSpec("vanilla", {"method": "vanilla"}))
         elif item == "ngram":
@@ -81,6 +97,10 @@ def parse_methods(text: str, devices: int) -> list[MethodSpec]:
         else:
             raise ValueError(f"unknown bench method {item!r}; use vanilla, sd-tp1, sd-tpN, ngram, "
                              "easyspec[:policy[:calibration[:N]]], hf")
+        if tree:
+            spec = specs[-1]
+            specs[-1] = MethodSpec(f"{spec.label} tree {tree['tree_width']}x{tree['tree_depth']}",
+                                   {**spec.changes, **tree})
     return specs
 
 

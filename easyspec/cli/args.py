@@ -8,6 +8,7 @@ from easyspec.engine.options import (
     CALIBRATION_POLICIES,
     DEFAULT_MODEL_DIR,
     METHODS,
+    TREE_SAMPLING,
     EngineOptions,
 )
 from easyspec.parallel.layer_parallel import POLICIES
@@ -34,6 +35,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (k)")
     s.add_argument("--adaptive-draft", action="store_true", help="grow k after full acceptance, shrink after a miss")
     s.add_argument("--max-draft", type=int, default=8, help="largest k of the adaptive schedule")
+    s.add_argument("--tree-width", type=int, default=1,
+                   help="sd/easyspec: draft a tree of this many nodes per level (1 = a chain)")
+    s.add_argument("--tree-depth", type=int, help="draft tokens along each path of the tree (default: --num-draft)")
+    s.add_argument("--tree-sampling", default=TREE_SAMPLING[0], choices=TREE_SAMPLING,
+                   help="temperature > 0: how a tree node's children are drawn from the draft distribution")
     s.add_argument("--draft-tp", type=int, default=1, help="sd: 1 = draft on one device, N = sharded over all")
     s.add_argument("--layer-parallel", type=int, help="easyspec: drafting devices (default: --devices)")
     s.add_argument("--keep-first", type=int, default=1, help="easyspec: leading draft layers kept sequential")
@@ -74,6 +80,9 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         num_draft=args.num_draft,
         adaptive_draft=args.adaptive_draft,
         max_draft=args.max_draft,
+        tree_width=args.tree_width,
+        tree_depth=args.tree_depth,
+        tree_sampling=args.tree_sampling,
         draft_tp=args.draft_tp,
         layer_parallel=args.layer_parallel or args.devices,
         keep_first=args.keep_first,

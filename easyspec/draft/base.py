@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from easyspec.engine.stats import StageTimer
-from easyspec.verify.types import Proposal, Verdict
+from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 
 class Drafter(ABC):
@@ -21,8 +21,9 @@ class Drafter(ABC):
         """Begin a request: the prompt and the token the base model sampled after it."""
 
     @abstractmethod
-    def propose(self, k: int, timer: StageTimer) -> Proposal:
-        """Up to k draft tokens following everything committed so far."""
+    def propose(self, k: int, timer: StageTimer) -> Proposal | TreeProposal:
+        """Up to k draft tokens following everything committed so far (a tree drafter
+        returns a tree of its own fixed shape instead)."""
 
     @abstractmethod
     def observe(self, verdict: Verdict) -> None:

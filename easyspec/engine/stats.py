@@ -1,7 +1,8 @@
 """Speculative-decoding metrics with vLLM's definitions, and per-stage timers.
 
 - rounds: verification steps (plain decoding: one per generated token).
-- drafted / accepted: draft tokens proposed / kept by verification.
+- drafted / accepted: draft tokens proposed / kept by verification (a tree
+  counts its depth as drafted: the most one round can accept).
 - mean_accepted_length = 1 + accepted / rounds (the bonus or recovered token
   counted; 1.00 for plain decoding).
 - acceptance_rate = accepted / drafted.

@@ -6,6 +6,10 @@ cancellation) and broadcasts that decision, so all ranks agree on every token
 and on when to stop. The loop per round is
     propose (drafting ranks) -> score (base forward, all ranks) -> verify (rank 0)
     -> broadcast decision -> observe (all ranks).
+With --tree-width > 1 the proposal is a tree (easyspec.verify.tree): its
+tokens and parents go to any rank that does not draft, the base scores it in
+one forward with a tree mask, and every rank then moves the accepted path's
+base KV into place.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor
 from easyspec.draft.base import Drafter
 from easyspec.draft.model import ModelDrafter
 from easyspec.draft.ngram import NgramDrafter
+from easyspec.draft.tree import TreeDrafter
 from easyspec.engine.options import EngineOptions, OptionsError
 from easyspec.engine.runner import ModelRunner
 from easyspec.engine.stats import SpecStats, StageTimer
@@ -35,7 +40,15 @@ from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import shard_model
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
 from easyspec.verify.sampling import SamplingParams, process_logits, sample
-from easyspec.verify.types import Proposal, Verdict
+from easyspec.verify.tree import (
+    ancestors,
+    path_moves,
+    tree_depths,
+    tree_mask,
+    verify_tree_greedy,
+    verify_tree_stochastic,
+)
+from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 FINISH_REASONS = (None, "stop", "length", "cancelled")
 
@@ -72,9 +85,14 @@ class Worker:
                 f"--max-context {options.max_context} exceeds the base model's "
                 f"max_position_embeddings ({self.base_config.max_position_embeddings}); lower it"
             )
+        if options.tree_width > self.base_config.vocab_size:
+            raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
+                               f"({self.base_config.vocab_size} tokens); lower it")
         tp = state.world_size > 1
+        # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
+        self.scratch = max(64, options.draft_room)
         self.base = ModelRunner(load_sharded(options.model, dtype, state, tp), options.max_context,
-                                options.cuda_graphs)
+                                options.cuda_graphs, scratch=self.scratch)
         self.eos = set(self.base_config.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token:
             eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)
@@ -84,7 +102,10 @@ class Worker:
         if options.p2p_collectives and state.device.type == "cuda":
             self._enable_p2p(dtype)
         self.draft_runner = self._load_draft(dtype) if state.rank in self.drafting_ranks else None
-        self.k = options.num_draft
+        self.k = options.depth
+        # Tree order: the root then W nodes per depth; positions are root + depth, slots root + index.
+        self.tree_depths = tree_depths(options.tree_width, options.depth, state.device)  # [1 + N]
+        self.tree_order = torch.arange(self.tree_depths.shape[0], device=state.device)  # [1 + N]
 
     def _drafting_ranks(self) -> tuple[int, ...]:
         opts, world = self.options, self.state.world_size
@@ -112,14 +133,14 @@ class Worker:
         check_pair(self.base_config, draft_cfg, opts)
         if opts.method == "sd":
             model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1)
-            return ModelRunner(model, opts.max_context, opts.cuda_graphs)
+            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=self.scratch)
         model = load_sharded(opts.draft, dtype, state, tp=False)
         ranks = self.drafting_ranks
         layout = (LayerLayout.parse(opts.groups, draft_cfg.num_layers, len(ranks)) if opts.groups
                   else LayerLayout.build(draft_cfg.num_layers, len(ranks), opts.keep_first, opts.keep_last))
         fuzzy = LayerParallelForward(model, layout, state.rank, len(ranks), state.subgroup(ranks),
                                      opts.parallel_policy)
-        return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={"fuzzy": fuzzy})
+        return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={"fuzzy": fuzzy}, scratch=self.scratch)
 
     def _make_drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
         opts = self.options
@@ -128,6 +149,9 @@ class Worker:
         if self.draft_runner is None:
             return None
         gen = torch.Generator(self.state.device).manual_seed(seed + 1)
+        if opts.tree:
+            return TreeDrafter(self.draft_runner, params, gen, opts.tree_width, opts.depth,
+                               fuzzy=opts.method == "easyspec", replacement=opts.tree_sampling == "with-replacement")
         return ModelDrafter(self.draft_runner, params, gen, opts.k_max, fuzzy=opts.method == "easyspec",
                             calibrate=opts.calibrate)
 
@@ -138,11 +162,11 @@ class Worker:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise OptionsError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        needed = len(prompt_ids) + params.max_new_tokens + self.options.k_max + 1
+        needed = len(prompt_ids) + params.max_new_tokens + self.options.draft_room
         if needed > self.options.max_context:
             raise OptionsError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) + draft room "
-                f"({self.options.k_max + 1}) exceeds --max-context {self.options.max_context}; "
+                f"({self.options.draft_room}) exceeds --max-context {self.options.max_context}; "
                 "shorten the prompt, lower max_new_tokens or raise --max-context"
             )
 
@@ -179,7 +203,7 @@ class Worker:
         seed = self._agree_seed(params.seed)
         generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
         text = StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None
-        self.k = self.options.num_draft
+        self.k = self.options.depth
         begin = time.perf_counter()
 
         with timer.stage("prefill"):
@@ -200,6 +224,9 @@ class Worker:
                 decision = self._decide(picked, 0, params, stats, text)
                 stats.rounds += 1
                 position += 1
+            elif self.options.tree:
+                decision = self._tree_round(drafter, last, position, params, generator, stats, text, timer)
+                position += len(decision.tokens)
             else:
                 proposal = self._propose(drafter, timer)
                 with timer.stage("verify"):
@@ -236,6 +263,45 @@ class Worker:
             comm.broadcast(proposal.tokens, 0, self.state.group)
         return proposal
 
+    def _tree_round(self, drafter: Drafter | None, last: Tensor, position: int, params: SamplingParams,
+                    generator: torch.Generator | None, stats: SpecStats, text: StopText | None,
+                    timer: StageTimer) -> Decision:
+        """Draft a tree, score it in one base forward, decide, and move the accepted path's base KV
+        to consecutive slots after the root (`position`, where `last` [1] sits)."""
+        depth = self.options.depth
+        tree = self._propose_tree(drafter, timer)
+        with timer.stage("verify"):
+            end = position + 1 + tree.num_tokens
+            mask = tree_mask(ancestors(tree.parents, tree.width), position, self.base.kv_len_for(end))
+            logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
+                                              position + self.tree_order, mask)  # [1 + N, V]
+            verdict = None
+            if self.state.is_driver:
+                verdict = (verify_tree_greedy(tree, logits) if params.greedy
+                           else verify_tree_stochastic(tree, process_logits(logits, params), generator))
+        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
+                                params, stats, text, verdict.nodes if verdict else ())
+        stats.record_round(depth, decision.accepted)
+        if not decision.finished:
+            src, dst = path_moves(decision.nodes, position, depth)
+            self.base.move_kv(torch.tensor(src, device=last.device), torch.tensor(dst, device=last.device))
+            if drafter is not None:
+                drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
+        return decision
+
+    def _propose_tree(self, drafter: Drafter | None, timer: StageTimer) -> TreeProposal:
+        """A tree from the drafting ranks; ranks that don't draft get its tokens and parents."""
+        n, device = self.options.tree_width * self.options.depth, self.state.device
+        tree = drafter.propose(self.k, timer) if drafter is not None else None
+        if len(self.drafting_ranks) < self.state.world_size:
+            packed = (torch.cat((tree.tokens, tree.parents)) if tree is not None
+                      else torch.empty(2 * n, dtype=torch.long, device=device))  # [2N]
+            comm.broadcast(packed, 0, self.state.group)
+            if tree is None:
+                tree = TreeProposal(packed[:n], packed[n:], torch.ones(n, dtype=torch.bool, device=device),
+                                    self.options.tree_width)
+        return tree
+
     def _verify(self, proposal: Proposal, logits: Tensor, params: SamplingParams,
                 generator: torch.Generator | None) -> Verdict | None:
         if not self.state.is_driver:
@@ -255,9 +321,11 @@ class Worker:
             self.k = max(self.k - 1, 1)
 
     def _decide(self, candidates: list[int], accepted: int, params: SamplingParams,
-                stats: SpecStats, text: StopText | None) -> Decision:
+                stats: SpecStats, text: StopText | None, nodes: tuple[int, ...] = ()) -> Decision:
         """Rank 0 applies EOS / length / stop strings / cancellation to the candidate
-        tokens and broadcasts the result; every rank returns the same Decision."""
+        tokens and broadcasts the result; every rank returns the same Decision.
+        `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV."""
+        k_max = self.options.k_max
         if self.state.is_driver:
             tokens, reason = [], 0
             budget = params.max_new_tokens - stats.generated
@@ -275,15 +343,17 @@ class Worker:
                 tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
             if reason == 0 and self._cancel:
                 reason = FINISH_REASONS.index("cancelled")
-            message = [len(tokens), accepted, reason, *tokens]
+            # [count, accepted, reason, nodes padded to k_max, tokens]
+            message = [len(tokens), accepted, reason, *nodes, *[0] * (k_max - len(nodes)), *tokens]
         if self.state.distributed:
-            box = torch.zeros(3 + self.options.k_max + 1, dtype=torch.long)
+            box = torch.zeros(3 + 2 * k_max + 1, dtype=torch.long)
             if self.state.is_driver:
                 box[: len(message)] = torch.tensor(message)
             box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
             message = box.tolist()
         count, accepted, reason = message[:3]
-        decision = Decision(message[3 : 3 + count], accepted, FINISH_REASONS[reason])
+        nodes = tuple(message[3 : 3 + accepted]) if self.options.tree else ()
+        decision = Decision(message[3 + k_max : 3 + k_max + count], accepted, FINISH_REASONS[reason], nodes)
         stats.generated += count
         return decision
 
@@ -298,6 +368,7 @@ class Decision:
     tokens: list[int]
     accepted: int
     reason: str | None
+    nodes: tuple[int, ...] = ()  # trees: the accepted nodes, root side first
 
     @property
     def finished(self) -> bool:

@@ -117,7 +117,7 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
 
 def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
     options = engine.options
-    room = options.max_context - len(prompt_ids) - options.k_max - 1
+    room = options.max_context - len(prompt_ids) - options.draft_room
     max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, room))
     try:
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["Proposal", "Verdict"]
+__all__ = ["Proposal", "TreeProposal", "TreeVerdict", "Verdict"]
 
 
 # eq=False: comparing tensors field-wise has no single boolean answer.
@@ -34,6 +34,42 @@ class Proposal:
     @property
     def num_tokens(self) -> int:
         return self.tokens.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class TreeProposal:
+    """A drafted tree for one sequence; easyspec.verify.tree describes its layout.
+
+    Nodes are stored level by level, W per level: node n sits at depth
+    1 + n // W. "Tree order" numbers the root (the last committed token) 0 and
+    node n as n + 1; parents and the rows of probs use it.
+    """
+
+    tokens: Tensor  # long [N], N = W * D
+    parents: Tensor  # long [N]: tree-order index of each node's parent, on the level above
+    valid: Tensor  # bool [N]: False marks padding, which is never accepted
+    width: int  # W
+    probs: Tensor | None = None  # float32 [1 + (D - 1) * W, V]: row t is q of tree-order node t; None: greedy
+    replacement: bool = False  # children were drawn from q with replacement (else without)
+
+    def __post_init__(self) -> None:
+        n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
+        if n < 1 or self.width < 1 or n % self.width:
+            raise ValueError(f"TreeProposal.tokens must be [W * D] with W={self.width}, got {tuple(self.tokens.shape)}")
+        for name in ("parents", "valid"):
+            if tuple(getattr(self, name).shape) != (n,):
+                raise ValueError(f"TreeProposal.{name} must be [{n}], got {tuple(getattr(self, name).shape)}")
+        rows = 1 + n - self.width
+        if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != rows):
+            raise ValueError(f"TreeProposal.probs must be [{rows}, V], got {tuple(self.probs.shape)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def depth(self) -> int:
+        return self.tokens.shape[0] // self.width
 
 
 @dataclass(frozen=True)
@@ -68,3 +104,17 @@ class Verdict:
     def rejected(self) -> int:
         """Number of draft tokens thrown away (their KV entries must be rolled back)."""
         return self.num_drafted - self.accepted
+
+
+@dataclass(frozen=True)
+class TreeVerdict(Verdict):
+    """A Verdict on a tree: ``num_drafted`` is its depth (the most a round can
+    accept) and ``nodes`` the accepted nodes' indices (0-based, level by level,
+    as in TreeProposal.tokens) from the root's child down."""
+
+    nodes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.nodes) != self.accepted:
+            raise ValueError(f"TreeVerdict needs accepted = {self.accepted} nodes, got {len(self.nodes)}")
