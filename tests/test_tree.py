@@ -75,7 +75,7 @@ def test_ancestors_and_mask_match_brute_force(width: int, depth: int) -> None:
 
 def test_tree_depths_and_path_moves() -> None:
     assert tree_depths(2, 3).tolist() == [0, 1, 1, 2, 2, 3, 3]
-    # Accepted nodes 1 (depth 1) and 2 (depth 2): slots 11 and 12 move to 11 and 12... after root 10.
+    # Root at slot 10, accepted nodes 1 (slot 12) and 2 (slot 13) move to 11 and 12; depth 3 stays put.
     assert path_moves((1, 2), 10, 3) == ([12, 13, 13], [11, 12, 13])
     assert path_moves((), 10, 2) == ([11, 12], [11, 12])
 
