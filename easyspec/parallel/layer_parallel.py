@@ -13,7 +13,8 @@ runs as follows on drafting rank r:
       h = h0 + d_0 + ... + d_{n-1} (ablation: the paper found it loses accuracy)
   attention+tp-mlp: attention as above; each MLP of the group is then split
       over the N ranks (rows of gate/up, columns of down) with one all-reduce per
-      MLP, so the ranks share the MLP bytes instead of all reading all of them.
+      MLP, so the ranks share the MLP bytes instead of all reading all of them;
+      the LM head is split by vocabulary the same way (one all-gather).
 
 Every rank ends a group with the same h, so no broadcast is needed.
 """
@@ -31,6 +32,7 @@ from easyspec.model import kernels
 from easyspec.model.kv_cache import KVCache, SlotView
 from easyspec.model.transformer import Block, Transformer
 from easyspec.parallel import comm
+from easyspec.parallel.tp import VocabParallelHead
 
 POLICIES = ("attention", "layer", "attention+tp-mlp")
 
@@ -135,6 +137,14 @@ class LayerParallelForward:
             for g in layout.groups:
                 if len(g) > 1:
                     self.sharded_mlps.update({i: _ShardedMLP(model.layers[i], rank, size) for i in g})
+        # tp-mlp also splits the LM head (the largest single read of a small draft) by vocabulary.
+        self.head: VocabParallelHead | None = None
+        vocab = model.config.vocab_size
+        if policy == "attention+tp-mlp" and size > 1 and vocab % size == 0:
+            part = vocab // size
+            with torch.device("meta"):
+                self.head = VocabParallelHead(model.config.hidden_size, part, group)
+            self.head.weight = nn.Parameter(model.lm_head.weight[rank * part : (rank + 1) * part], requires_grad=False)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView, kv_len: int,
                  mask: Tensor | None = None) -> Tensor:
@@ -149,7 +159,9 @@ class LayerParallelForward:
                 x = model.layers[g[0]](x, step)
             else:
                 x = self._group(x, g, step, cache, slots)
-        return model.logits(x)[0]
+        if self.head is None:
+            return model.logits(x)[0]
+        return self.head(model.norm(x))[0].float()
 
     def _group(self, h0: Tensor, g: tuple[int, ...], step, cache: KVCache | SlotView, slots: Tensor) -> Tensor:
         layers = self.model.layers
