@@ -49,9 +49,17 @@ def load_acceptance(path: str) -> dict[str, dict]:
             for i, count in enumerate(counts):
                 per_position[i] += count
         table[row["label"]] = {"rounds": rounds, "accepted": sum(s["accepted"] for s in stats),
-                               "accepted_per_position": per_position, "num_draft": row["options"]["num_draft"],
+                               "accepted_per_position": per_position, "num_draft": drafted_per_round(options),
                                "source": path}
     return table
+
+
+def drafted_per_round(options: dict) -> int:
+    """Draft positions per round: k for a chain, the depth for a tree (the first levels of a deeper
+    tree of the same width are the whole shallower tree, so per-depth acceptance carries over)."""
+    if options.get("tree_width", 1) > 1:
+        return options.get("tree_depth") or options["num_draft"]
+    return options["num_draft"]
 
 
 def accepted_length(k: int, source: dict) -> float | None:
@@ -83,7 +91,7 @@ def project(results: list[MethodResult], acceptance: dict[str, dict]) -> tuple[l
     for r in results[1:]:
         if r.options.get("method") not in PROJECTED_METHODS:
             continue
-        k = r.options["num_draft"]
+        k = drafted_per_round(r.options)
         source = acceptance.get(r.label)
         length = accepted_length(k, source) if source and not r.options.get("adaptive_draft") else None
         if length is None:

@@ -18,8 +18,9 @@ from easyspec.parallel.layer_parallel import POLICIES, LayerLayout
 
 # Knob -> short name in row labels.
 SHORT = {"layer_parallel": "N", "num_draft": "k", "groups": "groups", "calibrate": "calibrate",
-         "parallel_policy": "policy", "keep_first": "keep_first", "keep_last": "keep_last"}
-_INT_MIN = {"layer_parallel": 1, "num_draft": 1, "keep_first": 0, "keep_last": 0}
+         "parallel_policy": "policy", "keep_first": "keep_first", "keep_last": "keep_last",
+         "tree_width": "W", "tree_depth": "D"}
+_INT_MIN = {"layer_parallel": 1, "num_draft": 1, "keep_first": 0, "keep_last": 0, "tree_width": 1, "tree_depth": 1}
 _CHOICES = {"calibrate": CALIBRATION_POLICIES, "parallel_policy": POLICIES}
 _GROUPS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
