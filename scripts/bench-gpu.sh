@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite behind BENCHMARKS.md, for a 2-GPU H100 machine with no network.
+# The GPU benchmark suite behind BENCHMARKS.md, for a 2-GPU H100/H200 machine with no network.
 #
-#   scripts/bench-gpu.sh train   # train the demo pair on both GPUs (~5 min; the repo bundles its result)
-#   scripts/bench-gpu.sh demo    # the bundled demo pair end to end, then 8B/1B random-weight shapes (~10 min)
-#   scripts/bench-gpu.sh shapes  # random-weight real shapes alone: per-stage latency only
+#   scripts/bench-gpu.sh pair    # train the benchmark pair on both GPUs, then every method end to end on it (~9 min)
+#   scripts/bench-gpu.sh steps   # step latency per stage at real shapes, random weights, TP=1/2, HF eager (~4 min)
+#   scripts/bench-gpu.sh full    # pair, then steps (~13 min: two device calls of under 10 minutes each)
+#   scripts/bench-gpu.sh demo    # the bundled demo pair end to end, float32 (~3 min)
+#   scripts/bench-gpu.sh train   # retrain the bundled demo pair (~5 min)
 #
-# Results (markdown tables, bench.json, bench.png, the trained pair as a tarball) go to $OUT.
+# Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -14,8 +16,8 @@ out="${OUT:-out}"
 work="${WORK:-/tmp/easyspec}"
 mkdir -p "$out" "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
-bench() { python3 -m easyspec bench --device cuda "$@"; }
-
+# End-to-end rows: every method on the same prompts (trees once per drafter kind).
+E2E_METHODS="${METHODS:-vanilla,sd-tp1,sd-tpN,ngram,easyspec,easyspec:attention+tp-mlp,easyspec:attention:never,sd-tp1:tree=4x4,easyspec:attention:every-round:2:tree=4x4}"
 case "${1:-demo}" in
 train)
     # The demo pair: base and draft trained at once, one per GPU; packed in pieces small enough to fetch.
@@ -32,19 +34,36 @@ demo)
         --methods vanilla,sd-tp1,sd-tpN,ngram,easyspec,easyspec:attention+tp-mlp,easyspec:attention:on-mismatch,easyspec:layer \
         2>"$out/demo-bench.log" | tee "$out/demo.md"
     tail -n 5 "$out/demo-bench.log"
-    "$0" shapes
     ;;
-shapes)
+pair)
+    # The benchmark pair (287M base, 56M draft), base and draft trained at once, one per GPU.
+    start=$SECONDS
+    timeout 330 python3 -m easyspec.zoo train-pair --pair bench --out "$work/bench" --minutes "${MINUTES:-2.5}" \
+        --devices cuda:0,cuda:1 --site-packages 2>&1 | tail -n 12
+    cp "$work/bench/pair.json" "$out/bench-pair.json" 2>/dev/null
+    echo "trained in $((SECONDS - start)) s"
+    timeout $((570 - (SECONDS - start))) python3 -m easyspec bench --device cuda --devices 2 --model "$work/bench/base" \
+        --draft "$work/bench/draft" --prompts "$work/bench/prompts.jsonl" --num-prompts "${PROMPTS:-8}" \
+        --max-new-tokens 128 --repeats 1 --dtype bfloat16 --quiet --methods "$E2E_METHODS" \
+        --title "benchmark pair, 2 GPUs, bfloat16, greedy" --out "$out/pair" 2>"$out/pair-bench.log" | tee "$out/pair.md"
+    tail -n 3 "$out/pair-bench.log"
+    ;;
+steps)
     # Random weights at real shapes: latency per stage only; acceptance means nothing here.
-    common=(--dtype bfloat16 --num-prompts 2 --prompt-len 512 --max-new-tokens 64 --repeats 2 --max-context 2048)
-    timeout 250 python3 -m easyspec bench --device cuda --devices 2 --preset llama-3.1-8b --draft-preset llama-3.2-1b \
-        "${common[@]}" --methods vanilla,sd-tp1,sd-tpN,easyspec,easyspec:attention+tp-mlp \
-        --title "8B base / 1B draft, 2 GPUs" --out "$out/shapes2" --workdir "$work" \
-        2>"$out/shapes2.log" | tee "$out/shapes2.md"
-    tail -n 3 "$out/shapes2.log"
+    timeout 200 python3 -m easyspec bench-steps --devices 2 --preset llama-3.1-8b --draft-preset llama-3.2-1b \
+        --contexts 512,4096 --out "$out/steps-8b-1b.json" 2>"$out/steps.log" | tee "$out/steps-8b-1b.md"
+    for preset in llama-3.2-1b qwen2.5-32b; do
+        timeout 90 python3 -m easyspec bench-steps --devices 2 --preset $preset --draft-preset none --no-hf \
+            --contexts 512 --out "$out/steps-$preset.json" 2>>"$out/steps.log" | tee "$out/steps-$preset.md"
+    done
+    tail -n 3 "$out/steps.log"
+    ;;
+full)
+    "$0" pair
+    "$0" steps
     ;;
 *)
-    echo "usage: scripts/bench-gpu.sh train|demo|shapes" >&2
+    echo "usage: scripts/bench-gpu.sh pair|steps|full|demo|train" >&2
     exit 2
     ;;
 esac
