@@ -189,6 +189,9 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
         # TP=1: rank 0 drafts alone, the others wait, as in sd with the draft on one GPU.
         if rank == 0:
             rec.add(f"{name} step TP=1", ctx, time_ms(_step(seq_runner, 1, ctx), cfg.iters))
+            # The exact forward that opens each round (catch-up or calibration) feeds k+1 tokens.
+            rec.add(f"{name} opening forward {cfg.num_draft + 1} tokens TP=1", ctx,
+                    time_ms(_step(seq_runner, cfg.num_draft + 1, ctx), cfg.iters))
         rec.barrier()
     del seq_runner
     if n == 1:
