@@ -211,3 +211,24 @@ def test_bench_goes_on_without_transformers(pair_dir, tmp_path, monkeypatch, cap
     note = "hf transformers (1 device): not run, transformers is not installed (pip install transformers)"
     assert note in out.splitlines()
     assert json.loads((tmp_path / "bench.json").read_text())["not_run"] == [note]
+
+
+def test_bench_steps_needs_cuda_devices_and_tables_rank0_rows():
+    from easyspec.bench.steps import markdown
+
+    if not __import__("torch").cuda.is_available():
+        out = subprocess.run([sys.executable, "-m", "easyspec", "bench-steps", "--devices", "2"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines() == ["error: bench-steps needs 2 CUDA device(s); this machine has 0"]
+    rows = [
+        {"what": "base m decode TP=2", "context": 512, "ms": 2.0, "floor_ms": 1.5, "floor_pct": 75.0, "rank": 0},
+        {"what": "base m decode TP=1", "context": 512, "ms": 3.0, "floor_ms": 2.7, "floor_pct": 90.0, "rank": 0},
+        {"what": "draft d step TP=1", "context": 512, "ms": 1.2, "rank": 0},
+        {"what": "draft d step layer-parallel N=2 attention", "context": 512, "ms": 1.0, "rank": 0},
+        {"what": "draft d step layer-parallel N=2 attention", "context": 512, "ms": 9.0, "rank": 1},
+    ]
+    table = markdown(rows).splitlines()
+    assert len(table) == 2 + 4  # rank 1's row stays in the JSON only
+    assert table[2] == "| base m decode TP=2 | 512 | 2.000 | 75.0% | 1.50x |"
+    assert table[5] == "| draft d step layer-parallel N=2 attention | 512 | 1.000 |  | 1.20x |"

@@ -65,10 +65,11 @@ class StepBenchConfig:
 def random_model(cfg: ModelConfig, state: ParallelState, tp: bool, dtype: torch.dtype, seed: int) -> Transformer:
     """A model of this shape with random weights on the device, sharded over all ranks when tp is set."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)  # the dtype first: to_empty allocates what the meta tensors say
     if tp:
         shard_model(model, state.rank, state.world_size, state.group)
-    model = model.to_empty(device=state.device).to(dtype)
+        model.to(dtype)
+    model = model.to_empty(device=state.device)
     gen = torch.Generator(state.device).manual_seed(seed + state.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
