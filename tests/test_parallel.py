@@ -128,3 +128,25 @@ def test_killed_worker_ends_run_with_error(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.search(r"rank 1 .*(exited|failed)", lines[0]), err
     assert not _children(proc.pid)
+
+
+def test_four_processes_tp4_and_layer_parallel_3_and_4(pair_dir):
+    """The paper's setting has more than two GPUs: base TP=4 with drafts at TP=4 and layer-parallel N=3 and 4."""
+    folder = Path(pair_dir) / "base8"
+    draft = Path(pair_dir) / "draft8"
+    if not folder.exists():
+        make_hf_checkpoint("llama3", folder, seed=13, num_attention_heads=8, num_key_value_heads=4,
+                           num_hidden_layers=2, initializer_range=0.3)
+        make_hf_checkpoint("llama3", draft, seed=14, num_attention_heads=8, num_key_value_heads=4,
+                           num_hidden_layers=6, initializer_range=0.3)
+    prompt = [5, 9, 4, 4, 7, 1, 2]
+    with Engine(EngineOptions(model=str(folder))) as engine:
+        expected = [t for c in engine.generate(prompt) for t in c.token_ids]
+    for changes in (
+        dict(method="sd", draft_tp=4, tree_width=2, tree_depth=3),
+        dict(method="easyspec", layer_parallel=4, parallel_policy="attention+tp-mlp"),
+        dict(method="easyspec", layer_parallel=3, calibrate="on-mismatch"),
+    ):
+        opts = EngineOptions(model=str(folder), draft=str(draft), devices=4, **changes)
+        with Engine(opts) as engine:
+            assert [t for c in engine.generate(prompt) for t in c.token_ids] == expected, changes
