@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_cases import GREEDY, PROMPTS, run
 
 from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.model.checkpoint import load_model
-
-PROMPTS = [[1, 2, 3], [5, 9, 4, 4, 7, 1, 2], [100, 3, 27, 27, 27, 8]]
-GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
-
-
-def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY):
-    ids, chunk = [], None
-    for chunk in engine.generate(prompt, params):
-        ids += chunk.token_ids
-    return ids, chunk.stats
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def test_acceptance_tracks_draft_quality(pair_dir):
     for name in ("base", "near", "far"):
         opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / name), method="sd")
         with Engine(opts) as engine:
-            rates[name] = run(engine, PROMPTS[1])[1].acceptance_rate
+            rates[name] = run(engine, PROMPTS[1])[1].stats.acceptance_rate
     assert rates["base"] == 1.0
     assert rates["near"] > rates["far"]
 
@@ -88,7 +79,8 @@ def test_sampling_is_seeded_and_stops(pair_dir):
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_new_tokens=16, ignore_eos=True)
     opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "near"), method="sd")
     with Engine(opts) as engine:
-        first, stats = run(engine, PROMPTS[0], params)
+        first, last = run(engine, PROMPTS[0], params)
+        stats = last.stats
         second, _ = run(engine, PROMPTS[0], params)
     assert first == second and len(first) == 16 and stats.drafted > 0
 
@@ -109,7 +101,8 @@ def test_kv_rollback_equals_fresh_prefill(pair_dir):
     opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "far"), method="sd", num_draft=3)
     with Engine(opts) as engine:
         prompt = PROMPTS[1]
-        ids, stats = run(engine, prompt)
+        ids, chunk = run(engine, prompt)
+        stats = chunk.stats
         assert stats.accepted < stats.drafted  # some drafts were rejected and rolled back
         fed = prompt + ids[:-1]  # the newest token has not been through either model yet
         worker = engine.worker

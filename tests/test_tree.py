@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from dist_utils import run_ranks
+from engine_cases import PROMPTS, run
 from parallel_cases import tree_levels_fuzzy_vs_reference
 
 from easyspec import Engine, EngineOptions, SamplingParams
@@ -276,16 +277,6 @@ def test_layer_parallel_tree_levels_match_reference(pair_dir):
 
 # ---------------------------------------------------------------- engine
 
-PROMPTS = [[1, 2, 3], [5, 9, 4, 4, 7, 1, 2], [100, 3, 27, 27, 27, 8]]
-GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
-
-
-def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY):
-    """(generated ids, the last chunk)."""
-    ids, chunk = [], None
-    for chunk in engine.generate(prompt, params):
-        ids += chunk.token_ids
-    return ids, chunk
 
 
 def options(pair_dir, **config) -> EngineOptions:

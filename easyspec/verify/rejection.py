@@ -39,10 +39,11 @@ from easyspec.verify.types import Proposal, Verdict
 __all__ = ["verify_greedy", "verify_stochastic"]
 
 
-def _check_target(proposal: Proposal, target: Tensor, name: str) -> None:
+def check_target(proposal: Proposal, target: Tensor, name: str) -> None:
+    """target: one row per draft token (chain or tree) plus one, over the draft's vocabulary."""
     k = proposal.num_tokens
     if target.dim() != 2 or target.shape[0] != k + 1:
-        raise ValueError(f"{name} must be [k + 1, V] with k={k}, got shape {tuple(target.shape)}")
+        raise ValueError(f"{name} must be [k + 1, V] with k={k} draft tokens, got shape {tuple(target.shape)}")
     if proposal.probs is not None and proposal.probs.shape[-1] != target.shape[-1]:
         raise ValueError(f"draft vocab {proposal.probs.shape[-1]} != target vocab {target.shape[-1]} in {name}")
 
@@ -66,7 +67,7 @@ def verify_greedy(proposal: Proposal, target_logits: Tensor) -> Verdict:
     target_logits [k + 1, V] (logits or probabilities; only the argmax is
     used). With an empty draft this reduces to plain greedy decoding.
     """
-    _check_target(proposal, target_logits, "target_logits")
+    check_target(proposal, target_logits, "target_logits")
     k = proposal.num_tokens
     device = target_logits.device
     draft = proposal.tokens.to(device=device, dtype=torch.long)  # [k]
@@ -102,7 +103,7 @@ def verify_stochastic(proposal: Proposal, target_probs: Tensor, generator: torch
     exponentials from ``generator`` (which must live on target_probs' device),
     whatever the outcome, so the generator advances in a fixed pattern.
     """
-    _check_target(proposal, target_probs, "target_probs")
+    check_target(proposal, target_probs, "target_probs")
     k = proposal.num_tokens
     device = target_probs.device
     p = target_probs.to(torch.float32)  # [k + 1, V]

@@ -75,6 +75,7 @@ import math
 import torch
 from torch import Tensor
 
+from easyspec.verify.rejection import check_target
 from easyspec.verify.sampling import sample
 from easyspec.verify.types import TreeProposal, TreeVerdict
 
@@ -186,20 +187,12 @@ def path_moves(nodes: list[int] | tuple[int, ...], root_slot: int, depth: int) -
     return src, dst
 
 
-def _check_target(proposal: TreeProposal, target: Tensor, name: str) -> None:
-    n = proposal.num_tokens
-    if target.dim() != 2 or target.shape[0] != n + 1:
-        raise ValueError(f"{name} must be [1 + N, V] with N={n}, got shape {tuple(target.shape)}")
-    if proposal.probs is not None and proposal.probs.shape[-1] != target.shape[-1]:
-        raise ValueError(f"draft vocab {proposal.probs.shape[-1]} != target vocab {target.shape[-1]} in {name}")
-
-
 def verify_tree_greedy(proposal: TreeProposal, target_logits: Tensor) -> TreeVerdict:
     """The deepest path whose tokens all equal the base argmax, plus the argmax after it.
 
     target_logits: [1 + N, V] in tree order (row 0 at the root). One host transfer.
     """
-    _check_target(proposal, target_logits, "target_logits")
+    check_target(proposal, target_logits, "target_logits")
     width, depth = proposal.width, proposal.depth
     device = target_logits.device
     tokens = proposal.tokens.to(device)  # [N]
@@ -268,7 +261,7 @@ def verify_tree_stochastic(proposal: TreeProposal, target_probs: Tensor,
     exponentials from ``generator`` (on target_probs' device) whatever the
     outcome, so the generator advances in a fixed pattern.
     """
-    _check_target(proposal, target_probs, "target_probs")
+    check_target(proposal, target_probs, "target_probs")
     if proposal.probs is None:
         raise ValueError("stochastic tree verification needs the draft distributions (TreeProposal.probs)")
     width, depth, n = proposal.width, proposal.depth, proposal.num_tokens
