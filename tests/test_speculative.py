@@ -38,7 +38,8 @@ def test_one_process_greedy_equals_plain(pair_dir, reference, config):
         config["draft"] = str(pair_dir / config["draft"])
     with Engine(EngineOptions(model=str(pair_dir / "base"), **config)) as engine:
         for prompt, expected in zip(PROMPTS, reference, strict=True):
-            ids, stats = run(engine, prompt)
+            ids, chunk = run(engine, prompt)
+            stats = chunk.stats
             assert ids == expected
             assert stats.rounds > 0 and stats.generated == len(ids)
             assert stats.mean_accepted_length == pytest.approx(1 + stats.accepted / stats.rounds)
