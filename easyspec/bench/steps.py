@@ -24,6 +24,7 @@ transformers is installed (the reference we must beat by far).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -45,7 +46,7 @@ from easyspec.parallel import comm
 from easyspec.parallel.launch import free_port, set_rendezvous
 from easyspec.parallel.layer_parallel import POLICIES, LayerLayout, LayerParallelForward, _ShardedMLP
 from easyspec.parallel.state import ParallelState, init_parallel, shutdown_parallel
-from easyspec.parallel.tp import shard_model
+from easyspec.parallel.tp import TPError, check_divisible, shard_model
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def random_model(cfg: ModelConfig, state: ParallelState, tp: bool, dtype: torch.
         shard_model(model, state.rank, state.world_size, state.group)
         model.to(dtype)
     model = model.to_empty(device=state.device)
-    gen = torch.Generator(state.device).manual_seed(seed + state.rank)
+    # Shards differ per rank; a replicated model is the same on every rank, as in the engine.
+    gen = torch.Generator(state.device).manual_seed(seed + (state.rank if tp else 0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -81,8 +83,10 @@ def random_model(cfg: ModelConfig, state: ParallelState, tp: bool, dtype: torch.
 
 
 def streamed_bytes(model: Transformer) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table (a lookup reads one row)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    """Weight bytes one decode step reads: everything but the embedding table (a lookup reads one
+    row); the LM head counts even where it shares the embedding's storage."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters(remove_duplicate=False)
+               if not n.startswith("embed"))
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -91,6 +95,12 @@ def copy_bandwidth(device: torch.device) -> float:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), iters=20)
     return 2 * src.numel() / (ms / 1e3)
+
+
+def free_memory() -> None:
+    """Return freed models' memory to the device before the next one is built."""
+    gc.collect()  # runners and graphs hold reference cycles; `del` alone frees nothing yet
+    torch.cuda.empty_cache()
 
 
 def time_ms(fn: Callable[[], object], iters: int) -> float:
@@ -158,7 +168,7 @@ def _measure(cfg: StepBenchConfig, state: ParallelState) -> list[dict]:
         ms = time_ms(_step(base_runner, cfg.num_draft + 1, ctx), cfg.iters)
         rec.add(f"base {cfg.base} verify {cfg.num_draft + 1} tokens TP={n}", ctx, ms)
     del base_runner, base
-    torch.cuda.empty_cache()
+    free_memory()
     if n > 1:
         # The same base whole on one GPU (rank 0; the others wait): the TP=1 baseline of this run.
         if state.rank == 0:
@@ -170,7 +180,7 @@ def _measure(cfg: StepBenchConfig, state: ParallelState) -> list[dict]:
                 rec.add(f"base {cfg.base} decode TP=1", ctx, ms, floor_ms=round(floor_one, 4),
                         floor_pct=round(100 * floor_one / ms, 1))
             del runner, whole
-            torch.cuda.empty_cache()
+            free_memory()
         rec.barrier()
     if cfg.draft:
         _measure_draft(cfg, state, rec, max_len)
@@ -198,11 +208,17 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
     if n == 1:
         _measure_parts(cfg, state, rec, whole, name)
         return
-    sharded = random_model(draft_cfg, state, tp=True, dtype=cfg.dtype, seed=1)
-    tp_runner = ModelRunner(sharded, max_len, use_graphs=True)
-    for ctx in cfg.contexts:
-        rec.add(f"{name} step TP={n}", ctx, time_ms(_step(tp_runner, 1, ctx), cfg.iters))
-    del tp_runner, sharded
+    try:
+        check_divisible(draft_cfg, n, "draft")
+    except TPError as err:
+        print(f"easyspec: no draft TP={n} row: {err}", file=sys.stderr)
+    else:
+        sharded = random_model(draft_cfg, state, tp=True, dtype=cfg.dtype, seed=1)
+        tp_runner = ModelRunner(sharded, max_len, use_graphs=True)
+        for ctx in cfg.contexts:
+            rec.add(f"{name} step TP={n}", ctx, time_ms(_step(tp_runner, 1, ctx), cfg.iters))
+        del tp_runner, sharded
+        free_memory()
     layout = LayerLayout.build(draft_cfg.num_layers, n, keep_first=1, keep_last=1)
     for policy in POLICIES:
         fuzzy = LayerParallelForward(whole, layout, rank, n, state.group, policy)
@@ -266,7 +282,8 @@ def _measure_hf(base_cfg: ModelConfig, cfg: StepBenchConfig, state: ParallelStat
 
 
 def _worker(rank: int, cfg: StepBenchConfig, result_path: str) -> None:
-    state = init_parallel(rank, cfg.devices, "cuda")
+    # Ranks wait at barriers while rank 0 times the TP=1 and HF rows alone: allow minutes.
+    state = init_parallel(rank, cfg.devices, "cuda", timeout_s=900)
     kernels.use_fused(cfg.fused)
     if cfg.p2p:
         comm.enable_p2p(state.group, state.device, (cfg.dtype,))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from easyspec.model.kv_cache import KVCache, SlotView
+from easyspec.model.kv_cache import SlotView
 from easyspec.model.transformer import Transformer
 
 KV_BUCKET = 256
@@ -55,14 +55,12 @@ class ModelRunner:
         self.scratch = scratch
         self.device = model.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self.steps: dict[str, StepFn] = {"exact": self._exact, **(steps or {})}
+        # The model itself is the exact step (same call signature); a bound method here
+        # would make every runner a reference cycle that outlives `del`.
+        self.steps: dict[str, StepFn] = {"exact": model, **(steps or {})}
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._arange = torch.arange(max_len + scratch, device=self.device)
-
-    def _exact(self, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView, kv_len: int,
-               mask: Tensor | None = None) -> Tensor:
-        return self.model(tokens, positions, cache, kv_len, mask)
 
     def kv_len_for(self, end: int) -> int:
         """Cache slots to read when the highest slot written is end - 1."""

@@ -13,7 +13,8 @@ The query heads that share a KV head are handled by the same program (rows
 m = g * T + t for group member g and token t), so each cached key is read
 once. q is read and the output written in the model's own [T, H, hd] layout,
 so no transposes are needed around the call. The mask [G*T, L] says which
-cache slots each row may see (causal, padding and tree masks alike).
+cache slots each row may see (causal, padding and tree masks alike); every row
+must see at least one slot, as every caller's does (its own position).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ BLOCK_N = 64  # keys per inner iteration
 MAX_ROWS = 64  # query rows (group x tokens) per KV head this kernel takes
 
 
-def supported(q: Tensor, head_dim: int, rows: int) -> bool:
-    """Whether this kernel handles the call (else use PyTorch's attention)."""
+def supported(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, kv_len: int) -> bool:
+    """Whether this kernel handles the call (else use PyTorch's attention): few query rows,
+    a power-of-two head size, the cache's layout and a bool mask covering kv_len slots."""
+    tokens, heads, head_dim = q.shape
+    rows = tokens * (heads // keys.shape[0])
     return (triton is not None and q.is_cuda and rows <= MAX_ROWS and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0)
+            and head_dim & (head_dim - 1) == 0 and keys.stride() == values.stride() and keys.stride(2) == 1
+            and mask.dtype == torch.bool and mask.stride(1) == 1 and mask.shape[1] >= kv_len)
 
 
 if triton is not None:

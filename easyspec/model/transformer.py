@@ -195,7 +195,8 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions].to(dtype)
         if cache is None:
             return StepInputs(positions, cos, sin, None, None, 0)
-        kv_len = cache.max_len if kv_len is None else kv_len
+        if kv_len is None:
+            kv_len = cache.max_len if mask is None else mask.shape[1]
         if mask is None:
             slots = torch.arange(kv_len, device=positions.device)
             mask = slots[None, :] <= positions[:, None]  # [T, L]

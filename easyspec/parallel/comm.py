@@ -38,8 +38,11 @@ class _PeerBuffer:
             self.buffers[dtype] = buffer
 
     def fits(self, x: Tensor) -> bool:
+        """The kernel's own limits: a registered dtype, room in the buffer, 16-byte sizes and alignment."""
         buffer = self.buffers.get(x.dtype)
-        return buffer is not None and x.numel() <= buffer.numel()
+        size = x.numel() * x.element_size()
+        return (buffer is not None and x.numel() <= buffer.numel() and size % 16 == 0
+                and (x.storage_offset() * x.element_size()) % 16 == 0)
 
     def all_reduce(self, x: Tensor) -> Tensor:
         slot = self.buffers[x.dtype][: x.numel()].view(x.shape)
@@ -49,27 +52,46 @@ class _PeerBuffer:
 _peer: dict[str, _PeerBuffer] = {}
 
 
+# The one-shot kernel reduces these dtypes only.
+P2P_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def enable_p2p(group: ProcessGroup | None, device: torch.device, dtypes: tuple[torch.dtype, ...],
                max_bytes: int = 4 << 20) -> bool:
     """Set up the peer-to-peer path for `group` (collective: every member calls it).
 
-    Returns False, leaving NCCL in charge, where the device, the build or the
-    GPUs' connection doesn't allow it.
+    Every member reports whether its setup worked and the path is used only if all
+    of them succeeded: a member on NCCL while the others wait in the peer kernel
+    would hang. Returns False, leaving NCCL in charge, where the device, the torch
+    build or the GPUs' connection doesn't allow it.
     """
-    if group is None or device.type != "cuda" or group.group_name in _peer:
-        return group is not None and group.group_name in _peer
-    dtypes = tuple(d for d in dtypes if d.is_floating_point)
-    try:
-        _peer[group.group_name] = _PeerBuffer(group, device, dtypes, max_bytes)
-    except (RuntimeError, ImportError, AttributeError) as err:
-        print(f"easyspec: peer-to-peer all-reduce unavailable ({str(err).splitlines()[0]}); using NCCL",
-              file=sys.stderr)
+    if group is None or device.type != "cuda":
         return False
+    if group.group_name in _peer:
+        return True
+    dtypes = tuple(d for d in dtypes if d in P2P_DTYPES)
+    peer, reason = None, "no dtype it can reduce"
+    if dtypes and not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+        reason = "this torch has no symm_mem.one_shot_all_reduce_copy"
+    elif dtypes:
+        try:
+            peer = _PeerBuffer(group, device, dtypes, max_bytes)
+        except (RuntimeError, ImportError, AttributeError) as err:
+            reason = str(err).splitlines()[0]
+    agreed = torch.tensor([peer is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    if not agreed.item():
+        if dist.get_rank(group) == 0:
+            why = reason if peer is None else "not on every rank"
+            print(f"easyspec: peer-to-peer collectives unavailable ({why}); using NCCL", file=sys.stderr)
+        return False
+    _peer[group.group_name] = peer
     return True
 
 
 def all_reduce(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Sum `x` over the group; returns the sum (x itself, reduced in place, or a new tensor)."""
+    """Sum `x` over the group and return the sum. Use the returned tensor: it is x reduced in
+    place (NCCL) or a new tensor (peer-to-peer), and x may or may not have been changed."""
     if group is None:
         return x
     peer = _peer.get(group.group_name)
@@ -85,11 +107,12 @@ def all_gather(x: Tensor, group: ProcessGroup | None) -> Tensor:
         return x[None]
     size = dist.get_world_size(group)
     peer = _peer.get(group.group_name)
-    if peer is not None and x.dtype in peer.buffers and size * x.numel() <= peer.buffers[x.dtype].numel():
+    if peer is not None:
         # Adding zeros is exact, so the sum of the zero-padded stacks is the gathered stack.
         stack = x.new_zeros(size, *x.shape)
-        stack[peer.rank] = x
-        return peer.all_reduce(stack)
+        if peer.fits(stack):
+            stack[peer.rank] = x
+            return peer.all_reduce(stack)
     # Gathered flat (the layout every backend accepts), then viewed as a stack.
     out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
     _all_gather_flat(out, x.reshape(-1), group=group)
