@@ -232,3 +232,32 @@ def test_bench_steps_needs_cuda_devices_and_tables_rank0_rows():
     assert len(table) == 2 + 4  # rank 1's row stays in the JSON only
     assert table[2] == "| base m decode TP=2 | 512 | 2.000 | 75.0% | 1.50x |"
     assert table[5] == "| draft d step layer-parallel N=2 attention | 512 | 1.000 |  | 1.20x |"
+
+
+def test_projection_from_bench_steps_rows():
+    from easyspec.bench.project import project_steps
+
+    def r(what: str, ms: float, rank: int = 0) -> dict:
+        return {"what": what, "context": 512, "ms": ms, "rank": rank}
+
+    rows = [r("base b decode TP=2", 3.0), r("base b verify 5 tokens TP=2", 3.2),
+            r("draft d step TP=1", 1.0), r("draft d opening forward 5 tokens TP=1", 1.1),
+            r("draft d step TP=2", 0.9), r("draft d opening forward 5 tokens TP=2", 1.0),
+            r("draft d step layer-parallel N=2 attention+tp-mlp", 0.8), r("draft d step TP=1", 9.0, rank=1)]
+    acceptance = {label: {"rounds": 10, "accepted": 20, "accepted_per_position": [8, 6, 4, 2], "num_draft": 4}
+                  for label in ("sd draft TP=1", "easyspec N=2 attention+tp-mlp every-round")}
+    out, missing = project_steps(rows, acceptance, 4)
+    by_label = {row["label"]: row for row in out}
+    assert set(by_label) == {"vanilla TP=2 @512", "sd draft TP=1 @512",
+                             "easyspec N=2 attention+tp-mlp every-round @512"}
+    sd = by_label["sd draft TP=1 @512"]
+    # A round: opening 1.1 + 3 steps x 1.0 + verify 3.2 = 7.3 ms for 1 + 20/10 = 3 tokens.
+    assert sd["round_ms"] == pytest.approx(7.3) and sd["speedup"] == pytest.approx(3.0 * 3 / 7.3)
+    easy = by_label["easyspec N=2 attention+tp-mlp every-round @512"]
+    assert easy["round_ms"] == pytest.approx(1.1 + 3 * 0.8 + 3.2)
+    # k=2 from the per-position counts: 1 + (8 + 6) / 10 tokens per round.
+    two, _ = project_steps([*rows, r("base b verify 3 tokens TP=2", 3.1), r("draft d opening forward 3 tokens TP=1",
+                                                                           1.05)], acceptance, 2)
+    assert {row["label"]: row for row in two}["sd draft TP=1 @512"]["mean_accepted_length"] == pytest.approx(2.4)
+    assert missing == ["sd draft TP=2 @512: not projected (no acceptance row of that label with k >= 4 "
+                       "or no opening-forward row)"]

@@ -121,3 +121,43 @@ def projected_table(rows: list[dict], source: str) -> str:
                      f"| {p['verify_ms']:.2f} | {p['mean_accepted_length']:.2f} | {p['tokens_per_s']:.1f} "
                      f"| {p['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def project_steps(rows: list[dict], acceptance: dict[str, dict], k: int) -> tuple[list[dict], list[str]]:
+    """The same projection from `easyspec bench-steps` rows (rank 0's): a round is the draft's opening
+    forward of k+1 tokens, k-1 draft steps and one verification of k+1 tokens, per context length."""
+    mine = {(r["what"], r["context"]): r["ms"] for r in rows if r["rank"] == 0}
+    base = next((w.split(" ")[1], w.rsplit("TP=", 1)[1]) for w, _ in mine if w.startswith("base ") and " decode " in w)
+    draft = next((w.split(" ")[1] for w, _ in mine if w.startswith("draft ") and w.endswith(" step TP=1")), None)
+    if draft is None:
+        raise ValueError("--acceptance-from needs a bench-steps run with a draft (--draft-preset)")
+    name, n = base
+    # Drafting variant in bench-steps -> (bench row label whose acceptance applies, opening forward's TP).
+    variants = {"step TP=1": ("sd draft TP=1", "1"), f"step TP={n}": (f"sd draft TP={n}", n)}
+    for policy in ("attention", "attention+tp-mlp", "layer"):
+        variants[f"step layer-parallel N={n} {policy}"] = (f"easyspec N={n} {policy} every-round", "1")
+    out, missing = [], []
+    for ctx in sorted({c for _, c in mine if c}):
+        vanilla = mine.get((f"base {name} decode TP={n}", ctx))
+        verify = mine.get((f"base {name} verify {k + 1} tokens TP={n}", ctx))
+        if vanilla is None or verify is None:
+            missing.append(f"context {ctx}: no base decode/verify rows for k={k}")
+            continue
+        out.append({"label": f"vanilla TP={n} @{ctx}", "k": 0, "draft_ms": 0.0, "calibrate_ms": 0.0,
+                    "verify_ms": vanilla, "round_ms": vanilla, "mean_accepted_length": 1.0,
+                    "tokens_per_s": 1000 / vanilla, "speedup": 1.0})
+        for variant, (label, opening_tp) in variants.items():
+            step = mine.get((f"draft {draft} {variant}", ctx))
+            opening = mine.get((f"draft {draft} opening forward {k + 1} tokens TP={opening_tp}", ctx))
+            source = acceptance.get(label)
+            length = accepted_length(k, source) if source else None
+            if step is None or opening is None or length is None:
+                if step is not None:
+                    missing.append(f"{label} @{ctx}: not projected (no acceptance row of that label with k >= {k}"
+                                   " or no opening-forward row)")
+                continue
+            round_ms = opening + (k - 1) * step + verify
+            out.append({"label": f"{label} @{ctx}", "k": k, "draft_ms": (k - 1) * step, "calibrate_ms": opening,
+                        "verify_ms": verify, "round_ms": round_ms, "mean_accepted_length": length,
+                        "tokens_per_s": 1000 * length / round_ms, "speedup": vanilla * length / round_ms})
+    return out, missing

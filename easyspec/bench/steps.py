@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from easyspec.bench.project import load_acceptance, project_steps, projected_table
 from easyspec.engine.runner import KV_BUCKET, ModelRunner
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
@@ -217,6 +218,8 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
         tp_runner = ModelRunner(sharded, max_len, use_graphs=True)
         for ctx in cfg.contexts:
             rec.add(f"{name} step TP={n}", ctx, time_ms(_step(tp_runner, 1, ctx), cfg.iters))
+            rec.add(f"{name} opening forward {cfg.num_draft + 1} tokens TP={n}", ctx,
+                    time_ms(_step(tp_runner, cfg.num_draft + 1, ctx), cfg.iters))
         del tp_runner, sharded
         free_memory()
     layout = LayerLayout.build(draft_cfg.num_layers, n, keep_first=1, keep_last=1)
@@ -346,6 +349,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-p2p-collectives", action="store_true", help="every collective through NCCL")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (one GPU)")
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--acceptance-from", metavar="BENCH_JSON",
+                   help="an end-to-end bench.json on a trained pair: also print speedups projected from these "
+                        "latencies and its measured acceptance (labelled projected)")
     p.set_defaults(func=cmd_bench_steps)
 
 
@@ -365,6 +371,7 @@ def cmd_bench_steps(args: argparse.Namespace) -> int:
         p2p=not args.no_p2p_collectives,
         hf=not args.no_hf,
     )
+    acceptance = load_acceptance(args.acceptance_from) if args.acceptance_from else None
     rows = run_step_bench(cfg)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -373,4 +380,9 @@ def cmd_bench_steps(args: argparse.Namespace) -> int:
     print(f"\n## bench-steps: {cfg.base} base, {cfg.draft} draft, {cfg.devices} x {torch.cuda.get_device_name(0)}, "
           f"fused={cfg.fused}, p2p={cfg.p2p}\n")
     print(markdown(rows))
+    if acceptance is not None:
+        projected, missing = project_steps(rows, acceptance, cfg.num_draft)
+        print("\n" + projected_table(projected, args.acceptance_from))
+        for line in missing:
+            print(f"- {line}")
     return 0
