@@ -67,6 +67,8 @@ full)
     # Measured parts on 2 H200s: steps ~70 s, training ~200 s, nine end-to-end methods ~270 s.
     "$0" steps-main
     DEADLINE=$((570 - SECONDS)) "$0" pair
+    # Projected, not measured: the step latencies with the pair's measured acceptance.
+    python3 -m easyspec.bench.project "$out/steps-8b-1b.json" "$out/pair/bench.json" | tee "$out/projected.md"
     ;;
 *)
     echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train" >&2

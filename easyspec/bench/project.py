@@ -161,3 +161,23 @@ def project_steps(rows: list[dict], acceptance: dict[str, dict], k: int) -> tupl
                         "verify_ms": verify, "round_ms": round_ms, "mean_accepted_length": length,
                         "tokens_per_s": 1000 * length / round_ms, "speedup": vanilla * length / round_ms})
     return out, missing
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m easyspec.bench.project STEPS_JSON BENCH_JSON`: the projection from saved runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m easyspec.bench.project", description=main.__doc__)
+    p.add_argument("steps", help="the JSON that `easyspec bench-steps --out` wrote")
+    p.add_argument("acceptance", help="an end-to-end bench.json on a trained pair")
+    p.add_argument("--num-draft", type=int, default=4, help="k of the projected rounds")
+    args = p.parse_args(argv)
+    rows = json.loads(Path(args.steps).read_text())["rows"]
+    projected, missing = project_steps(rows, load_acceptance(args.acceptance), args.num_draft)
+    print(projected_table(projected, args.acceptance))
+    for line in missing:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
