@@ -261,3 +261,18 @@ def test_projection_from_bench_steps_rows():
     assert {row["label"]: row for row in two}["sd draft TP=1 @512"]["mean_accepted_length"] == pytest.approx(2.4)
     assert missing == ["sd draft TP=2 @512: not projected (no acceptance row of that label with k >= 4 "
                        "or no opening-forward row)"]
+
+
+def test_projection_from_saved_runs_on_the_command_line(tmp_path):
+    steps = tmp_path / "steps.json"
+    steps.write_text(json.dumps({"rows": [
+        {"what": w, "context": 512, "ms": ms, "rank": 0}
+        for w, ms in (("base b decode TP=2", 3.0), ("base b verify 5 tokens TP=2", 3.2), ("draft d step TP=1", 1.0),
+                      ("draft d opening forward 5 tokens TP=1", 1.1))]}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"meta": {}, "results": [
+        {"label": "sd draft TP=1", "options": {"method": "sd", "num_draft": 4}, "stats": [_stats(60, 0, 0, 0, 20,
+                                                                                           [8, 6, 4, 2])]}]}))
+    out = subprocess.run([sys.executable, "-m", "easyspec.bench.project", str(steps), str(bench)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Projected, not measured" in out and "| sd draft TP=1 @512 | 4 |" in out
