@@ -104,21 +104,25 @@ def parse_methods(text: str, devices: int) -> list[MethodSpec]:
     return specs
 
 
+@torch.no_grad()
+def fill_random_weights(model: Transformer, generator: torch.Generator) -> None:
+    """Weights of a real model's scale: norms 1, everything else N(0, 0.02). Timing only."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=generator)
+
+
 def random_checkpoint(preset: str, folder: Path, dtype: str, device: str, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of a real model shape (timing only: its outputs mean nothing)."""
     if (folder / "config.json").exists():
         return folder
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(PRESETS[preset]).to(parse_dtype(dtype))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    fill_random_weights(model, torch.Generator(device).manual_seed(seed))
     save_checkpoint(model, folder, max_shard_bytes=4 << 30)
     del model
     return folder

@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from easyspec.bench.core import fill_random_weights
 from easyspec.bench.project import load_acceptance, project_steps, projected_table
-from easyspec.engine.runner import KV_BUCKET, ModelRunner
+from easyspec.engine.runner import KV_BUCKET, ModelRunner, capture_graph
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.model.config import PRESETS, ModelConfig
@@ -73,13 +74,7 @@ def random_model(cfg: ModelConfig, state: ParallelState, tp: bool, dtype: torch.
         model.to(dtype)
     model = model.to_empty(device=state.device)
     # Shards differ per rank; a replicated model is the same on every rank, as in the engine.
-    gen = torch.Generator(state.device).manual_seed(seed + (state.rank if tp else 0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    fill_random_weights(model, torch.Generator(state.device).manual_seed(seed + (state.rank if tp else 0)))
     return model.eval()
 
 
@@ -122,16 +117,7 @@ def time_ms(fn: Callable[[], object], iters: int) -> float:
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """Capture fn (static inputs) in a CUDA graph; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn)[0].replay
 
 
 class _Recorder:

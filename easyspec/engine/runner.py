@@ -31,6 +31,21 @@ KV_BUCKET = 256
 StepFn = Callable[..., Tensor]
 
 
+def capture_graph(fn: Callable[[], object], pool: object = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture fn() (over static inputs) in a CUDA graph after two warm-up runs on a side
+    stream (they compile kernels and settle allocations); returns the graph and fn's output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[Tensor, ...], out: Tensor | None) -> None:
         self.graph, self.inputs, self.out = graph, inputs, out
@@ -148,15 +163,7 @@ class ModelRunner:
 
     def _capture(self, key: tuple, fn: Callable[..., Tensor | None], inputs: tuple[Tensor, ...]) -> _Graph:
         """Capture fn over `inputs`, buffers whose values make the warm-up touch only scratch slots."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = fn(*inputs)
+        graph, out = capture_graph(lambda: fn(*inputs), self._pool)
         captured = _Graph(graph, inputs, out)
         self._graphs[key] = captured
         return captured

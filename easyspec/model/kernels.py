@@ -100,7 +100,3 @@ def use_fused(enabled: bool) -> None:
                          ("silu_mul", silu_mul_reference)):
             _fused[name] = torch.compile(fn, dynamic=True)
     rms_norm, rotary, silu_mul = _fused["rms_norm"], _fused["rotary"], _fused["silu_mul"]
-
-
-def fused_enabled() -> bool:
-    return rms_norm is not rms_norm_reference
