@@ -23,8 +23,21 @@ def test_bench_smoke(pair_dir, tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["vanilla", "sd draft TP=1", "ngram",
                                                         "easyspec N=2 attention every-round"]
     assert all(r.rstrip(" |").endswith("2/2") for r in rows), "greedy outputs must equal vanilla's"
-    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    results = payload["results"]
     assert results[1]["stats"][0]["rounds"] > 0
+    # Achieved bandwidth of plain decoding: float32 weights but the embedding (tied head counts), split over 2.
+    cfg = json.loads((pair_dir / "base" / "config.json").read_text())
+    hidden, inter, layers, vocab = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                     "vocab_size"))
+    head_dim = hidden // cfg["num_attention_heads"]
+    q, kv = hidden, cfg["num_key_value_heads"] * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    streamed = layers * per_layer + hidden + vocab * hidden
+    bw = payload["vanilla_bandwidth"]
+    assert bw["weight_mb_per_gpu"] == pytest.approx(streamed * 4 / 2 / 1e6)
+    assert bw["gb_per_s_per_gpu"] == pytest.approx(bw["weight_mb_per_gpu"] / bw["step_ms"])
+    assert any(line.startswith("vanilla: ") and "GB/s per GPU" in line for line in table)
 
 
 def test_bench_rejects_unknown_method(pair_dir):

@@ -61,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from easyspec.bench.hf import LABEL as HF_LABEL
     from easyspec.bench.hf import transformers_missing
     from easyspec.bench.progress import Progress
-    from easyspec.bench.project import NOTE, load_acceptance, project, projected_table
+    from easyspec.bench.project import NOTE, load_acceptance, project, projected_table, stage_ms_per_round
     from easyspec.bench.sweep import best_line, parse_sweep, ranked, sweep_specs
 
     # Everything that only reads the command line or a file is checked before any checkpoint is written.
@@ -120,7 +120,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
     }
-    extra: dict = {"not_run": notes}
+    extra: dict = {"not_run": notes, "vanilla_bandwidth": _bandwidth(base.model, args.dtype, args.devices,
+                                                                     stage_ms_per_round(results[0].stats)["verify"])}
     if grid:
         extra["sweep"] = {"spec": args.sweep, "grid": grid, "ranking": [r.label for r in ranked(results)],
                           "best": best_line(results, {s.label for s in swept})}
@@ -134,6 +135,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if grid:
         print("Sorted by speedup:\n")
     print(markdown_table(ranked(results) if grid else results))
+    bw = extra["vanilla_bandwidth"]
+    print(f"\nvanilla: {bw['weight_mb_per_gpu']:.1f} MB of weights streamed per GPU per token in "
+          f"{bw['step_ms']:.3f} ms: {bw['gb_per_s_per_gpu']:.1f} GB/s per GPU")
     for line in notes:
         print(line)
     if len(set(results[0].categories)) > 1:
@@ -146,6 +150,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if grid:
         print("\n" + extra["sweep"]["best"])
     return 0
+
+
+def _bandwidth(model: str, dtype: str, devices: int, step_ms: float) -> dict:
+    """Achieved weight-streaming bandwidth of plain decoding: the bytes a decode step reads per GPU
+    (every weight but the embedding table, whose lookup reads one row; a tied LM head counts)."""
+    from easyspec.model.checkpoint import load_config, parse_dtype
+
+    cfg = load_config(model)
+    embeddings = cfg.vocab_size * cfg.hidden_size
+    streamed = cfg.num_parameters() - (0 if cfg.tie_word_embeddings else embeddings)
+    per_gpu = streamed * parse_dtype(dtype).itemsize / devices
+    return {"weight_mb_per_gpu": per_gpu / 1e6, "step_ms": step_ms,
+            "gb_per_s_per_gpu": per_gpu / 1e9 / (step_ms / 1e3) if step_ms > 0 else 0.0}
 
 
 def _device_name(device: str) -> str:
