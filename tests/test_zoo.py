@@ -250,6 +250,17 @@ def test_train_pair_end_to_end(tmp_path, monkeypatch) -> None:
     assert exit_info.value.code == 2
 
 
+def test_a_draft_that_follows_its_base_trains_the_base_step_count(tmp_path) -> None:
+    """A time budget sizes the base; the draft, trained at the same time in its own process,
+    takes the base's step count (and so its batches) rather than a budget of its own."""
+    tiny = PairSpec(name="tiny", vocab_size=384, corpus_max_bytes=3 << 20, tokenizer_max_chars=500_000,
+                    default_minutes=0.01, base=_tiny_spec("base", 384), draft=_tiny_spec("draft", 384),
+                    draft_follows_base=True)
+    summary = train_pair(tiny, tmp_path, ["cpu", "cpu"], seed=0, minutes=0.01)
+    assert summary["draft_steps"] == "the base's"
+    assert summary["draft"]["steps"] == summary["base"]["steps"] >= 1
+
+
 def test_cli_reports_user_mistakes_in_one_line(capsys) -> None:
     for argv in (["train-pair", "--pair", "nope", "--out", "x"],
                  ["train-pair", "--pair", "demo", "--out", "x", "--steps", "0"],

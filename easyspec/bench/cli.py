@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (spread reported)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed prompts per method first")
+    b.add_argument("--warmup", type=int,
+                   help="untimed prompts per method before the timed runs (default: every prompt once, so that "
+                        "one-time costs, a CUDA graph captured per context-length bucket or a kernel compiled "
+                        "for a new shape, stay out of the timings as they would in a server that has warmed up)")
     b.add_argument("--preset", help="random-weight base of a real shape (e.g. llama-3.1-8b): timing only")
     b.add_argument("--draft-preset", help="random-weight draft of a real shape (e.g. llama-3.2-1b)")
     b.add_argument("--workdir", default="/tmp/easyspec-bench", help="where preset checkpoints are written")
@@ -68,6 +71,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     specs = parse_methods(args.methods or ("vanilla" if args.sweep else DEFAULT_METHODS), args.devices)
     if not specs or specs[0].label != "vanilla":
         raise ValueError("--methods must start with vanilla (speedups are measured against it)")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup takes a number of prompts, 0 or more; got {args.warmup}")
     grid = parse_sweep(args.sweep) if args.sweep else None
     acceptance = load_acceptance(args.acceptance_from) if args.acceptance_from else None
     work = Path(args.workdir)
@@ -119,6 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "prompts": args.prompts or f"{args.num_prompts} random prompts of {args.prompt_len} ids",
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
+        "repeats": args.repeats,
+        "warmup_prompts": len(prompts) if args.warmup is None else min(args.warmup, len(prompts)),
     }
     extra: dict = {"not_run": notes, "vanilla_bandwidth": _bandwidth(base.model, args.dtype, args.devices,
                                                                      stage_ms_per_round(results[0].stats)["verify"])}

@@ -10,6 +10,7 @@ with vanilla's: exact match, or the first position where it diverges.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -136,7 +137,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
-               params: SamplingParams, repeats: int, warmup: int,
+               params: SamplingParams, repeats: int, warmup: int | None,
                progress: Callable[[str], None] | None = None) -> MethodResult:
     """Measure one method in a fresh process: every method starts from a clean device and
     process group, and a method that fails or hangs cannot take the others down.
@@ -177,7 +178,7 @@ def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
 
 
 def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
-             params: SamplingParams, repeats: int, warmup: int, report: Callable[[str], None]) -> MethodResult:
+             params: SamplingParams, repeats: int, warmup: int | None, report: Callable[[str], None]) -> MethodResult:
     if spec.changes["method"] == "hf":
         from easyspec.bench.hf import measure_hf
 
@@ -301,4 +302,14 @@ def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num
     if tokenizer is None:
         raise ValueError(f"{engine_options.model} has no tokenizer.json; bench with random prompts instead")
     rows = [(p.category, tokenizer.encode(p.turns[0])) for p in read_prompts(prompts_file)]
-    return rows[:num_prompts]
+    return spread_over_categories(rows, num_prompts)
+
+
+def spread_over_categories(rows: list[tuple[str, list[int]]], count: int) -> list[tuple[str, list[int]]]:
+    """The first `count` rows taken in turn from each category (file order within one), so that
+    a short run of a file sorted by category still covers every category."""
+    by_category: dict[str, list[tuple[str, list[int]]]] = {}
+    for row in rows:
+        by_category.setdefault(row[0], []).append(row)
+    interleaved = [row for turn in itertools.zip_longest(*by_category.values()) for row in turn if row is not None]
+    return interleaved[:count]

@@ -29,7 +29,7 @@ def transformers_missing() -> str | None:
 
 
 def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[str, list[int]]], params: SamplingParams,
-               repeats: int, warmup: int, report: Callable[[str], None]) -> None:
+               repeats: int, warmup: int | None, report: Callable[[str], None]) -> None:
     """Fill `result` with HF generate's tokens/s per prompt. HF gives no per-stage
     times, so the stats hold no stage keys and the table shows '-' there."""
     import transformers as tf

@@ -9,7 +9,9 @@ Output folder layout:
 With two devices the two models train at the same time, one spawned process
 each (naming the same device twice is allowed, but then they share it); with
 one device they train one after the other in this process. A time budget
-(--minutes) applies to each model.
+(--minutes) applies to each model, except in a pair whose draft follows its
+base: the base's budget is turned into a step count, and the draft trains for
+that many steps on the same batches (in parallel, it waits for the count).
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ class Job:
     record: dict[str, Any]  # command, corpus summary: copied into training.json
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Train and export one model; returns its training.json record."""
+def run_job(job: Job, step_count: Any = None) -> dict[str, Any]:
+    """Train and export one model; returns its training.json record.
+
+    step_count: a queue shared by the two processes of a pair whose draft
+    follows its base; the base puts its step count there, the draft takes it.
+    """
     name = f"{job.spec.role} {job.device}"
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -75,8 +81,14 @@ def run_job(job: Job) -> dict[str, Any]:
     cfg = job.spec.config
     log(name, f"{cfg.num_parameters() / 1e6:.2f}M parameters, {len(train):,} train tokens, "
         f"{len(val):,} held-out tokens")
+    steps, minutes, on_steps = job.steps, job.minutes, None
+    if step_count is not None and job.spec.role == "base":
+        on_steps = step_count.put
+    elif step_count is not None:
+        log(name, "waiting for the base's step count")
+        steps, minutes = step_count.get, None
     model, result = train_model(job.spec, train, val, job.device, job.seed, lambda m: log(name, m),
-                                steps=job.steps, minutes=job.minutes)
+                                steps=steps, minutes=minutes, on_steps=on_steps)
     record = {
         **job.record,
         "pair": job.pair,
@@ -172,17 +184,20 @@ def train_pair(pair: PairSpec, out: str | Path, devices: list[str], seed: int = 
                 str(out / spec.role), threads, record)
             for spec, device in ((pair.base, devices[0]), (pair.draft, devices[-1]))
         ]
+        follow = pair.draft_follows_base and steps is None
         if parallel:
-            _run_parallel(jobs)
+            _run_parallel(jobs, follow)
         else:
-            for job in jobs:
-                run_job(job)
+            base_record = run_job(jobs[0])
+            draft = jobs[1]
+            run_job(dataclasses.replace(draft, steps=base_record["steps"], minutes=None) if follow else draft)
     records = {role: json.loads((out / role / "training.json").read_text()) for role in ("base", "draft")}
     summary = {
         "pair": pair.name,
         "command": command,
         "seed": seed,
         "devices": devices,
+        "draft_steps": "the base's" if follow else "its own budget",
         "total_minutes": round((time.perf_counter() - started) / 60, 3),
         "corpus": corpus,
         **{role: {key: rec[key] for key in ("parameters", "steps", "tokens_seen", "final_train_loss",
@@ -193,9 +208,10 @@ def train_pair(pair: PairSpec, out: str | Path, devices: list[str], seed: int = 
     return summary
 
 
-def _run_parallel(jobs: list[Job]) -> None:
+def _run_parallel(jobs: list[Job], follow: bool) -> None:
     ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    procs = [ctx.Process(target=run_job, args=(job,), name=job.spec.role) for job in jobs]
+    step_count = ctx.SimpleQueue() if follow else None
+    procs = [ctx.Process(target=run_job, args=(job, step_count), name=job.spec.role) for job in jobs]
     for proc in procs:
         proc.start()
     running = list(procs)

@@ -261,9 +261,14 @@ def steps_for_budget(spec: ModelSpec, train: Tensor, val: Tensor, device: torch.
 
 
 def train_model(spec: ModelSpec, train: np.ndarray, val: np.ndarray, device: str, seed: int,
-                log: Log, steps: int | None = None, minutes: float | None = None
-                ) -> tuple[Transformer, TrainResult]:
-    """Train `spec` for `steps`, or for as many steps as fit in `minutes`."""
+                log: Log, steps: int | Callable[[], int] | None = None, minutes: float | None = None,
+                on_steps: Callable[[int], None] | None = None) -> tuple[Transformer, TrainResult]:
+    """Train `spec` for `steps`, or for as many steps as fit in `minutes`.
+
+    `steps` may be a function, called once the data is on the device (a step
+    count that another process is still working out); `on_steps` is told the
+    step count as soon as it is known, before training starts.
+    """
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps and minutes")
     dev = torch.device(device)
@@ -271,6 +276,10 @@ def train_model(spec: ModelSpec, train: np.ndarray, val: np.ndarray, device: str
     val_t = torch.from_numpy(val.astype(np.int32)).to(dev)  # [M]
     if steps is None:
         steps = steps_for_budget(spec, train_t, val_t, dev, minutes, seed, log)
+    elif callable(steps):
+        steps = steps()
+    if on_steps is not None:
+        on_steps(steps)
     return _run(spec, train_t, val_t, dev, steps, seed, log)
 
 
