@@ -65,6 +65,22 @@ def test_cli_greedy_matches_hf_generate(family_ckpt):
         assert key in result["stats"]
 
 
+def test_prefill_in_pieces_matches_full_forward(family_ckpt):
+    """A prompt of any length goes in power-of-two pieces (here 256 + 32 + 8 + 4, and a second
+    call continuing it by 5); each piece's last logits equal the full forward's."""
+    from easyspec.engine.runner import ModelRunner, prefill_pieces
+
+    _, folder, _ = family_ckpt
+    model = load_model(folder)
+    tokens = torch.randint(0, 128, (305,), generator=torch.Generator().manual_seed(2))
+    assert prefill_pieces(300) == [256, 32, 8, 4] and prefill_pieces(1100) == [512, 512, 64, 8, 4]
+    with torch.no_grad():
+        full = model(tokens, torch.arange(305))  # [305, V]
+    runner = ModelRunner(model, max_len=400, use_graphs=False)
+    torch.testing.assert_close(runner.prefill(tokens[:300]), full[299], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(runner.prefill(tokens[300:], start=300), full[304], atol=1e-4, rtol=1e-5)
+
+
 def test_sharded_checkpoint_roundtrip(tmp_path):
     folder = tmp_path / "src"
     make_hf_checkpoint("qwen2", folder, seed=4, **SPREAD)

@@ -12,7 +12,10 @@ into the captured input buffers and replay.
 Two kinds of forward: `forward` runs T consecutive positions with the causal
 mask; `forward_masked` takes explicit positions, the slots to write and a
 [T, L] mask, which is what tree drafting and verification need (tokens that
-share a position, each attending only to its own ancestors).
+share a position, each attending only to its own ancestors). `prefill` runs a
+prompt as pieces of power-of-two lengths, each a captured step too; their
+warm-up uses the piece's own inputs, since a piece may be longer than the
+scratch area.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from easyspec.model.kv_cache import SlotView
 from easyspec.model.transformer import Transformer
 
 KV_BUCKET = 256
+PREFILL_PIECE = 512  # the longest prompt piece run as one step (a power of two)
 
 # fn(tokens [T], positions [T], cache, kv_len, mask [T, kv_len] bool or None for causal) -> float32 logits [T, V]
 StepFn = Callable[..., Tensor]
@@ -169,13 +173,45 @@ class ModelRunner:
         return captured
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, start: int = 0, chunk: int = 512) -> Tensor:
-        """Run a prompt of any length eagerly in chunks; returns the last logits [V]."""
+    def prefill(self, tokens: Tensor, start: int = 0) -> Tensor:
+        """Run a prompt of any length, tokens: [T] long at positions start ..; returns the
+        last token's logits [V] (under CUDA graphs, a view of a graph's output buffer).
+
+        The prompt goes in pieces of power-of-two lengths, longest first, so that
+        every piece is a captured graph: run eagerly, a prompt launches every kernel
+        of every layer from Python, which on a small model costs far more than the
+        arithmetic. Each piece attends to the earlier ones through the cache and
+        returns logits for its last token only.
+        """
+        model = self.steps["exact"]
         logits = None
-        for begin in range(0, tokens.shape[0], chunk):
-            piece = tokens[begin : begin + chunk]
-            pos = start + begin
-            positions = self._arange[pos : pos + piece.shape[0]]
-            logits = self.model(piece, positions, self.cache, self.kv_len_for(pos + piece.shape[0]),
-                                last_only=True)
+        pos = start
+        for size in prefill_pieces(tokens.shape[0]):
+            piece = tokens[pos - start : pos - start + size]
+            positions = self._arange[pos : pos + size]
+            kv_len = self.kv_len_for(pos + size)
+
+            def step(tokens: Tensor, positions: Tensor, kv_len: int = kv_len) -> Tensor:
+                return model(tokens, positions, self.cache, kv_len, last_only=True)  # [1, V]
+
+            def warm(piece: Tensor = piece, positions: Tensor = positions) -> tuple[Tensor, ...]:
+                # The real inputs: the warm-up runs write the very KV entries this piece is about to write.
+                return piece.clone(), positions.clone()
+
+            logits = self._run(("prefill", size, kv_len), step, (piece, positions), warm)
+            pos += size
         return logits[-1]
+
+
+def prefill_pieces(length: int, largest: int = PREFILL_PIECE) -> list[int]:
+    """Power-of-two piece lengths that add up to `length`, longest first:
+    whole pieces of `largest`, then the binary digits of the rest (300 -> 256, 32, 8, 4)."""
+    pieces = [largest] * (length // largest)
+    rest = length % largest
+    bit = largest // 2
+    while rest:
+        if rest >= bit:
+            pieces.append(bit)
+            rest -= bit
+        bit //= 2
+    return pieces
