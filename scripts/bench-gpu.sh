@@ -64,11 +64,14 @@ steps)
     tail -n 3 "$out/steps.log"
     ;;
 full)
-    # Measured parts on 2 H200s: steps ~70 s, training ~200 s, nine end-to-end methods ~270 s.
+    # 550 s on 2 H100s: steps ~75 s, data and training ~175 s, eight end-to-end methods ~300 s.
     "$0" steps-main
     DEADLINE=$((570 - SECONDS)) "$0" pair
     # Projected, not measured: the step latencies with the pair's measured acceptance.
     python3 -m easyspec.bench.project "$out/steps-8b-1b.json" "$out/pair/bench.json" | tee "$out/projected.md"
+    # The device tool brings back at most 8 files: the printed tables and logs travel as one archive.
+    text="gpus.txt steps.log pair-bench.log steps-8b-1b.md pair.md projected.md"
+    (cd "$out" && tar -czf tables-and-logs.tgz $text && rm -f $text)
     ;;
 *)
     echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train" >&2
