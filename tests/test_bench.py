@@ -289,3 +289,15 @@ def test_projection_from_saved_runs_on_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "easyspec.bench.project", str(steps), str(bench)],
                          capture_output=True, text=True, check=True).stdout
     assert "Projected, not measured" in out and "| sd draft TP=1 @512 | 4 |" in out
+
+
+def test_spread_is_shown_only_for_repeated_runs_and_prompts_cover_categories():
+    from easyspec.bench.core import MethodResult, spread_over_categories
+
+    once, twice = MethodResult("once", {}), MethodResult("twice", {})
+    once.add_prompt("function", [100.0], [1, 2], {})
+    twice.add_prompt("function", [90.0, 110.0], [1, 2], {})
+    assert once.spread == [None] and once.spread_text() == "-"
+    assert twice.tokens_per_s == [100.0] and twice.spread_text() == "20.0%"
+    rows = [("function", [1]), ("function", [2]), ("class", [3]), ("test", [4]), ("test", [5])]
+    assert [ids[0] for _, ids in spread_over_categories(rows, 4)] == [1, 3, 4, 2]

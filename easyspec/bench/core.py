@@ -44,7 +44,7 @@ class MethodResult:
     label: str
     options: dict
     tokens_per_s: list[float] = field(default_factory=list)  # per prompt (mean over repeats)
-    spread: list[float] = field(default_factory=list)  # per prompt: (max - min) / mean over repeats
+    spread: list[float | None] = field(default_factory=list)  # per prompt: (max - min) / mean; None: one run
     outputs: list[list[int]] = field(default_factory=list)
     stats: list[dict] = field(default_factory=list)
     categories: list[str] = field(default_factory=list)
@@ -53,6 +53,20 @@ class MethodResult:
 
     def mean(self, key: str) -> float:
         return statistics.fmean(s[key] for s in self.stats) if self.stats else 0.0
+
+    def add_prompt(self, category: str, rates: list[float], output: list[int], stats: dict) -> None:
+        """One prompt's timed runs (tokens/s each), its last output and stats."""
+        mean_rate = statistics.fmean(rates)
+        self.tokens_per_s.append(mean_rate)
+        self.spread.append((max(rates) - min(rates)) / mean_rate if len(rates) > 1 and mean_rate else None)
+        self.outputs.append(output)
+        self.stats.append(stats)
+        self.categories.append(category)
+
+    def spread_text(self) -> str:
+        """The largest per-prompt spread as a percentage; '-' when no prompt was run twice."""
+        measured = [x for x in self.spread if x is not None]
+        return f"{100 * max(measured):.1f}%" if measured else "-"
 
 
 def split_tree_suffix(item: str) -> tuple[str, dict]:
@@ -205,12 +219,7 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
                 rates.append(len(output) / elapsed)
                 stats = chunk.stats.to_dict()
                 report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
-            mean_rate = statistics.fmean(rates)
-            result.tokens_per_s.append(mean_rate)
-            result.spread.append((max(rates) - min(rates)) / mean_rate if mean_rate else 0.0)
-            result.outputs.append(output)
-            result.stats.append(stats)
-            result.categories.append(category)
+            result.add_prompt(category, rates, output, stats)
     return result
 
 
@@ -236,7 +245,7 @@ def markdown_table(results: list[MethodResult]) -> str:
             f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
             f"| {r.mean('mean_accepted_length'):.2f} | {r.mean('acceptance_rate'):.2f} "
             f"| {per_tok['draft_s']} | {per_tok['calibrate_s']} | {per_tok['verify_s']} "
-            f"| {100 * max(r.spread):.1f}% | {equal}/{len(r.divergence)} |"
+            f"| {r.spread_text()} | {equal}/{len(r.divergence)} |"
         )
     return "\n".join(lines)
 

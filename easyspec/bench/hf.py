@@ -6,7 +6,6 @@ transformers is an optional dependency: without it the row is skipped with one l
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -68,11 +67,7 @@ def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[st
             output, elapsed = run(ids)
             rates.append(len(output) / elapsed)
             report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
-        mean_rate = statistics.fmean(rates)
-        result.tokens_per_s.append(mean_rate)
-        result.spread.append((max(rates) - min(rates)) / mean_rate if mean_rate else 0.0)
-        result.outputs.append(output)
         n = len(output)
-        result.stats.append({"rounds": n, "drafted": 0, "accepted": 0, "generated": n, "mean_accepted_length": 1.0,
-                             "acceptance_rate": 0.0, "total_s": elapsed, "tokens_per_s": n / elapsed})
-        result.categories.append(category)
+        result.add_prompt(category, rates, output,
+                          {"rounds": n, "drafted": 0, "accepted": 0, "generated": n, "mean_accepted_length": 1.0,
+                           "acceptance_rate": 0.0, "total_s": elapsed, "tokens_per_s": n / elapsed})

@@ -94,6 +94,5 @@ def ranked(results: list[MethodResult]) -> list[MethodResult]:
 def best_line(results: list[MethodResult], labels: set[str]) -> str:
     """The final line of a sweep: the fastest of the swept rows."""
     best = ranked([r for r in results if r.label in labels])[0]
-    spread = 100 * max(best.spread)
     return (f"best setting: {best.label} ({best.speedup:.2f}x vanilla, {statistics.fmean(best.tokens_per_s):.1f} "
-            f"tok/s, mean accepted length {best.mean('mean_accepted_length'):.2f}, spread {spread:.1f}%)")
+            f"tok/s, mean accepted length {best.mean('mean_accepted_length'):.2f}, spread {best.spread_text()})")
