@@ -79,6 +79,10 @@ def test_prefill_in_pieces_matches_full_forward(family_ckpt):
     runner = ModelRunner(model, max_len=400, use_graphs=False)
     torch.testing.assert_close(runner.prefill(tokens[:300]), full[299], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(runner.prefill(tokens[300:], start=300), full[304], atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one token"):
+        runner.prefill(tokens[:0])
+    with pytest.raises(ValueError, match="does not fit"):
+        runner.prefill(tokens[:200], start=300)
 
 
 def test_sharded_checkpoint_roundtrip(tmp_path):

@@ -6,6 +6,7 @@ checked against their size budgets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -259,6 +260,9 @@ def test_a_draft_that_follows_its_base_trains_the_base_step_count(tmp_path) -> N
     summary = train_pair(tiny, tmp_path, ["cpu", "cpu"], seed=0, minutes=0.01)
     assert summary["draft_steps"] == "the base's"
     assert summary["draft"]["steps"] == summary["base"]["steps"] >= 1
+    other_batch = ModelSpec("draft", tiny.draft.config, dataclasses.replace(tiny.draft.train, batch_size=4))
+    with pytest.raises(ValueError, match="batch_size and seq_len"):
+        dataclasses.replace(tiny, draft=other_batch)
 
 
 def test_cli_reports_user_mistakes_in_one_line(capsys) -> None:

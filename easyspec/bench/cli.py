@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (spread reported)")
     b.add_argument("--warmup", type=int,
                    help="untimed prompts per method before the timed runs (default: every prompt once, so that "
-                        "one-time costs, a CUDA graph captured per context-length bucket or a kernel compiled "
-                        "for a new shape, stay out of the timings as they would in a server that has warmed up)")
+                        "one-time costs, a CUDA graph captured per prompt piece and context bucket or a kernel "
+                        "compiled for a new shape, stay out of the timings; a server meets them on the first "
+                        "requests of each new length)")
     b.add_argument("--preset", help="random-weight base of a real shape (e.g. llama-3.1-8b): timing only")
     b.add_argument("--draft-preset", help="random-weight draft of a real shape (e.g. llama-3.2-1b)")
     b.add_argument("--workdir", default="/tmp/easyspec-bench", help="where preset checkpoints are written")

@@ -286,7 +286,8 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dic
         for r in results:
             gen = sum(s["generated"] for s in r.stats) or 1
             if key == "host":  # the loop, stop checks and broadcasts: whatever no stage timed
-                seconds = sum(s.get("total_s", 0.0) - sum(s.get(k, 0.0) for k in staged) for s in r.stats)
+                # (rows without stage timers, such as HF's, have no host share to tell apart)
+                seconds = sum(s["total_s"] - sum(s[k] for k in staged) for s in r.stats if "prefill_s" in s)
             else:
                 seconds = sum(s.get(key, 0.0) for s in r.stats)
             vals.append(1000 * seconds / gen)

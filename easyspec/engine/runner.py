@@ -166,7 +166,8 @@ class ModelRunner:
         return graph.out
 
     def _capture(self, key: tuple, fn: Callable[..., Tensor | None], inputs: tuple[Tensor, ...]) -> _Graph:
-        """Capture fn over `inputs`, buffers whose values make the warm-up touch only scratch slots."""
+        """Capture fn over `inputs`: buffers whose values make the two warm-up runs write only
+        what may be overwritten (scratch slots, or the very entries the step will write)."""
         graph, out = capture_graph(lambda: fn(*inputs), self._pool)
         captured = _Graph(graph, inputs, out)
         self._graphs[key] = captured
@@ -175,21 +176,28 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, start: int = 0) -> Tensor:
         """Run a prompt of any length, tokens: [T] long at positions start ..; returns the
-        last token's logits [V] (under CUDA graphs, a view of a graph's output buffer).
+        last token's logits [V] (a copy: graphs share one memory pool).
 
         The prompt goes in pieces of power-of-two lengths, longest first, so that
         every piece is a captured graph: run eagerly, a prompt launches every kernel
         of every layer from Python, which on a small model costs far more than the
         arithmetic. Each piece attends to the earlier ones through the cache and
-        returns logits for its last token only.
+        returns logits for its last token only. Pieces read a power-of-two number
+        of cache slots, so the graphs number (log2 of the longest piece) x (log2 of
+        the context), not one per bucket of KV_BUCKET.
         """
+        if tokens.shape[0] == 0:
+            raise ValueError("prefill needs at least one token")
+        if start + tokens.shape[0] > self.max_len:
+            raise ValueError(f"a prompt ending at position {start + tokens.shape[0] - 1} does not fit the "
+                             f"KV cache ({self.max_len} slots)")
         model = self.steps["exact"]
         logits = None
         pos = start
         for size in prefill_pieces(tokens.shape[0]):
             piece = tokens[pos - start : pos - start + size]
             positions = self._arange[pos : pos + size]
-            kv_len = self.kv_len_for(pos + size)
+            kv_len = min(max(KV_BUCKET, 1 << (pos + size - 1).bit_length()), self.max_len + self.scratch)
 
             def step(tokens: Tensor, positions: Tensor, kv_len: int = kv_len) -> Tensor:
                 return model(tokens, positions, self.cache, kv_len, last_only=True)  # [1, V]
@@ -200,7 +208,7 @@ class ModelRunner:
 
             logits = self._run(("prefill", size, kv_len), step, (piece, positions), warm)
             pos += size
-        return logits[-1]
+        return logits[-1].clone()
 
 
 def prefill_pieces(length: int, largest: int = PREFILL_PIECE) -> list[int]:

@@ -59,6 +59,13 @@ class PairSpec:
     draft: ModelSpec
     draft_follows_base: bool = False  # a --minutes budget sizes the base; the draft takes its step count
 
+    def __post_init__(self) -> None:
+        base, draft = self.base.train, self.draft.train
+        if self.draft_follows_base and (base.batch_size, base.seq_len) != (draft.batch_size, draft.seq_len):
+            # The same step count and seed give the same batches only at the same batch shape.
+            raise ValueError(f"pair {self.name}: a draft that follows its base needs the base's batch_size "
+                             f"and seq_len")
+
 
 def _llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
            context: int) -> ModelConfig:
