@@ -50,6 +50,16 @@ def capture_graph(fn: Callable[[], object], pool: object = None) -> tuple[torch.
     return graph, out
 
 
+def graphs_supported(device: torch.device) -> bool:
+    """Whether steps on `device` can be captured (CUDA only; the tests stand a replaying fake in)."""
+    return device.type == "cuda"
+
+
+def new_graph_pool() -> object:
+    """A memory pool that every graph of one runner shares."""
+    return torch.cuda.graph_pool_handle()
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[Tensor, ...], out: Tensor | None) -> None:
         self.graph, self.inputs, self.out = graph, inputs, out
@@ -73,12 +83,12 @@ class ModelRunner:
         self.max_len = max_len
         self.scratch = scratch
         self.device = model.embed_tokens.weight.device
-        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.use_graphs = use_graphs and graphs_supported(self.device)
         # The model itself is the exact step (same call signature); a bound method here
         # would make every runner a reference cycle that outlives `del`.
         self.steps: dict[str, StepFn] = {"exact": model, **(steps or {})}
         self._graphs: dict[tuple, _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._pool = new_graph_pool() if self.use_graphs else None
         self._arange = torch.arange(max_len + scratch, device=self.device)
 
     def kv_len_for(self, end: int) -> int:
