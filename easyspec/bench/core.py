@@ -63,6 +63,19 @@ class MethodResult:
         self.stats.append(stats)
         self.categories.append(category)
 
+    def ms_per_token(self, part: str) -> float | None:
+        """Milliseconds per generated token of a stage ("prefill", "calibrate", "draft", "verify"),
+        of "host" (what no stage timed: the loop, stop checks, broadcasts) or of "other"
+        (prefill and host); None for a row without stage timers (the HF baseline)."""
+        if not self.stats or "verify_s" not in self.stats[0]:
+            return None
+        stages = ("prefill", "calibrate", "draft", "verify")
+        parts = {"host": (), "other": ("prefill",)}.get(part, (part,))
+        seconds = sum(s[f"{k}_s"] for s in self.stats for k in parts)
+        if part in ("host", "other"):
+            seconds += sum(s["total_s"] - sum(s[f"{k}_s"] for k in stages) for s in self.stats)
+        return 1000 * seconds / (sum(s["generated"] for s in self.stats) or 1)
+
     def spread_text(self) -> str:
         """The largest per-prompt spread as a percentage; '-' when no prompt was run twice."""
         measured = [x for x in self.spread if x is not None]
@@ -233,19 +246,23 @@ def summarise(results: list[MethodResult]) -> None:
 
 def markdown_table(results: list[MethodResult]) -> str:
     head = ("| method | tok/s | speedup | mean accepted length | acceptance | draft ms/tok | calibrate ms/tok "
-            "| verify ms/tok | spread | equal to vanilla |")
-    lines = [head, "|" + "---|" * 10]
+            "| verify ms/tok | other ms/tok | spread | equal to vanilla |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
-        gen = sum(s["generated"] for s in r.stats) or 1
         # A row without stage timers (the HF baseline) shows '-' rather than a zero that looks measured.
-        per_tok = {k: f"{1000 * sum(s[k] for s in r.stats) / gen:.2f}" if k in r.stats[0] else "-"
-                   for k in ("draft_s", "calibrate_s", "verify_s")}
-        equal = sum(d is None for d in r.divergence)
+        per_tok = {}
+        for part in ("draft", "calibrate", "verify", "other"):
+            ms = r.ms_per_token(part)
+            per_tok[part] = "-" if ms is None else f"{ms:.2f}"
+        equal = f"{sum(d is None for d in r.divergence)}/{len(r.divergence)}"
+        diverged = [d for d in r.divergence if d is not None]
+        if diverged:
+            equal += f" (first at token {min(diverged)})"
         lines.append(
             f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
             f"| {r.mean('mean_accepted_length'):.2f} | {r.mean('acceptance_rate'):.2f} "
-            f"| {per_tok['draft_s']} | {per_tok['calibrate_s']} | {per_tok['verify_s']} "
-            f"| {r.spread_text()} | {equal}/{len(r.divergence)} |"
+            f"| {per_tok['draft']} | {per_tok['calibrate']} | {per_tok['verify']} | {per_tok['other']} "
+            f"| {r.spread_text()} | {equal} |"
         )
     return "\n".join(lines)
 
@@ -280,18 +297,9 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dic
     labels = [r.label for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     bottom = [0.0] * len(results)
-    staged = ("prefill_s", "calibrate_s", "draft_s", "verify_s")
-    for key in (*staged, "host"):
-        vals = []
-        for r in results:
-            gen = sum(s["generated"] for s in r.stats) or 1
-            if key == "host":  # the loop, stop checks and broadcasts: whatever no stage timed
-                # (rows without stage timers, such as HF's, have no host share to tell apart)
-                seconds = sum(s["total_s"] - sum(s[k] for k in staged) for s in r.stats if "prefill_s" in s)
-            else:
-                seconds = sum(s.get(key, 0.0) for s in r.stats)
-            vals.append(1000 * seconds / gen)
-        ax1.barh(labels, vals, left=bottom, label=key.removesuffix("_s"))
+    for part in ("prefill", "calibrate", "draft", "verify", "host"):
+        vals = [r.ms_per_token(part) or 0.0 for r in results]
+        ax1.barh(labels, vals, left=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax1.set_xlabel("ms per generated token")
     ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)  # below: never over a bar
