@@ -301,3 +301,26 @@ def test_spread_is_shown_only_for_repeated_runs_and_prompts_cover_categories():
     assert twice.tokens_per_s == [100.0] and twice.spread_text() == "20.0%"
     rows = [("function", [1]), ("function", [2]), ("class", [3]), ("test", [4]), ("test", [5])]
     assert [ids[0] for _, ids in spread_over_categories(rows, 4)] == [1, 3, 4, 2]
+
+
+def test_table_breaks_time_down_per_token_and_names_the_first_divergence():
+    from easyspec.bench.core import MethodResult, markdown_table
+
+    def stats(drafted: int) -> dict:
+        # 10 tokens in 50 ms: 5 prefill, 10 draft, 5 calibrate, 20 verify, so 10 ms untimed.
+        return {"generated": 10, "drafted": drafted, "acceptance_rate": 0.5, "mean_accepted_length": 2.0,
+                "prefill_s": 0.005, "draft_s": 0.010, "calibrate_s": 0.005, "verify_s": 0.020, "total_s": 0.050}
+
+    vanilla = MethodResult("vanilla", {}, tokens_per_s=[200.0], stats=[stats(0)], divergence=[None], speedup=1.0)
+    sd = MethodResult("sd", {}, tokens_per_s=[250.0], stats=[stats(8)], divergence=[7], speedup=1.25)
+    hf = MethodResult("hf", {}, tokens_per_s=[50.0], divergence=[None],
+                      stats=[{"generated": 10, "drafted": 0, "mean_accepted_length": 1.0, "acceptance_rate": 0.0,
+                              "total_s": 0.2}])
+    assert sd.ms_per_token("verify") == pytest.approx(2.0)
+    assert sd.ms_per_token("host") == pytest.approx(1.0)
+    assert sd.ms_per_token("other") == pytest.approx(1.5)
+    assert hf.ms_per_token("other") is None
+    rows = markdown_table([vanilla, sd, hf]).splitlines()
+    assert rows[2].split("|")[5].strip() == "-"  # vanilla drafts nothing: no acceptance
+    assert rows[3].split("|")[9].strip() == "1.50" and rows[3].endswith("0/1 (first at token 7) |")
+    assert rows[4].split("|")[6:10] == [" - "] * 4

@@ -47,20 +47,25 @@ def fake_graphs(monkeypatch):
 
 
 def test_prefill_and_decode_in_graph_mode_match_the_full_forward(pair_dir, fake_graphs):
+    """Two prompts and decode steps that cross a span boundary (256 slots), so one piece or step
+    length runs with two cache spans: a graph keyed without its span would read too few slots."""
     model = load_model(pair_dir / "base")
-    tokens = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, 128, (320,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        full = model(tokens, torch.arange(90))  # [90, V]
-    steps = runner.ModelRunner(model, max_len=128, use_graphs=True)
+        full = model(tokens, torch.arange(320))  # [320, V]
+    steps = runner.ModelRunner(model, max_len=600, use_graphs=True)
     assert steps.use_graphs
     for _ in range(2):  # the second pass replays the graphs the first captured
-        torch.testing.assert_close(steps.prefill(tokens[:80]), full[79], atol=1e-4, rtol=1e-5)
-        for pos in range(80, 88, 2):  # two tokens a step, as a verification would
+        # 250 = 128 + 64 + 32 + 16 + 8 + 2, all reading 256 slots; then two tokens a step across 256.
+        torch.testing.assert_close(steps.prefill(tokens[:250]), full[249], atol=1e-4, rtol=1e-5)
+        for pos in range(250, 262, 2):
             torch.testing.assert_close(steps.forward(tokens[pos : pos + 2], pos), full[pos : pos + 2],
                                        atol=1e-4, rtol=1e-5)
-    # Captured once each: the prefill pieces of 64 and 16 tokens and the two-token step
-    # (every position here reads the same span of cache slots).
-    assert len(fake_graphs) == len(steps._graphs) == 3
+        # 300 = 256 + 32 + 8 + 4: the 32-token piece now reads 512 slots.
+        torch.testing.assert_close(steps.prefill(tokens[:300]), full[299], atol=1e-4, rtol=1e-5)
+    assert {key[:2] for key in steps._graphs if key[2] > 256} == {("exact", 2), ("prefill", 32), ("prefill", 8),
+                                                                  ("prefill", 4)}
+    assert len(fake_graphs) == len(steps._graphs)
 
 
 CONFIGS = [

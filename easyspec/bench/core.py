@@ -67,7 +67,7 @@ class MethodResult:
         """Milliseconds per generated token of a stage ("prefill", "calibrate", "draft", "verify"),
         of "host" (what no stage timed: the loop, stop checks, broadcasts) or of "other"
         (prefill and host); None for a row without stage timers (the HF baseline)."""
-        if not self.stats or "verify_s" not in self.stats[0]:
+        if not self.stats or not {"prefill_s", "verify_s", "total_s"} <= self.stats[0].keys():
             return None
         stages = ("prefill", "calibrate", "draft", "verify")
         parts = {"host": (), "other": ("prefill",)}.get(part, (part,))
@@ -258,9 +258,11 @@ def markdown_table(results: list[MethodResult]) -> str:
         diverged = [d for d in r.divergence if d is not None]
         if diverged:
             equal += f" (first at token {min(diverged)})"
+        # Rows that draft nothing (vanilla, HF) have no acceptance to show.
+        acceptance = f"{r.mean('acceptance_rate'):.2f}" if any(s.get("drafted") for s in r.stats) else "-"
         lines.append(
             f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
-            f"| {r.mean('mean_accepted_length'):.2f} | {r.mean('acceptance_rate'):.2f} "
+            f"| {r.mean('mean_accepted_length'):.2f} | {acceptance} "
             f"| {per_tok['draft']} | {per_tok['calibrate']} | {per_tok['verify']} | {per_tok['other']} "
             f"| {r.spread_text()} | {equal} |"
         )
