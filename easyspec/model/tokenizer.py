@@ -114,14 +114,14 @@ class StreamDecoder:
         self.text = ""
         self._start = 0  # first id of the decoding window
         self._read = 0  # ids before this are already in self.text
+        self._head = ""  # the text of ids[_start:_read], decoded once per commit
 
     def _unread_text(self, extra: list[int], allow_partial: bool = False) -> str | None:
         """Text of ids[_read:] + extra, or None while it does not decode cleanly yet."""
-        head = self.tokenizer.decode(self.ids[self._start : self._read])
         full = self.tokenizer.decode(self.ids[self._start :] + extra)
-        if not full.startswith(head) or (full.endswith("\ufffd") and not allow_partial):
+        if not full.startswith(self._head) or (full.endswith("\ufffd") and not allow_partial):
             return None
-        return full[len(head) :]
+        return full[len(self._head) :]
 
     def peek(self, token_ids: list[int]) -> str | None:
         """The text `token_ids` would release if pushed now, without pushing them."""
@@ -141,4 +141,5 @@ class StreamDecoder:
         self.text += piece
         self._read = len(self.ids)
         self._start = max(0, self._read - self.CONTEXT)
+        self._head = self.tokenizer.decode(self.ids[self._start : self._read])
         return piece

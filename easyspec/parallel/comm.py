@@ -37,12 +37,11 @@ class _PeerBuffer:
             symm_mem.rendezvous(buffer, self.group_name)  # collective over the group
             self.buffers[dtype] = buffer
 
-    def fits(self, x: Tensor) -> bool:
+    def fits(self, numel: int, dtype: torch.dtype, offset_bytes: int = 0) -> bool:
         """The kernel's own limits: a registered dtype, room in the buffer, 16-byte sizes and alignment."""
-        buffer = self.buffers.get(x.dtype)
-        size = x.numel() * x.element_size()
-        return (buffer is not None and x.numel() <= buffer.numel() and size % 16 == 0
-                and (x.storage_offset() * x.element_size()) % 16 == 0)
+        buffer = self.buffers.get(dtype)
+        return (buffer is not None and numel <= buffer.numel() and (numel * dtype.itemsize) % 16 == 0
+                and offset_bytes % 16 == 0)
 
     def all_reduce(self, x: Tensor) -> Tensor:
         slot = self.buffers[x.dtype][: x.numel()].view(x.shape)
@@ -95,7 +94,7 @@ def all_reduce(x: Tensor, group: ProcessGroup | None) -> Tensor:
     if group is None:
         return x
     peer = _peer.get(group.group_name)
-    if peer is not None and peer.fits(x):
+    if peer is not None and peer.fits(x.numel(), x.dtype, x.storage_offset() * x.element_size()):
         return peer.all_reduce(x)
     dist.all_reduce(x, group=group)
     return x
@@ -107,12 +106,11 @@ def all_gather(x: Tensor, group: ProcessGroup | None) -> Tensor:
         return x[None]
     size = dist.get_world_size(group)
     peer = _peer.get(group.group_name)
-    if peer is not None:
+    if peer is not None and peer.fits(size * x.numel(), x.dtype):
         # Adding zeros is exact, so the sum of the zero-padded stacks is the gathered stack.
         stack = x.new_zeros(size, *x.shape)
-        if peer.fits(stack):
-            stack[peer.rank] = x
-            return peer.all_reduce(stack)
+        stack[peer.rank] = x
+        return peer.all_reduce(stack)
     # Gathered flat (the layout every backend accepts), then viewed as a stack.
     out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
     _all_gather_flat(out, x.reshape(-1), group=group)
