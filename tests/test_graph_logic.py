@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_cases import PROMPTS, run
+from engine_cases import PROMPTS, options, run
 
 from easyspec import Engine, EngineOptions
 from easyspec.engine import runner
@@ -80,10 +80,7 @@ CONFIGS = [
 def test_engine_in_graph_mode_equals_eager_plain_decoding(pair_dir, fake_graphs, config):
     with Engine(EngineOptions(model=str(pair_dir / "base"), cuda_graphs=False)) as engine:
         expected = [run(engine, p)[0] for p in PROMPTS]
-    config = dict(config)
-    if "draft" in config:
-        config["draft"] = str(pair_dir / config["draft"])
-    with Engine(EngineOptions(model=str(pair_dir / "base"), **config)) as engine:
+    with Engine(options(pair_dir, **config)) as engine:
         assert engine.worker.base.use_graphs
         for _ in range(2):  # once capturing, once replaying
             assert [run(engine, p)[0] for p in PROMPTS] == expected

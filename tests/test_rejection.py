@@ -2,49 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from distribution_checks import chi_square, logits_with_argmax
 
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
 from easyspec.verify.sampling import SamplingParams, process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
-
-
-def _chi2_critical(df: int, z: float = 4.0) -> float:
-    """Upper chi-square quantile (Wilson-Hilferty); z=4 is a ~3e-5 false-alarm rate."""
-    c = 2.0 / (9.0 * df)
-    return df * (1.0 - c + z * math.sqrt(c)) ** 3
-
-
-def _chi_square(counts: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """(statistic, critical value) for observed counts [C] against target probs [C].
-
-    Cells expected to hold fewer than 5 samples are pooled so the chi-square
-    approximation holds. Any sample in a zero-probability cell is a failure.
-    """
-    counts = counts.double()
-    expected = target.double() * counts.sum()
-    if counts[target == 0].sum() > 0:
-        return math.inf, 0.0
-    large = expected >= 5
-    small = (expected > 0) & ~large
-    observed = counts[large]
-    wanted = expected[large]
-    if small.any():
-        observed = torch.cat([observed, counts[small].sum().view(1)])
-        wanted = torch.cat([wanted, expected[small].sum().view(1)])
-    stat = (((observed - wanted) ** 2) / wanted).sum().item()
-    return stat, _chi2_critical(observed.numel() - 1)
-
-
-def _logits_with_argmax(argmaxes: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
-    """Random logits [len(argmaxes), V] whose row-wise argmax is given."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(len(argmaxes), vocab, generator=g)
-    logits[torch.arange(len(argmaxes)), argmaxes] = 10.0
-    return logits
 
 
 def _tokens(values: list[int]) -> torch.Tensor:
@@ -90,7 +54,7 @@ def test_proposal_shape_validation() -> None:
     ],
 )
 def test_verify_greedy(draft: list[int], argmaxes: list[int], accepted: int, committed: list[int]) -> None:
-    verdict = verify_greedy(Proposal(_tokens(draft)), _logits_with_argmax(argmaxes, vocab=8))
+    verdict = verify_greedy(Proposal(_tokens(draft)), logits_with_argmax(argmaxes, vocab=8))
     assert verdict == Verdict(accepted=accepted, tokens=committed, num_drafted=len(draft))
 
 
@@ -119,7 +83,7 @@ def test_disjoint_supports_reject_first_and_recover_from_target() -> None:
         verdict = verify_stochastic(Proposal(sample(q, g), q), p, g)
         assert verdict.accepted == 0
         counts[verdict.tokens[0]] += 1
-    stat, critical = _chi_square(counts, p[0])
+    stat, critical = chi_square(counts, p[0])
     assert stat < critical
 
 
@@ -274,18 +238,18 @@ def _first_two_tokens(params: SamplingParams, drafter: str, seed: int):
 )
 def test_speculative_sampling_reproduces_target(params: SamplingParams) -> None:
     first, target_first, joint, target_joint = _first_two_tokens(params, "sampled", seed=10)
-    stat, critical = _chi_square(first, target_first)
+    stat, critical = chi_square(first, target_first)
     assert stat < critical, f"first token: chi2={stat:.1f} >= {critical:.1f}"
-    stat, critical = _chi_square(joint, target_joint)
+    stat, critical = chi_square(joint, target_joint)
     assert stat < critical, f"first two tokens: chi2={stat:.1f} >= {critical:.1f}"
 
 
 def test_point_mass_drafts_are_lossless() -> None:
     params = SamplingParams(temperature=1.0)
     first, target_first, joint, target_joint = _first_two_tokens(params, "point_mass", seed=20)
-    stat, critical = _chi_square(first, target_first)
+    stat, critical = chi_square(first, target_first)
     assert stat < critical, f"first token: chi2={stat:.1f} >= {critical:.1f}"
-    stat, critical = _chi_square(joint, target_joint)
+    stat, critical = chi_square(joint, target_joint)
     assert stat < critical, f"first two tokens: chi2={stat:.1f} >= {critical:.1f}"
 
 
@@ -293,9 +257,9 @@ def test_argmax_draft_shortcut_is_detected() -> None:
     """Negative control: the statistical check above must be able to fail."""
     params = SamplingParams(temperature=1.0)
     first, target_first, joint, target_joint = _first_two_tokens(params, "argmax_shortcut", seed=10)
-    stat, critical = _chi_square(first, target_first)
+    stat, critical = chi_square(first, target_first)
     assert stat > critical, f"first token: chi2={stat:.1f} <= {critical:.1f}"
-    stat, critical = _chi_square(joint, target_joint)
+    stat, critical = chi_square(joint, target_joint)
     assert stat > critical, f"first two tokens: chi2={stat:.1f} <= {critical:.1f}"
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from distribution_checks import chi2_critical
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -30,12 +31,6 @@ SETTINGS = [
     (1.0, 100, 1.0),
 ]
 VOCAB = 50
-
-
-def _chi2_critical(df: int, z: float = 4.0) -> float:
-    """Upper chi-square quantile (Wilson-Hilferty); z=4 is a ~3e-5 false-alarm rate."""
-    c = 2.0 / (9.0 * df)
-    return df * (1.0 - c + z * math.sqrt(c)) ** 3
 
 
 def _reference_probs(row: torch.Tensor, temperature: float, top_k: int, top_p: float):
@@ -250,7 +245,7 @@ def test_sample_frequencies_match_probs() -> None:
     support = probs > 0
     expected = probs[support].double() * trials
     stat = (((counts[support] - expected) ** 2) / expected).sum().item()
-    assert stat < _chi2_critical(int(support.sum()) - 1), stat
+    assert stat < chi2_critical(int(support.sum()) - 1), stat
 
 
 def test_sample_one_hot_returns_its_index() -> None:

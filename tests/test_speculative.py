@@ -8,11 +8,9 @@ calibration and parallel policy, on one process and on two over gloo.
 from __future__ import annotations
 
 import pytest
-import torch
-from engine_cases import GREEDY, PROMPTS, run
+from engine_cases import GREEDY, PROMPTS, assert_kv_matches_prefill, options, run
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.model.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +31,7 @@ ONE_PROCESS = [
 
 @pytest.mark.parametrize("config", ONE_PROCESS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_one_process_greedy_equals_plain(pair_dir, reference, config):
-    config = dict(config)
-    if "draft" in config:
-        config["draft"] = str(pair_dir / config["draft"])
-    with Engine(EngineOptions(model=str(pair_dir / "base"), **config)) as engine:
+    with Engine(options(pair_dir, **config)) as engine:
         for prompt, expected in zip(PROMPTS, reference, strict=True):
             ids, chunk = run(engine, prompt)
             stats = chunk.stats
@@ -68,10 +63,7 @@ TWO_PROCESSES = [
 
 @pytest.mark.parametrize("config", TWO_PROCESSES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_two_processes_greedy_equals_plain(pair_dir, reference, config):
-    config = dict(config)
-    if "draft" in config:
-        config["draft"] = str(pair_dir / config["draft"])
-    with Engine(EngineOptions(model=str(pair_dir / "base"), devices=2, **config)) as engine:
+    with Engine(options(pair_dir, devices=2, **config)) as engine:
         for prompt, expected in zip(PROMPTS[:2], reference[:2], strict=True):
             assert run(engine, prompt)[0] == expected
 
@@ -107,14 +99,5 @@ def test_kv_rollback_equals_fresh_prefill(pair_dir):
         assert stats.accepted < stats.drafted  # some drafts were rejected and rolled back
         fed = prompt + ids[:-1]  # the newest token has not been through either model yet
         worker = engine.worker
-        for runner, folder in ((worker.base, "base"), (worker.draft_runner, "far")):
-            fresh = load_model(pair_dir / folder)
-            cache = fresh.allocate_cache(runner.cache.max_len)
-            with torch.no_grad():
-                fresh(torch.tensor(fed), torch.arange(len(fed)), cache)
-            for layer in range(len(cache.keys)):
-                n = len(fed) if folder == "base" else len(fed) - 1
-                torch.testing.assert_close(runner.cache.keys[layer][:, :n], cache.keys[layer][:, :n],
-                                           atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(runner.cache.values[layer][:, :n], cache.values[layer][:, :n],
-                                           atol=1e-4, rtol=1e-4)
+        assert_kv_matches_prefill(worker.base, pair_dir / "base", fed, len(fed))
+        assert_kv_matches_prefill(worker.draft_runner, pair_dir / "far", fed, len(fed) - 1)

@@ -17,12 +17,12 @@ import math
 import pytest
 import torch
 from dist_utils import run_ranks
-from engine_cases import PROMPTS, run
+from distribution_checks import chi_square, logits_with_argmax
+from engine_cases import PROMPTS, assert_kv_matches_prefill, options, run
 from parallel_cases import tree_levels_fuzzy_vs_reference
 
 from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.engine.options import OptionsError
-from easyspec.model.checkpoint import load_model
 from easyspec.verify.rejection import verify_greedy
 from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import (
@@ -119,21 +119,15 @@ def test_drawn_children_follow_the_greedy_allocation(rule: str) -> None:
 # ---------------------------------------------------------------- greedy verification
 
 
-def _logits_with_argmax(argmaxes: list[int], vocab: int = 8) -> torch.Tensor:
-    logits = torch.randn(len(argmaxes), vocab, generator=torch.Generator().manual_seed(0))
-    logits[torch.arange(len(argmaxes)), argmaxes] = 10.0
-    return logits
-
-
 def test_verify_tree_greedy_takes_the_deepest_matching_path() -> None:
     # W=2, D=2. Root children: nodes 0 (token 3) and 1 (token 5); node 2 (token 6) under
     # node 1 and node 3 (token 7) under node 0. Base argmax: root -> 5, node 1 -> 6, node 2 -> 2.
     tree = TreeProposal(torch.tensor([3, 5, 6, 7]), torch.tensor([0, 0, 2, 1]), torch.ones(4, dtype=torch.bool), 2)
-    verdict = verify_tree_greedy(tree, _logits_with_argmax([5, 0, 6, 2, 0]))
+    verdict = verify_tree_greedy(tree, logits_with_argmax([5, 0, 6, 2, 0], vocab=8))
     assert (verdict.tokens, verdict.nodes, verdict.accepted, verdict.num_drafted) == ([5, 6, 2], (1, 2), 2, 2)
     # A padding node never matches, even with the right token.
     padded = TreeProposal(tree.tokens, tree.parents, torch.tensor([True, False, True, True]), 2)
-    verdict = verify_tree_greedy(padded, _logits_with_argmax([5, 0, 6, 2, 0]))
+    verdict = verify_tree_greedy(padded, logits_with_argmax([5, 0, 6, 2, 0], vocab=8))
     assert (verdict.tokens, verdict.nodes) == ([5], ())
 
 
@@ -155,25 +149,6 @@ VOCAB = 6
 WIDTH, DEPTH = 3, 2
 TRIALS = 12_000
 START = 0
-
-
-def _chi2_critical(df: int, z: float = 4.0) -> float:
-    """Upper chi-square quantile (Wilson-Hilferty); z=4 is a ~3e-5 false-alarm rate."""
-    c = 2.0 / (9.0 * df)
-    return df * (1.0 - c + z * math.sqrt(c)) ** 3
-
-
-def _chi_square(counts: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """(statistic, critical value); cells expected below 5 are pooled; a hit on a zero cell fails."""
-    counts, expected = counts.double(), target.double() * counts.sum()
-    if counts[target == 0].sum() > 0:
-        return math.inf, 0.0
-    large, small = expected >= 5, (expected > 0) & (expected < 5)
-    observed, wanted = counts[large], expected[large]
-    if small.any():
-        observed = torch.cat([observed, counts[small].sum().view(1)])
-        wanted = torch.cat([wanted, expected[small].sum().view(1)])
-    return (((observed - wanted) ** 2) / wanted).sum().item(), _chi2_critical(observed.numel() - 1)
 
 
 def _tables(params: SamplingParams, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +212,9 @@ def _first_two(params: SamplingParams, draw: str, verify_with_replacement: bool,
 )
 def test_tree_sampling_reproduces_target(params: SamplingParams, draw: str) -> None:
     first, target_first, joint, target_joint = _first_two(params, draw, draw == "with-replacement", seed=10)
-    stat, critical = _chi_square(first, target_first)
+    stat, critical = chi_square(first, target_first)
     assert stat < critical, f"first token: chi2={stat:.1f} >= {critical:.1f}"
-    stat, critical = _chi_square(joint, target_joint)
+    stat, critical = chi_square(joint, target_joint)
     assert stat < critical, f"first two tokens: chi2={stat:.1f} >= {critical:.1f}"
 
 
@@ -253,8 +228,8 @@ def test_wrong_tree_rules_are_detected(draw: str, verify_with_replacement: bool)
     match how the children were drawn."""
     first, target_first, joint, target_joint = _first_two(SamplingParams(temperature=1.0), draw,
                                                           verify_with_replacement, seed=10)
-    (stat_first, critical_first), (stat_joint, critical_joint) = (_chi_square(first, target_first),
-                                                                  _chi_square(joint, target_joint))
+    (stat_first, critical_first), (stat_joint, critical_joint) = (chi_square(first, target_first),
+                                                                  chi_square(joint, target_joint))
     assert stat_first > critical_first or stat_joint > critical_joint, (
         f"chi2 {stat_first:.1f} (first, critical {critical_first:.1f}), "
         f"{stat_joint:.1f} (two tokens, critical {critical_joint:.1f})")
@@ -277,12 +252,6 @@ def test_layer_parallel_tree_levels_match_reference(pair_dir):
 
 # ---------------------------------------------------------------- engine
 
-
-
-def options(pair_dir, **config) -> EngineOptions:
-    if "draft" in config:
-        config["draft"] = str(pair_dir / config["draft"])
-    return EngineOptions(model=str(pair_dir / "base"), **config)
 
 
 @pytest.fixture(scope="module")
@@ -357,16 +326,7 @@ def test_tree_kv_commit_equals_fresh_prefill(pair_dir):
         assert chunk.stats.accepted > 0
         # The last round ended the request, so its nodes were never moved; everything before was.
         fed = prompt + ids[: len(ids) - len(chunk.token_ids)]
-        runner = engine.worker.base
-        fresh = load_model(pair_dir / "base")
-        cache = fresh.allocate_cache(runner.cache.max_len)
-        with torch.no_grad():
-            fresh(torch.tensor(fed), torch.arange(len(fed)), cache)
-        n = len(fed)
-        for layer in range(len(cache.keys)):
-            torch.testing.assert_close(runner.cache.keys[layer][:, :n], cache.keys[layer][:, :n], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(runner.cache.values[layer][:, :n], cache.values[layer][:, :n],
-                                       atol=1e-4, rtol=1e-4)
+        assert_kv_matches_prefill(engine.worker.base, pair_dir / "base", fed, len(fed))
 
 
 @pytest.mark.parametrize(
