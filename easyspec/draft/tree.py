@@ -39,15 +39,12 @@ class TreeDrafter(ModelDrafter):
         width: int,
         depth: int,
         fuzzy: bool = False,
-        replacement: bool = False,
+        sampling: str = "without-replacement",
     ) -> None:
+        """sampling: how a node's children are drawn from q when not greedy (easyspec.verify.tree)."""
         super().__init__(runner, params, generator, k_max=depth, fuzzy=fuzzy)
         self.width, self.depth = width, depth
-        self.replacement = replacement
-        if params.greedy:
-            self.rule = "greedy"
-        else:
-            self.rule = "with-replacement" if replacement else "without-replacement"
+        self.rule = "greedy" if params.greedy else sampling
         device = runner.device
         self.depths = tree_depths(width, depth, device)  # [1 + N]
         self.order = torch.arange(1 + width * depth, device=device)  # [1 + N] tree order
@@ -103,7 +100,7 @@ class TreeDrafter(ModelDrafter):
                 dists.append(probs)
                 frontier = self.order[rows]
         q = None if self.params.greedy else torch.cat(dists)  # [1 + (D - 1) W, V]
-        return TreeProposal(tokens, parents, valid, width, q, self.replacement)
+        return TreeProposal(tokens, parents, valid, width, q, self.rule == "with-replacement", anc)
 
     def observe(self, verdict: Verdict) -> None:
         # The draft KV past the root is tree scratch: the next opening forward re-feeds what was committed.

@@ -151,7 +151,7 @@ class Worker:
         gen = torch.Generator(self.state.device).manual_seed(seed + 1)
         if opts.tree:
             return TreeDrafter(self.draft_runner, params, gen, opts.tree_width, opts.depth,
-                               fuzzy=opts.method == "easyspec", replacement=opts.tree_sampling == "with-replacement")
+                               fuzzy=opts.method == "easyspec", sampling=opts.tree_sampling)
         return ModelDrafter(self.draft_runner, params, gen, opts.k_max, fuzzy=opts.method == "easyspec",
                             calibrate=opts.calibrate)
 
@@ -272,7 +272,8 @@ class Worker:
         tree = self._propose_tree(drafter, timer)
         with timer.stage("verify"):
             end = position + 1 + tree.num_tokens
-            mask = tree_mask(ancestors(tree.parents, tree.width), position, self.base.kv_len_for(end))
+            anc = tree.ancestors if tree.ancestors is not None else ancestors(tree.parents, tree.width)
+            mask = tree_mask(anc, position, self.base.kv_len_for(end))
             logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
                                               position + self.tree_order, mask)  # [1 + N, V]
             verdict = None
@@ -283,8 +284,8 @@ class Worker:
                                 params, stats, text, verdict.nodes if verdict else ())
         stats.record_round(depth, decision.accepted)
         if not decision.finished:
-            src, dst = path_moves(decision.nodes, position, depth)
-            self.base.move_kv(torch.tensor(src, device=last.device), torch.tensor(dst, device=last.device))
+            moves = torch.tensor(path_moves(decision.nodes, position, depth), device=last.device)  # [2, n]: src, dst
+            self.base.move_kv(moves[0], moves[1])
             if drafter is not None:
                 drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
         return decision

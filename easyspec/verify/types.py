@@ -51,6 +51,7 @@ class TreeProposal:
     width: int  # W
     probs: Tensor | None = None  # float32 [1 + (D - 1) * W, V]: row t is q of tree-order node t; None: greedy
     replacement: bool = False  # children were drawn from q with replacement (else without)
+    ancestors: Tensor | None = None  # bool [1 + N, 1 + N] ancestor-or-self, where the drafter built it
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
