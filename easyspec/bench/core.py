@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from easyspec.engine.engine import Engine
 from easyspec.engine.options import EngineOptions
+from easyspec.engine.stats import STAGES
 from easyspec.model.checkpoint import load_config, parse_dtype, save_checkpoint
 from easyspec.model.config import PRESETS
 from easyspec.model.transformer import Transformer
@@ -69,11 +70,10 @@ class MethodResult:
         (prefill and host); None for a row without stage timers (the HF baseline)."""
         if not self.stats or not {"prefill_s", "verify_s", "total_s"} <= self.stats[0].keys():
             return None
-        stages = ("prefill", "calibrate", "draft", "verify")
         parts = {"host": (), "other": ("prefill",)}.get(part, (part,))
         seconds = sum(s[f"{k}_s"] for s in self.stats for k in parts)
         if part in ("host", "other"):
-            seconds += sum(s["total_s"] - sum(s[f"{k}_s"] for k in stages) for s in self.stats)
+            seconds += sum(s["total_s"] - sum(s[f"{k}_s"] for k in STAGES) for s in self.stats)
         return 1000 * seconds / (sum(s["generated"] for s in self.stats) or 1)
 
     def spread_text(self) -> str:
@@ -218,22 +218,31 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
         options = options.replace(draft=None)
     result = MethodResult(spec.label, dataclasses.asdict(options))
     with Engine(options) as engine:
-        for _, ids in prompts[:warmup]:
-            for _ in engine.generate(ids, params):
-                pass
-        for i, (category, ids) in enumerate(prompts, start=1):
-            rates, output, stats = [], [], {}
-            for j in range(1, repeats + 1):
-                output, chunk = [], None
-                start = time.perf_counter()
-                for chunk in engine.generate(ids, params):
-                    output += chunk.token_ids
-                elapsed = time.perf_counter() - start
-                rates.append(len(output) / elapsed)
-                stats = chunk.stats.to_dict()
-                report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
-            result.add_prompt(category, rates, output, stats)
+
+        def run(ids: list[int]) -> tuple[list[int], float, dict]:
+            output, chunk = [], None
+            start = time.perf_counter()
+            for chunk in engine.generate(ids, params):
+                output += chunk.token_ids
+            return output, time.perf_counter() - start, chunk.stats.to_dict()
+
+        time_prompts(result, prompts, repeats, warmup, run, report)
     return result
+
+
+def time_prompts(result: MethodResult, prompts: list[tuple[str, list[int]]], repeats: int, warmup: int | None,
+                 run: Callable[[list[int]], tuple[list[int], float, dict]], report: Callable[[str], None]) -> None:
+    """Untimed runs of the first `warmup` prompts (all when None), then `repeats` timed runs of each
+    prompt into `result`; run(ids) -> (output ids, seconds, stats)."""
+    for _, ids in prompts[:warmup]:
+        run(ids)
+    for i, (category, ids) in enumerate(prompts, start=1):
+        rates, output, stats = [], [], {}
+        for j in range(1, repeats + 1):
+            output, elapsed, stats = run(ids)
+            rates.append(len(output) / elapsed)
+            report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
+        result.add_prompt(category, rates, output, stats)
 
 
 def summarise(results: list[MethodResult]) -> None:

@@ -12,7 +12,7 @@ from importlib.util import find_spec
 
 import torch
 
-from easyspec.bench.core import MethodResult
+from easyspec.bench.core import MethodResult, time_prompts
 from easyspec.engine.options import EngineOptions
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.verify.sampling import SamplingParams
@@ -48,7 +48,7 @@ def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[st
     if sample:
         gen_kw.update(temperature=params.temperature, top_k=0, top_p=1.0)
 
-    def run(ids: list[int]) -> tuple[list[int], float]:
+    def run(ids: list[int]) -> tuple[list[int], float, dict]:
         x = torch.tensor([ids], device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -57,17 +57,11 @@ def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[st
             out = model.generate(x, attention_mask=torch.ones_like(x), **gen_kw)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return out[0, len(ids):].tolist(), time.perf_counter() - start
-
-    for _, ids in prompts[:warmup]:
-        run(ids)
-    for i, (category, ids) in enumerate(prompts, start=1):
-        rates, output, elapsed = [], [], 0.0
-        for j in range(1, repeats + 1):
-            output, elapsed = run(ids)
-            rates.append(len(output) / elapsed)
-            report(f"prompt {i}/{len(prompts)} repeat {j}/{repeats} ({category}) {rates[-1]:.1f} tok/s")
+        elapsed = time.perf_counter() - start
+        output = out[0, len(ids):].tolist()
         n = len(output)
-        result.add_prompt(category, rates, output,
-                          {"rounds": n, "drafted": 0, "accepted": 0, "generated": n, "mean_accepted_length": 1.0,
-                           "acceptance_rate": 0.0, "total_s": elapsed, "tokens_per_s": n / elapsed})
+        return output, elapsed, {"rounds": n, "drafted": 0, "accepted": 0, "generated": n,
+                                 "mean_accepted_length": 1.0, "acceptance_rate": 0.0, "total_s": elapsed,
+                                 "tokens_per_s": n / elapsed}
+
+    time_prompts(result, prompts, repeats, warmup, run, report)

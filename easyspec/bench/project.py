@@ -78,15 +78,22 @@ def stage_ms_per_round(stats: list[dict]) -> dict[str, float]:
     return {k: 1000 * sum(s[f"{k}_s"] for s in stats) / rounds for k in ("draft", "calibrate", "verify")}
 
 
+def projected_row(label: str, k: int, draft_ms: float, calibrate_ms: float, verify_ms: float, length: float,
+                  vanilla_ms: float) -> dict:
+    """One row of a projection: a round's stages (ms) and its measured mean accepted length."""
+    round_ms = draft_ms + calibrate_ms + verify_ms
+    return {"label": label, "k": k, "draft_ms": draft_ms, "calibrate_ms": calibrate_ms, "verify_ms": verify_ms,
+            "round_ms": round_ms, "mean_accepted_length": length, "tokens_per_s": 1000 * length / round_ms,
+            "speedup": vanilla_ms * length / round_ms}
+
+
 def project(results: list[MethodResult], acceptance: dict[str, dict]) -> tuple[list[dict], list[str]]:
     """Projected rows (vanilla first) for every sd/easyspec row with an acceptance of the same label,
     and one line for each such row that could not be projected."""
     vanilla_ms = stage_ms_per_round(results[0].stats)["verify"]  # one step commits one token
     if vanilla_ms <= 0:
         raise ValueError("the vanilla row has no timed decoding steps, so nothing can be projected from it")
-    rows = [{"label": results[0].label, "k": 0, "draft_ms": 0.0, "calibrate_ms": 0.0, "verify_ms": vanilla_ms,
-             "round_ms": vanilla_ms, "mean_accepted_length": 1.0, "tokens_per_s": 1000 / vanilla_ms,
-             "speedup": 1.0}]
+    rows = [projected_row(results[0].label, 0, 0.0, 0.0, vanilla_ms, 1.0, vanilla_ms)]
     missing = []
     for r in results[1:]:
         if r.options.get("method") not in PROJECTED_METHODS:
@@ -104,10 +111,7 @@ def project(results: list[MethodResult], acceptance: dict[str, dict]) -> tuple[l
             missing.append(f"{r.label}: not projected, {why}")
             continue
         ms = stage_ms_per_round(r.stats)
-        round_ms = ms["draft"] + ms["calibrate"] + ms["verify"]
-        rows.append({"label": r.label, "k": k, "draft_ms": ms["draft"], "calibrate_ms": ms["calibrate"],
-                     "verify_ms": ms["verify"], "round_ms": round_ms, "mean_accepted_length": length,
-                     "tokens_per_s": 1000 * length / round_ms, "speedup": vanilla_ms * length / round_ms})
+        rows.append(projected_row(r.label, k, ms["draft"], ms["calibrate"], ms["verify"], length, vanilla_ms))
     return rows, missing
 
 
@@ -143,9 +147,7 @@ def project_steps(rows: list[dict], acceptance: dict[str, dict], k: int) -> tupl
         if vanilla is None or verify is None:
             missing.append(f"context {ctx}: no base decode/verify rows for k={k}")
             continue
-        out.append({"label": f"vanilla TP={n} @{ctx}", "k": 0, "draft_ms": 0.0, "calibrate_ms": 0.0,
-                    "verify_ms": vanilla, "round_ms": vanilla, "mean_accepted_length": 1.0,
-                    "tokens_per_s": 1000 / vanilla, "speedup": 1.0})
+        out.append(projected_row(f"vanilla TP={n} @{ctx}", 0, 0.0, 0.0, vanilla, 1.0, vanilla))
         for variant, (label, opening_tp) in variants.items():
             step = mine.get((f"draft {draft} {variant}", ctx))
             opening = mine.get((f"draft {draft} opening forward {k + 1} tokens TP={opening_tp}", ctx))
@@ -156,11 +158,16 @@ def project_steps(rows: list[dict], acceptance: dict[str, dict], k: int) -> tupl
                     missing.append(f"{label} @{ctx}: not projected (no acceptance row of that label with k >= {k}"
                                    " or no opening-forward row)")
                 continue
-            round_ms = opening + (k - 1) * step + verify
-            out.append({"label": f"{label} @{ctx}", "k": k, "draft_ms": (k - 1) * step, "calibrate_ms": opening,
-                        "verify_ms": verify, "round_ms": round_ms, "mean_accepted_length": length,
-                        "tokens_per_s": 1000 * length / round_ms, "speedup": vanilla * length / round_ms})
+            out.append(projected_row(f"{label} @{ctx}", k, (k - 1) * step, opening, verify, length, vanilla))
     return out, missing
+
+
+def print_step_projection(rows: list[dict], acceptance: dict[str, dict], source: str, k: int) -> None:
+    """The projection from bench-steps rows as a table, then a line per row it could not make."""
+    projected, missing = project_steps(rows, acceptance, k)
+    print(projected_table(projected, source))
+    for line in missing:
+        print(f"- {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,10 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-draft", type=int, default=4, help="k of the projected rounds")
     args = p.parse_args(argv)
     rows = json.loads(Path(args.steps).read_text())["rows"]
-    projected, missing = project_steps(rows, load_acceptance(args.acceptance), args.num_draft)
-    print(projected_table(projected, args.acceptance))
-    for line in missing:
-        print(f"- {line}")
+    print_step_projection(rows, load_acceptance(args.acceptance), args.acceptance, args.num_draft)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ import torch
 import torch.multiprocessing as mp
 
 from easyspec.bench.core import fill_random_weights
-from easyspec.bench.project import load_acceptance, project_steps, projected_table
-from easyspec.engine.runner import KV_BUCKET, ModelRunner, capture_graph
+from easyspec.bench.project import load_acceptance, print_step_projection
+from easyspec.engine.runner import ModelRunner, capture_graph, kv_span
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.model.config import PRESETS, ModelConfig
@@ -230,7 +230,7 @@ def _measure_parts(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
     for ctx in cfg.contexts:
         cache = model.allocate_cache(ctx + 8)
         positions = torch.tensor([ctx - 1], device=dev)
-        kv_len = min(-(-ctx // KV_BUCKET) * KV_BUCKET, cache.max_len)  # as the runner rounds it
+        kv_len = kv_span(ctx, cache.max_len)  # as the runner rounds it
         step = model.step_inputs(positions, cache, kv_len)
         replay = graphed(lambda step=step: block.attention(x, step))
         rec.add(f"{name} one attention sub-block", ctx, time_ms(replay, cfg.iters))
@@ -361,14 +361,13 @@ def cmd_bench_steps(args: argparse.Namespace) -> int:
     rows = run_step_bench(cfg)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "config": {
-            **{k: v for k, v in vars(args).items() if k != "func"}}, "rows": rows}, indent=1))
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "config": config,
+                                              "rows": rows}, indent=1))
     print(f"\n## bench-steps: {cfg.base} base, {cfg.draft} draft, {cfg.devices} x {torch.cuda.get_device_name(0)}, "
           f"fused={cfg.fused}, p2p={cfg.p2p}\n")
     print(markdown(rows))
     if acceptance is not None:
-        projected, missing = project_steps(rows, acceptance, cfg.num_draft)
-        print("\n" + projected_table(projected, args.acceptance_from))
-        for line in missing:
-            print(f"- {line}")
+        print()
+        print_step_projection(rows, acceptance, args.acceptance_from, cfg.num_draft)
     return 0

@@ -73,10 +73,8 @@ def sweep_specs(grid: dict[str, list], base: EngineOptions) -> tuple[list[Method
         options = base.replace(method="easyspec", **changes)
         try:
             options.validate()
-            if options.groups:
-                LayerLayout.parse(options.groups, num_layers, options.layer_parallel)
-            else:
-                LayerLayout.build(num_layers, options.layer_parallel, options.keep_first, options.keep_last)
+            LayerLayout.choose(options.groups, num_layers, options.layer_parallel, options.keep_first,
+                               options.keep_last)
         except ValueError as err:
             skipped.append(f"{label}: skipped, {err}")
             continue

@@ -35,6 +35,12 @@ PREFILL_PIECE = 512  # the longest prompt piece run as one step (a power of two)
 StepFn = Callable[..., Tensor]
 
 
+def kv_span(end: int, slots: int) -> int:
+    """Cache slots a step reads when the highest slot written is end - 1: end rounded up to a
+    multiple of KV_BUCKET, at most the cache's `slots`."""
+    return min(-(-end // KV_BUCKET) * KV_BUCKET, slots)
+
+
 def capture_graph(fn: Callable[[], object], pool: object = None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Capture fn() (over static inputs) in a CUDA graph after two warm-up runs on a side
     stream (they compile kernels and settle allocations); returns the graph and fn's output."""
@@ -93,8 +99,7 @@ class ModelRunner:
 
     def kv_len_for(self, end: int) -> int:
         """Cache slots to read when the highest slot written is end - 1."""
-        bucket = -(-end // KV_BUCKET) * KV_BUCKET
-        return min(bucket, self.max_len + self.scratch)
+        return kv_span(end, self.max_len + self.scratch)
 
     def _scratch_slots(self, n: int) -> Tensor:
         """The last n slots of the cache: warm-up runs really execute, so they write here."""

@@ -136,8 +136,7 @@ class Worker:
             return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=self.scratch)
         model = load_sharded(opts.draft, dtype, state, tp=False)
         ranks = self.drafting_ranks
-        layout = (LayerLayout.parse(opts.groups, draft_cfg.num_layers, len(ranks)) if opts.groups
-                  else LayerLayout.build(draft_cfg.num_layers, len(ranks), opts.keep_first, opts.keep_last))
+        layout = LayerLayout.choose(opts.groups, draft_cfg.num_layers, len(ranks), opts.keep_first, opts.keep_last)
         fuzzy = LayerParallelForward(model, layout, state.rank, len(ranks), state.subgroup(ranks),
                                      opts.parallel_policy)
         return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={"fuzzy": fuzzy}, scratch=self.scratch)

@@ -65,6 +65,13 @@ class LayerLayout:
         return cls(tuple(groups))
 
     @classmethod
+    def choose(cls, groups: str | None, num_layers: int, size: int, keep_first: int, keep_last: int) -> LayerLayout:
+        """The explicit grouping when one is given (--groups), else the built one."""
+        if groups:
+            return cls.parse(groups, num_layers, size)
+        return cls.build(num_layers, size, keep_first, keep_last)
+
+    @classmethod
     def parse(cls, spec: str, num_layers: int, size: int) -> LayerLayout:
         """An explicit grouping such as "0,1,2-3,4-5,6-7,8,9"."""
         groups = []
