@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.engine.runner import ModelRunner
 from easyspec.model.checkpoint import load_model
+from easyspec.runtime.runner import ModelRunner
 
 PROMPTS = [[1, 2, 3], [5, 9, 4, 4, 7, 1, 2], [100, 3, 27, 27, 27, 8]]
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from easyspec.engine.worker import load_sharded
 from easyspec.model.checkpoint import load_model
 from easyspec.model.kv_cache import SlotView
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
+from easyspec.parallel.tp import load_sharded
 
 
 def tp_logits(state, folder: str, tokens: list[int]):

@@ -15,8 +15,8 @@ import torch
 from engine_cases import PROMPTS, options, run
 
 from easyspec import Engine, EngineOptions
-from easyspec.engine import runner
 from easyspec.model.checkpoint import load_model
+from easyspec.runtime import runner
 
 
 class ReplayingGraph:

@@ -68,7 +68,7 @@ def test_cli_greedy_matches_hf_generate(family_ckpt):
 def test_prefill_in_pieces_matches_full_forward(family_ckpt):
     """A prompt of any length goes in power-of-two pieces (here 256 + 32 + 8 + 4, and a second
     call continuing it by 5); each piece's last logits equal the full forward's."""
-    from easyspec.engine.runner import ModelRunner, prefill_pieces
+    from easyspec.runtime.runner import ModelRunner, prefill_pieces
 
     _, folder, _ = family_ckpt
     model = load_model(folder)

@@ -39,7 +39,6 @@ import torch.multiprocessing as mp
 
 from easyspec.bench.core import fill_random_weights
 from easyspec.bench.project import load_acceptance, print_step_projection
-from easyspec.engine.runner import ModelRunner, capture_graph, kv_span
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.model.config import PRESETS, ModelConfig
@@ -49,6 +48,7 @@ from easyspec.parallel.launch import free_port, set_rendezvous
 from easyspec.parallel.layer_parallel import POLICIES, LayerLayout, LayerParallelForward, _ShardedMLP
 from easyspec.parallel.state import ParallelState, init_parallel, shutdown_parallel
 from easyspec.parallel.tp import TPError, check_divisible, shard_model
+from easyspec.runtime.runner import ModelRunner, capture_graph, kv_span
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from easyspec.engine.stats import StageTimer
+from easyspec.runtime.stats import StageTimer
 from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from easyspec.draft.base import Drafter
-from easyspec.engine.runner import ModelRunner
-from easyspec.engine.stats import StageTimer
+from easyspec.runtime.runner import ModelRunner
+from easyspec.runtime.stats import StageTimer
 from easyspec.verify.sampling import SamplingParams, process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from easyspec.draft.base import Drafter
-from easyspec.engine.stats import StageTimer
+from easyspec.runtime.stats import StageTimer
 from easyspec.verify.types import Proposal, Verdict
 
 

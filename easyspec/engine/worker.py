@@ -27,17 +27,16 @@ from easyspec.draft.model import ModelDrafter
 from easyspec.draft.ngram import NgramDrafter
 from easyspec.draft.tree import TreeDrafter
 from easyspec.engine.options import EngineOptions, OptionsError
-from easyspec.engine.runner import ModelRunner
-from easyspec.engine.stats import SpecStats, StageTimer
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
-from easyspec.model.checkpoint import load_config, load_weights, parse_dtype
+from easyspec.model.checkpoint import load_config, parse_dtype
 from easyspec.model.tokenizer import Tokenizer
-from easyspec.model.transformer import Transformer
 from easyspec.parallel import comm
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
 from easyspec.parallel.state import ParallelState
-from easyspec.parallel.tp import shard_model
+from easyspec.parallel.tp import load_sharded
+from easyspec.runtime.runner import ModelRunner
+from easyspec.runtime.stats import SpecStats, StageTimer
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
 from easyspec.verify.sampling import SamplingParams, process_logits, sample
 from easyspec.verify.tree import (
@@ -62,15 +61,6 @@ class Chunk:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
     stats: SpecStats = field(default_factory=SpecStats)
-
-
-def load_sharded(folder: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
-    """Load a model whole, or tensor-parallel over every rank when `tp` is set."""
-    cfg = load_config(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    slicer = shard_model(model, state.rank, state.world_size, state.group) if tp else None
-    return load_weights(model, folder, dtype, state.device, slicer).eval()
 
 
 class Worker:

@@ -7,7 +7,7 @@ all-gathered; the embedding stays whole on every rank (a lookup reads one row,
 so splitting it saves memory but no time).
 
 `shard_model` rewrites the modules' shapes and returns the slicer that makes the
-checkpoint loader read only this rank's bytes.
+checkpoint loader read only this rank's bytes; `load_sharded` puts the two together.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from easyspec.model.checkpoint import TensorSlice, TensorSlicer
+from easyspec.model.checkpoint import TensorSlice, TensorSlicer, load_config, load_weights
 from easyspec.model.config import ModelConfig
 from easyspec.model.transformer import Transformer
 from easyspec.parallel import comm
+from easyspec.parallel.state import ParallelState
 
 
 class TPError(ValueError):
@@ -103,3 +104,12 @@ def shard_model(model: Transformer, rank: int, tp: int, group: ProcessGroup | No
         return None
 
     return slicer
+
+
+def load_sharded(folder: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
+    """Load a model whole, or tensor-parallel over every rank when `tp` is set."""
+    cfg = load_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    slicer = shard_model(model, state.rank, state.world_size, state.group) if tp else None
+    return load_weights(model, folder, dtype, state.device, slicer).eval()

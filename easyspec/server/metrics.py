@@ -3,7 +3,7 @@
 Written by hand rather than with prometheus_client: the server needs a handful
 of counters and histograms, and one dependency fewer on the GPU image.
 
-Speculative counters follow vLLM's definitions (see easyspec.engine.stats):
+Speculative counters follow vLLM's definitions (see easyspec.runtime.stats):
 a draft is one verification round, mean acceptance length is
 1 + accepted tokens / drafts (the bonus or recovered token counted), so plain
 decoding reads 1.0. Updates come from the engine thread and the event loop,
