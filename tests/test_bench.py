@@ -113,7 +113,7 @@ def test_parse_sweep():
 
 def test_sweep_specs_skip_settings_that_cannot_run(pair_dir):
     from easyspec.bench.sweep import parse_sweep, sweep_specs
-    from easyspec.engine.options import EngineOptions
+    from easyspec.options import EngineOptions
 
     base = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / "deep"), devices=2)
     specs, skipped = sweep_specs(parse_sweep("layer_parallel=1,2,3;groups=auto|0,1-2,3-4,5,6,7"), base)

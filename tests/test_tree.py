@@ -22,7 +22,7 @@ from engine_cases import PROMPTS, assert_kv_matches_prefill, options, run
 from parallel_cases import tree_levels_fuzzy_vs_reference
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.engine.options import OptionsError
+from easyspec.options import OptionsError
 from easyspec.verify.rejection import verify_greedy
 from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import (

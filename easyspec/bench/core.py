@@ -24,10 +24,10 @@ import torch
 import torch.multiprocessing as mp
 
 from easyspec.engine.engine import Engine
-from easyspec.engine.options import EngineOptions
 from easyspec.model.checkpoint import load_config, parse_dtype, save_checkpoint
 from easyspec.model.config import PRESETS
 from easyspec.model.transformer import Transformer
+from easyspec.options import EngineOptions
 from easyspec.runtime.stats import STAGES
 from easyspec.verify.sampling import SamplingParams
 

@@ -13,8 +13,8 @@ from importlib.util import find_spec
 import torch
 
 from easyspec.bench.core import MethodResult, time_prompts
-from easyspec.engine.options import EngineOptions
 from easyspec.model.checkpoint import parse_dtype
+from easyspec.options import EngineOptions
 from easyspec.verify.sampling import SamplingParams
 
 LABEL = "hf transformers (1 device)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from easyspec.engine.options import (
+from easyspec.options import (
     CALIBRATION_POLICIES,
     DEFAULT_MODEL_DIR,
     METHODS,

@@ -26,11 +26,11 @@ from easyspec.draft.base import Drafter
 from easyspec.draft.model import ModelDrafter
 from easyspec.draft.ngram import NgramDrafter
 from easyspec.draft.tree import TreeDrafter
-from easyspec.engine.options import EngineOptions, OptionsError
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import load_config, parse_dtype
 from easyspec.model.tokenizer import Tokenizer
+from easyspec.options import EngineOptions, OptionsError
 from easyspec.parallel import comm
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
 from easyspec.parallel.state import ParallelState

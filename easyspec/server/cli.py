@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from easyspec.cli.args import add_engine_args, options_from_args
-from easyspec.engine.options import EngineOptions
+from easyspec.options import EngineOptions
 
 log = logging.getLogger("easyspec.server")
 

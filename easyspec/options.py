@@ -14,7 +14,7 @@ CALIBRATION_POLICIES = ("every-round", "on-mismatch", "never")
 TREE_SAMPLING = ("without-replacement", "with-replacement")
 MAX_TREE_NODES = 256
 DEFAULT_CONTEXT = 2048
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 
 
 class OptionsError(ValueError):
