@@ -1,9 +1,25 @@
 """easyspec: lossless layer-parallel speculative decoding for tensor-parallel LLM inference."""
 
-from easyspec.engine.engine import Engine
-from easyspec.engine.worker import Chunk
-from easyspec.options import EngineOptions
-from easyspec.verify.sampling import SamplingParams
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from easyspec.options import EngineOptions, SamplingParams
+
+if TYPE_CHECKING:
+    from easyspec.engine.engine import Engine
+    from easyspec.engine.worker import Chunk
 
 __all__ = ["Chunk", "Engine", "EngineOptions", "SamplingParams"]
 __version__ = "0.1.0"
+
+# Engine and Chunk bring torch with them: loaded on first use, so that `easyspec --help` and
+# option parsing (easyspec.options) stay light.
+_LAZY = {"Engine": "easyspec.engine.engine", "Chunk": "easyspec.engine.worker"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'easyspec' has no attribute {name!r}")

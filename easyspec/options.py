@@ -1,20 +1,80 @@
-"""Everything an Engine is built from, checked once with one-line errors."""
+"""Every setting an Engine or a request is built from: the names users type, their defaults
+(each written here once, read by the CLI, the server and the Python API) and their checks.
+
+Nothing here imports torch or any implementation: the implementations import these names
+(the method, the layer-parallel policy, calibration, tree sampling) and the predicates on
+them, never the reverse, so the CLI can parse its flags before loading anything heavy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from easyspec.parallel.layer_parallel import POLICIES
-
-METHODS = ("vanilla", "sd", "easyspec", "ngram")
-CALIBRATION_POLICIES = ("every-round", "on-mismatch", "never")
-TREE_SAMPLING = ("without-replacement", "with-replacement")
 MAX_TREE_NODES = 256
-DEFAULT_CONTEXT = 2048
+DEFAULT_CONTEXT = 2048  # KV cache length when --max-context is not given (and the models allow it)
+# The most tokens a request generates when it does not say: the Python API, `generate` and the
+# server's requests all read this one constant.
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+
+
+class Name(str, Enum):
+    """A name users type; compares equal to, prints as and serialises as its string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Method(Name):
+    VANILLA = "vanilla"  # plain decoding
+    SD = "sd"  # speculative decoding with a draft model run layer after layer
+    EASYSPEC = "easyspec"  # the draft's middle layers run layer-parallel over several ranks
+    NGRAM = "ngram"  # prompt lookup: no draft model
+
+    @property
+    def speculates(self) -> bool:
+        return self is not Method.VANILLA
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self in (Method.SD, Method.EASYSPEC)
+
+    @property
+    def is_layer_parallel(self) -> bool:
+        return self is Method.EASYSPEC
+
+
+class ParallelPolicy(Name):
+    """What the ranks of a layer-parallel group compute in parallel (easyspec.parallel.layer_parallel)."""
+
+    ATTENTION = "attention"
+    LAYER = "layer"
+    ATTENTION_TP_MLP = "attention+tp-mlp"
+
+
+class Calibration(Name):
+    """When a layer-parallel drafter rewrites its approximate KV with one exact forward."""
+
+    EVERY_ROUND = "every-round"
+    ON_MISMATCH = "on-mismatch"
+    NEVER = "never"
+
+
+class TreeSampling(Name):
+    """How a tree node's children are drawn from the draft distribution when sampling."""
+
+    WITHOUT_REPLACEMENT = "without-replacement"
+    WITH_REPLACEMENT = "with-replacement"
 
 
 class OptionsError(ValueError):
@@ -23,71 +83,86 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """One engine's settings; the field names are the CLI flags' (`num_draft` is --num-draft)."""
+
     model: str = str(DEFAULT_MODEL_DIR / "base")
     draft: str | None = None
-    method: str = "vanilla"
+    method: str = Method.VANILLA.value
     devices: int = 1
     device: str = "cpu"
     dtype: str = "float32"
-    num_draft: int = 4
-    adaptive_draft: bool = False  # raise k after full acceptance, lower it after rejections
+    num_draft: int = 4  # draft tokens along one path per round (a tree's depth unless tree_depth is set)
+    adaptive_draft: bool = False  # raise num_draft after full acceptance, lower it after rejections
     max_draft: int = 8  # upper bound of the adaptive schedule
     tree_width: int = 1  # nodes per tree level; 1 drafts a chain
-    tree_depth: int | None = None  # draft tokens along a path; None: num_draft
-    tree_sampling: str = "without-replacement"  # how a node's children are drawn from q when sampling
+    tree_depth: int | None = None  # a tree's num_draft; None: num_draft
+    tree_sampling: str = TreeSampling.WITHOUT_REPLACEMENT.value
     draft_tp: int = 1  # sd only: 1 = draft on rank 0, N = sharded like the base
     layer_parallel: int = 2  # easyspec only: drafting ranks
-    keep_first: int = 1
-    keep_last: int = 1
-    groups: str | None = None
-    parallel_policy: str = "attention"
-    calibrate: str = "every-round"
+    keep_first: int = 1  # easyspec: leading draft layers kept sequential
+    keep_last: int = 1  # easyspec: trailing draft layers kept sequential
+    groups: str | None = None  # easyspec: explicit layer groups, e.g. "0,1,2-3,4-5,6-7,8,9"
+    parallel_policy: str = ParallelPolicy.ATTENTION.value
+    calibrate: str = Calibration.EVERY_ROUND.value
     ngram_min: int = 1
     ngram_max: int = 4
-    max_context: int | None = None  # None: the smaller of 2048 and what the models support
+    max_context: int | None = None  # None: the smaller of DEFAULT_CONTEXT and what the models support
     cuda_graphs: bool = True
     fused_kernels: bool = True  # CUDA: norms, rotary and SiLU-gating as compiled single kernels
     p2p_collectives: bool = True  # CUDA: small all-reduces/all-gathers over symmetric memory, not NCCL
     profile_stages: bool = True  # synchronise the device at stage boundaries for exact stage times
-    timeout_s: float = 120.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def replace(self, **changes: object) -> EngineOptions:
         return dataclasses.replace(self, **changes)
 
+    # Predicates on the method (valid once `validate` has passed).
     @property
-    def depth(self) -> int:
-        """Draft tokens along one path: the chain's length, or the tree's depth."""
-        return self.num_draft if self.tree_depth is None else self.tree_depth
+    def speculates(self) -> bool:
+        return Method(self.method).speculates
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return Method(self.method).uses_draft_model
+
+    @property
+    def is_layer_parallel(self) -> bool:
+        return Method(self.method).is_layer_parallel
 
     @property
     def tree(self) -> bool:
         return self.tree_width > 1
 
     @property
-    def k_max(self) -> int:
-        """The most draft tokens one round can accept."""
-        return max(self.depth, self.max_draft) if self.adaptive_draft else self.depth
+    def initial_num_draft(self) -> int:
+        """num_draft of a request's first round: --tree-depth for a tree, else --num-draft."""
+        return self.num_draft if self.tree_depth is None else self.tree_depth
+
+    @property
+    def max_num_draft(self) -> int:
+        """The most draft tokens along one path (so the most one round can accept)."""
+        return max(self.initial_num_draft, self.max_draft) if self.adaptive_draft else self.initial_num_draft
 
     @property
     def draft_room(self) -> int:
         """Cache slots a round needs past the committed tokens: every draft token plus the bonus."""
-        return (self.tree_width * self.depth if self.tree else self.k_max) + 1
+        return (self.tree_width * self.initial_num_draft if self.tree else self.max_num_draft) + 1
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
             raise OptionsError(msg)
 
-        if self.method not in METHODS:
-            fail(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in Method.names():
+            fail(f"unknown --method {self.method!r}; choose one of {', '.join(Method.names())}")
         if self.device not in ("cpu", "cuda"):
             fail(f"unknown --device {self.device!r}; choose cpu or cuda")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             fail(f"unknown --dtype {self.dtype!r}; choose float32, bfloat16 or float16")
         if self.devices < 1:
             fail(f"--devices must be >= 1, got {self.devices}")
-        if self.method in ("sd", "easyspec") and not self.draft:
+        if self.uses_draft_model and not self.draft:
             fail(f"--method {self.method} needs a draft model: pass --draft DIR")
-        if self.method in ("vanilla", "ngram") and self.draft:
+        if not self.uses_draft_model and self.draft:
             fail(f"--method {self.method} uses no draft model; drop --draft or use --method sd/easyspec")
         if not 1 <= self.num_draft <= 32:
             fail(f"--num-draft must be between 1 and 32, got {self.num_draft}")
@@ -96,12 +171,13 @@ class EngineOptions:
         self._validate_tree(fail)
         if self.draft_tp not in (1, self.devices):
             fail(f"--draft-tp must be 1 or the number of devices ({self.devices}), got {self.draft_tp}")
-        if self.method == "easyspec" and not 1 <= self.layer_parallel <= self.devices:
+        if self.is_layer_parallel and not 1 <= self.layer_parallel <= self.devices:
             fail(f"--layer-parallel must be between 1 and --devices ({self.devices}), got {self.layer_parallel}")
-        if self.parallel_policy not in POLICIES:
-            fail(f"unknown --parallel-policy {self.parallel_policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.calibrate not in CALIBRATION_POLICIES:
-            fail(f"unknown --calibrate {self.calibrate!r}; choose one of {', '.join(CALIBRATION_POLICIES)}")
+        if self.parallel_policy not in ParallelPolicy.names():
+            fail(f"unknown --parallel-policy {self.parallel_policy!r}; "
+                 f"choose one of {', '.join(ParallelPolicy.names())}")
+        if self.calibrate not in Calibration.names():
+            fail(f"unknown --calibrate {self.calibrate!r}; choose one of {', '.join(Calibration.names())}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < 16:
@@ -114,19 +190,54 @@ class EngineOptions:
             fail(f"--tree-width must be between 1 and 64, got {self.tree_width}")
         if self.tree_depth is not None and not 1 <= self.tree_depth <= 32:
             fail(f"--tree-depth must be between 1 and 32, got {self.tree_depth}")
-        if self.tree_sampling not in TREE_SAMPLING:
-            fail(f"unknown --tree-sampling {self.tree_sampling!r}; choose one of {', '.join(TREE_SAMPLING)}")
+        if self.tree_sampling not in TreeSampling.names():
+            fail(f"unknown --tree-sampling {self.tree_sampling!r}; "
+                 f"choose one of {', '.join(TreeSampling.names())}")
         if not self.tree:
             return
-        if self.method not in ("sd", "easyspec"):
+        if not self.uses_draft_model:
             fail(f"--tree-width {self.tree_width} needs a draft model (--method sd or easyspec); "
                  f"--method {self.method} drafts chains only")
         if self.adaptive_draft:
             fail("--adaptive-draft changes the draft length every round, a tree's shape is fixed; "
                  "drop one of --adaptive-draft and --tree-width")
-        if self.method == "easyspec" and self.calibrate != "every-round":
+        if self.is_layer_parallel and self.calibrate != Calibration.EVERY_ROUND:
             fail(f"--calibrate {self.calibrate} applies to chains; tree drafting re-feeds the accepted path "
                  "exactly every round, so use --calibrate every-round or --tree-width 1")
-        if self.tree_width * self.depth > MAX_TREE_NODES:
-            fail(f"a tree of --tree-width {self.tree_width} x depth {self.depth} has more than "
+        if self.tree_width * self.initial_num_draft > MAX_TREE_NODES:
+            fail(f"a tree of --tree-width {self.tree_width} x depth {self.initial_num_draft} has more than "
                  f"{MAX_TREE_NODES} nodes; make it narrower or shallower")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # NaN fails every comparison, so each check is written to reject it.
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

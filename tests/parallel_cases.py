@@ -21,9 +21,9 @@ def tp_logits(state, folder: str, tokens: list[int]):
     return full, tail
 
 
-def reference_fuzzy(model, layout: LayerLayout, tokens, positions, cache, kv_len, mask=None):
-    """The formulas of method.md, written out serially: attention of a group's layers
-    all read the group's entry state h0; their outputs are added in layer order,
+def reference_layer_parallel(model, layout: LayerLayout, tokens, positions, cache, kv_len, mask=None):
+    """The formulas of easyspec.parallel.layer_parallel, written out serially: attention of a
+    group's layers all read the group's entry state h0; their outputs are added in layer order,
     each followed by that layer's MLP."""
     x = model.embed_tokens(tokens[None])
     step = model.step_inputs(positions, cache, kv_len, mask)
@@ -40,7 +40,7 @@ def reference_fuzzy(model, layout: LayerLayout, tokens, positions, cache, kv_len
 def layer_parallel_vs_reference(state, folder: str, groups: str, policy: str):
     model = load_model(folder)
     layout = LayerLayout.parse(groups, model.config.num_layers, state.world_size)
-    fuzzy = LayerParallelForward(model, layout, state.rank, state.world_size, state.group, policy)
+    forward = LayerParallelForward(model, layout, state.rank, state.world_size, state.group, policy)
     prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     steps = torch.tensor([5, 3, 5])
     with torch.no_grad():
@@ -50,9 +50,9 @@ def layer_parallel_vs_reference(state, folder: str, groups: str, policy: str):
         ours, ref = [], []
         for i, tok in enumerate(steps):
             pos = torch.tensor([8 + i])
-            ours.append(fuzzy(tok.view(1), pos, ours_cache, 64))
-            ref.append(reference_fuzzy(model, layout, tok.view(1), pos, ref_cache, 64))
-        fuzzy_keys = [k[:, :11].clone() for k in ours_cache.keys]
+            ours.append(forward(tok.view(1), pos, ours_cache, 64))
+            ref.append(reference_layer_parallel(model, layout, tok.view(1), pos, ref_cache, 64))
+        parallel_keys = [k[:, :11].clone() for k in ours_cache.keys]
         # Calibration: one exact forward over the same positions rewrites every layer's KV.
         model(steps, torch.arange(8, 11), ours_cache, 64)
         exact_cache = model.allocate_cache(64)
@@ -60,20 +60,20 @@ def layer_parallel_vs_reference(state, folder: str, groups: str, policy: str):
     return {
         "ours": torch.cat(ours),
         "ref": torch.cat(ref),
-        "fuzzy_keys": fuzzy_keys,
+        "parallel_keys": parallel_keys,
         "ref_keys": [k[:, :11] for k in ref_cache.keys],
         "calibrated_keys": [k[:, :11] for k in ours_cache.keys],
         "exact_keys": [k[:, :11] for k in exact_cache.keys],
     }
 
 
-def tree_levels_fuzzy_vs_reference(state, folder: str, groups: str):
+def tree_levels_layer_parallel_vs_reference(state, folder: str, groups: str):
     """Two tree levels through the layer-parallel forward (slots apart from positions, a tree
     mask) and through the serial formulas. The root sits at slot 7; level 1 holds two children
     at position 8 in slots 8 and 9, level 2 one child of each at position 9 in slots 10 and 11."""
     model = load_model(folder)
     layout = LayerLayout.parse(groups, model.config.num_layers, state.world_size)
-    fuzzy = LayerParallelForward(model, layout, state.rank, state.world_size, state.group)
+    forward = LayerParallelForward(model, layout, state.rank, state.world_size, state.group)
     prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     levels = [  # tokens, positions, slots, the tree slots each query sees
         ([5, 3], [8, 8], [8, 9], [[7, 8], [7, 9]]),
@@ -91,8 +91,8 @@ def tree_levels_fuzzy_vs_reference(state, folder: str, groups: str):
             for row, visible in enumerate(seen):
                 mask[row, visible] = True
             tokens, positions, slots = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
-            ours.append(fuzzy(tokens, positions, SlotView(ours_cache, slots), 64, mask))
-            ref.append(reference_fuzzy(model, layout, tokens, positions, SlotView(ref_cache, slots), 64, mask))
+            ours.append(forward(tokens, positions, SlotView(ours_cache, slots), 64, mask))
+            ref.append(reference_layer_parallel(model, layout, tokens, positions, SlotView(ref_cache, slots), 64, mask))
     return {
         "ours": torch.cat(ours),
         "ref": torch.cat(ref),

@@ -45,15 +45,15 @@ def test_layer_parallel_matches_formulas_and_calibration_is_exact(pair_dir, poli
     results = run_ranks(layer_parallel_vs_reference, 2, str(pair_dir / "deep"), "0,1-2,3-4,5,6-7", policy)
     for r in results:
         torch.testing.assert_close(r["ours"], r["ref"], atol=1e-4, rtol=1e-5)
-        for ours, ref in zip(r["fuzzy_keys"], r["ref_keys"], strict=True):
+        for ours, ref in zip(r["parallel_keys"], r["ref_keys"], strict=True):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
         for ours, exact in zip(r["calibrated_keys"], r["exact_keys"], strict=True):
             torch.testing.assert_close(ours, exact, atol=1e-5, rtol=1e-5)
-    # Both ranks hold the same fuzzy KV (the all-gather shares each layer's new entries).
-    for a, b in zip(results[0]["fuzzy_keys"], results[1]["fuzzy_keys"], strict=True):
+    # Both ranks hold the same layer-parallel KV (the all-gather shares each layer's new entries).
+    for a, b in zip(results[0]["parallel_keys"], results[1]["parallel_keys"], strict=True):
         assert torch.equal(a, b)
-    # Fuzzy drafting really is an approximation: fuzzy KV differs from exact KV somewhere.
-    assert any(not torch.allclose(f, e, atol=1e-4) for f, e in zip(results[0]["fuzzy_keys"],
+    # Layer-parallel drafting really is an approximation: its KV differs from exact KV somewhere.
+    assert any(not torch.allclose(f, e, atol=1e-4) for f, e in zip(results[0]["parallel_keys"],
                                                                     results[0]["exact_keys"], strict=True))
 
 

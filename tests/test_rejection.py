@@ -6,8 +6,9 @@ import pytest
 import torch
 from distribution_checks import chi_square, logits_with_argmax
 
+from easyspec.options import SamplingParams
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
-from easyspec.verify.sampling import SamplingParams, process_logits, sample
+from easyspec.verify.sampling import process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
 
 

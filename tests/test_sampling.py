@@ -14,7 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from easyspec.verify.sampling import SamplingParams, greedy, process_logits, sample
+from easyspec.options import SamplingParams
+from easyspec.verify.sampling import greedy, process_logits, sample
 
 # (temperature, top_k, top_p) combinations covering each filter alone, both
 # together, degenerate values (k >= V, k == 1) and tight/loose nucleus sizes.

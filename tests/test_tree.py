@@ -19,7 +19,7 @@ import torch
 from dist_utils import run_ranks
 from distribution_checks import chi_square, logits_with_argmax
 from engine_cases import PROMPTS, assert_kv_matches_prefill, options, run
-from parallel_cases import tree_levels_fuzzy_vs_reference
+from parallel_cases import tree_levels_layer_parallel_vs_reference
 
 from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.options import OptionsError
@@ -239,9 +239,9 @@ def test_wrong_tree_rules_are_detected(draw: str, verify_with_replacement: bool)
 
 
 def test_layer_parallel_tree_levels_match_reference(pair_dir):
-    """Fuzzy tree steps on 2 processes: logits and KV (at the nodes' own slots, on both
+    """Layer-parallel tree steps on 2 processes: logits and KV (at the nodes' own slots, on both
     ranks) as the serial formulas give them."""
-    results = run_ranks(tree_levels_fuzzy_vs_reference, 2, str(pair_dir / "deep"), "0,1-2,3-4,5,6-7")
+    results = run_ranks(tree_levels_layer_parallel_vs_reference, 2, str(pair_dir / "deep"), "0,1-2,3-4,5,6-7")
     for r in results:
         torch.testing.assert_close(r["ours"], r["ref"], atol=1e-4, rtol=1e-5)
         for ours, ref in zip(r["ours_keys"], r["ref_keys"], strict=True):
@@ -353,6 +353,6 @@ def test_tree_flags_reach_the_options():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--draft", "d", "--method", "sd",
                                       "--tree-width", "4", "--tree-depth", "5"])
     opts = options_from_args(args)
-    assert (opts.tree_width, opts.depth, opts.tree, opts.draft_room) == (4, 5, True, 21)
+    assert (opts.tree_width, opts.initial_num_draft, opts.tree, opts.draft_room) == (4, 5, True, 21)
     chain = options_from_args(build_parser().parse_args(["generate", "--prompt", "x", "--num-draft", "3"]))
-    assert (chain.tree, chain.depth, chain.draft_room) == (False, 3, 4)
+    assert (chain.tree, chain.initial_num_draft, chain.draft_room) == (False, 3, 4)

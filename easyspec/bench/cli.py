@@ -8,8 +8,9 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from easyspec.cli.args import add_engine_args, options_from_args
-from easyspec.verify.sampling import SamplingParams
+from easyspec.cli.args import ENGINE_DEFAULTS, SAMPLING_DEFAULTS, add_engine_args, options_from_args
+from easyspec.model.config import PRESETS
+from easyspec.options import Method, SamplingParams
 
 DEFAULT_METHODS = "vanilla,sd-tp1,sd-tpN,ngram,easyspec"
 SWEEP_HELP = ("EasySpec settings to sweep, each an easyspec row after the --methods rows: the cartesian product "
@@ -34,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--prompts", help="Spec-Bench jsonl file; default: random prompt ids")
     b.add_argument("--num-prompts", type=int, default=8)
     b.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS.max_new_tokens)
+    b.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS.temperature)
     b.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (spread reported)")
     b.add_argument("--warmup", type=int,
                    help="untimed prompts per method before the timed runs (default: every prompt once, so that "
@@ -49,6 +50,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--title", default="easyspec bench")
     b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
+
+
+def register_steps(sub: argparse._SubParsersAction) -> None:
+    """Add `bench-steps`; its module (torch, the models) is imported only when the command runs."""
+    p = sub.add_parser("bench-steps", help="time each stage's step at real shapes (random weights, CUDA)")
+    p.add_argument("--preset", default="llama-3.1-8b", help=f"base shape: {', '.join(PRESETS)}")
+    p.add_argument("--draft-preset", default="llama-3.2-1b", help="draft shape, or 'none'")
+    p.add_argument("--devices", type=int, default=2, help="GPUs: the base is tensor-parallel over all")
+    p.add_argument("--contexts", default="512,4096", help="comma list of context lengths")
+    p.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft,
+                   help="verification scores --num-draft + 1 tokens")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    p.add_argument("--no-fused-kernels", action="store_true", help="plain PyTorch norms/rotary/SiLU")
+    p.add_argument("--no-p2p-collectives", action="store_true", help="every collective through NCCL")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (one GPU)")
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--acceptance-from", metavar="BENCH_JSON",
+                   help="an end-to-end bench.json on a trained pair: also print speedups projected from these "
+                        "latencies and its measured acceptance (labelled projected)")
+    p.set_defaults(func=_cmd_bench_steps)
+
+
+def _cmd_bench_steps(args: argparse.Namespace) -> int:
+    from easyspec.bench.steps import cmd_bench_steps
+
+    return cmd_bench_steps(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -83,9 +110,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.draft = str(random_checkpoint(args.draft_preset, work / args.draft_preset, args.dtype, args.device,
                                            seed=1))
     if args.method is None:
-        args.method = "sd" if args.draft or args.model is None else "vanilla"
+        args.method = (Method.SD if args.draft or args.model is None else Method.VANILLA).value
     base = options_from_args(args)
-    if (grid or any(s.changes["method"] in ("sd", "easyspec") for s in specs)) and not base.draft:
+    draft_methods = {m.value for m in Method if m.uses_draft_model}
+    if (grid or any(s.changes["method"] in draft_methods for s in specs)) and not base.draft:
         raise ValueError("sd and easyspec rows need a draft: pass --draft DIR or --draft-preset NAME")
     swept, notes = sweep_specs(grid, base) if grid else ([], [])  # notes: one line per row not run
     specs += swept

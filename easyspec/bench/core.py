@@ -27,9 +27,8 @@ from easyspec.engine.engine import Engine
 from easyspec.model.checkpoint import load_config, parse_dtype, save_checkpoint
 from easyspec.model.config import PRESETS
 from easyspec.model.transformer import Transformer
-from easyspec.options import EngineOptions
+from easyspec.options import EngineOptions, SamplingParams
 from easyspec.runtime.stats import STAGES
-from easyspec.verify.sampling import SamplingParams
 
 
 @dataclass
@@ -214,7 +213,7 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
         measure_hf(result, base, prompts, params, repeats, warmup, report)
         return result
     options = base.replace(**spec.changes)
-    if options.method in ("vanilla", "ngram"):
+    if not options.uses_draft_model:
         options = options.replace(draft=None)
     result = MethodResult(spec.label, dataclasses.asdict(options))
     with Engine(options) as engine:

@@ -14,8 +14,7 @@ import torch
 
 from easyspec.bench.core import MethodResult, time_prompts
 from easyspec.model.checkpoint import parse_dtype
-from easyspec.options import EngineOptions
-from easyspec.verify.sampling import SamplingParams
+from easyspec.options import EngineOptions, SamplingParams
 
 LABEL = "hf transformers (1 device)"
 

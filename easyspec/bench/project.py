@@ -19,9 +19,11 @@ import json
 from pathlib import Path
 
 from easyspec.bench.core import MethodResult
+from easyspec.options import Method
 
 NOTE = "projected, not measured"
-PROJECTED_METHODS = ("sd", "easyspec")  # drafters whose round cost does not depend on the text
+# Drafters whose round cost does not depend on the text: those with a draft model.
+PROJECTED_METHODS = tuple(m.value for m in Method if m.uses_draft_model)
 
 
 def load_acceptance(path: str) -> dict[str, dict]:

@@ -43,12 +43,13 @@ from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.model.config import PRESETS, ModelConfig
 from easyspec.model.transformer import Transformer
+from easyspec.options import ParallelPolicy
 from easyspec.parallel import comm
 from easyspec.parallel.launch import free_port, set_rendezvous
-from easyspec.parallel.layer_parallel import POLICIES, LayerLayout, LayerParallelForward, _ShardedMLP
+from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward, ShardedMLP
 from easyspec.parallel.state import ParallelState, init_parallel, shutdown_parallel
 from easyspec.parallel.tp import TPError, check_divisible, shard_model
-from easyspec.runtime.runner import ModelRunner, capture_graph, kv_span
+from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner, capture_graph, kv_span
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class _Recorder:
             torch.cuda.synchronize()
 
 
-def _step(runner: ModelRunner, seq: int, context: int, mode: str = "exact") -> Callable[[], object]:
+def _step(runner: ModelRunner, seq: int, context: int, mode: str = EXACT) -> Callable[[], object]:
     tokens = torch.zeros(seq, dtype=torch.long, device=runner.device)
     return lambda: runner.forward(tokens, context - seq, mode)
 
@@ -209,11 +210,11 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
         del tp_runner, sharded
         free_memory()
     layout = LayerLayout.build(draft_cfg.num_layers, n, keep_first=1, keep_last=1)
-    for policy in POLICIES:
-        fuzzy = LayerParallelForward(whole, layout, rank, n, state.group, policy)
-        runner = ModelRunner(whole, max_len, use_graphs=True, steps={"fuzzy": fuzzy})
+    for policy in ParallelPolicy.names():
+        forward = LayerParallelForward(whole, layout, rank, n, state.group, policy)
+        runner = ModelRunner(whole, max_len, use_graphs=True, steps={LAYER_PARALLEL: forward})
         for ctx in cfg.contexts:
-            ms = time_ms(_step(runner, 1, ctx, "fuzzy"), cfg.iters)
+            ms = time_ms(_step(runner, 1, ctx, LAYER_PARALLEL), cfg.iters)
             rec.add(f"{name} step layer-parallel N={n} {policy}", ctx, ms, groups=str(layout))
         del runner
     _measure_parts(cfg, state, rec, whole, name)
@@ -237,7 +238,7 @@ def _measure_parts(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
         del cache
     rec.add(f"{name} one MLP sub-block", 0, time_ms(graphed(lambda: block.feed_forward(x)), cfg.iters))
     if n > 1:
-        split = _ShardedMLP(block, state.rank, n)
+        split = ShardedMLP(block, state.rank, n)
         rec.add(f"{name} one MLP split over {n} (with its all-reduce)", 0,
                 time_ms(graphed(lambda: split(x, state.group)), cfg.iters))
         payload = torch.randn(1, dim + 2 * kv, device=dev, dtype=cfg.dtype)
@@ -321,24 +322,6 @@ def markdown(rows: list[dict]) -> str:
         ratio = f"{ref / row['ms']:.2f}x" if ref and ("step" in what or "decode" in what) else ""
         lines.append(f"| {what} | {row['context'] or '-'} | {row['ms']:.3f} | {pct} | {ratio} |")
     return "\n".join(lines)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-steps", help="time each stage's step at real shapes (random weights, CUDA)")
-    p.add_argument("--preset", default="llama-3.1-8b", help=f"base shape: {', '.join(PRESETS)}")
-    p.add_argument("--draft-preset", default="llama-3.2-1b", help="draft shape, or 'none'")
-    p.add_argument("--devices", type=int, default=2, help="GPUs: the base is tensor-parallel over all")
-    p.add_argument("--contexts", default="512,4096", help="comma list of context lengths")
-    p.add_argument("--num-draft", type=int, default=4, help="k: verification scores k+1 tokens")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    p.add_argument("--no-fused-kernels", action="store_true", help="plain PyTorch norms/rotary/SiLU")
-    p.add_argument("--no-p2p-collectives", action="store_true", help="every collective through NCCL")
-    p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (one GPU)")
-    p.add_argument("--out", help="write the rows as JSON here")
-    p.add_argument("--acceptance-from", metavar="BENCH_JSON",
-                   help="an end-to-end bench.json on a trained pair: also print speedups projected from these "
-                        "latencies and its measured acceptance (labelled projected)")
-    p.set_defaults(func=cmd_bench_steps)
 
 
 def cmd_bench_steps(args: argparse.Namespace) -> int:

@@ -13,15 +13,15 @@ import statistics
 
 from easyspec.bench.core import MethodResult, MethodSpec
 from easyspec.model.checkpoint import load_config
-from easyspec.options import CALIBRATION_POLICIES, EngineOptions
-from easyspec.parallel.layer_parallel import POLICIES, LayerLayout
+from easyspec.options import Calibration, EngineOptions, ParallelPolicy
+from easyspec.parallel.layer_parallel import LayerLayout
 
 # Knob -> short name in row labels.
 SHORT = {"layer_parallel": "N", "num_draft": "k", "groups": "groups", "calibrate": "calibrate",
          "parallel_policy": "policy", "keep_first": "keep_first", "keep_last": "keep_last",
          "tree_width": "W", "tree_depth": "D"}
 _INT_MIN = {"layer_parallel": 1, "num_draft": 1, "keep_first": 0, "keep_last": 0, "tree_width": 1, "tree_depth": 1}
-_CHOICES = {"calibrate": CALIBRATION_POLICIES, "parallel_policy": POLICIES}
+_CHOICES = {"calibrate": Calibration.names(), "parallel_policy": ParallelPolicy.names()}
 _GROUPS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 

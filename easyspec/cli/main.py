@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     from easyspec.bench.cli import register as register_bench
-    from easyspec.bench.steps import register as register_steps
+    from easyspec.bench.cli import register_steps
     from easyspec.server.cli import register as register_serve
 
     register_serve(sub)

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from easyspec.draft.base import Drafter
+from easyspec.options import SamplingParams
 from easyspec.runtime.runner import ModelRunner
 from easyspec.runtime.stats import StageTimer
-from easyspec.verify.sampling import SamplingParams, process_logits, sample
+from easyspec.verify.sampling import process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
 
 

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from easyspec.draft.model import ModelDrafter
+from easyspec.options import SamplingParams
 from easyspec.runtime.runner import ModelRunner
 from easyspec.runtime.stats import StageTimer
-from easyspec.verify.sampling import SamplingParams, process_logits
+from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import choose_children, extend_ancestors, tree_depths, tree_mask
 from easyspec.verify.types import TreeProposal, Verdict
 

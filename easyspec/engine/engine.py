@@ -15,11 +15,10 @@ from multiprocessing.connection import Connection
 
 from easyspec.engine.worker import Chunk, Worker, check_pair
 from easyspec.model.checkpoint import load_config
-from easyspec.options import DEFAULT_CONTEXT, EngineOptions, OptionsError
+from easyspec.options import DEFAULT_CONTEXT, EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
 from easyspec.parallel.tp import check_divisible
-from easyspec.verify.sampling import SamplingParams
 
 
 class WorkerFailure(RuntimeError):

@@ -30,7 +30,7 @@ from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import load_config, parse_dtype
 from easyspec.model.tokenizer import Tokenizer
-from easyspec.options import EngineOptions, OptionsError
+from easyspec.options import EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel import comm
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
 from easyspec.parallel.state import ParallelState
@@ -38,7 +38,7 @@ from easyspec.parallel.tp import load_sharded
 from easyspec.runtime.runner import ModelRunner
 from easyspec.runtime.stats import SpecStats, StageTimer
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
-from easyspec.verify.sampling import SamplingParams, process_logits, sample
+from easyspec.verify.sampling import process_logits, sample
 from easyspec.verify.tree import (
     ancestors,
     path_moves,
@@ -92,9 +92,9 @@ class Worker:
         if options.p2p_collectives and state.device.type == "cuda":
             self._enable_p2p(dtype)
         self.draft_runner = self._load_draft(dtype) if state.rank in self.drafting_ranks else None
-        self.k = options.depth
+        self.k = options.initial_num_draft
         # Tree order: the root then W nodes per depth; positions are root + depth, slots root + index.
-        self.tree_depths = tree_depths(options.tree_width, options.depth, state.device)  # [1 + N]
+        self.tree_depths = tree_depths(options.tree_width, options.initial_num_draft, state.device)  # [1 + N]
         self.tree_order = torch.arange(self.tree_depths.shape[0], device=state.device)  # [1 + N]
 
     def _drafting_ranks(self) -> tuple[int, ...]:
@@ -139,9 +139,9 @@ class Worker:
             return None
         gen = torch.Generator(self.state.device).manual_seed(seed + 1)
         if opts.tree:
-            return TreeDrafter(self.draft_runner, params, gen, opts.tree_width, opts.depth,
+            return TreeDrafter(self.draft_runner, params, gen, opts.tree_width, opts.initial_num_draft,
                                fuzzy=opts.method == "easyspec", sampling=opts.tree_sampling)
-        return ModelDrafter(self.draft_runner, params, gen, opts.k_max, fuzzy=opts.method == "easyspec",
+        return ModelDrafter(self.draft_runner, params, gen, opts.max_num_draft, fuzzy=opts.method == "easyspec",
                             calibrate=opts.calibrate)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -192,7 +192,7 @@ class Worker:
         seed = self._agree_seed(params.seed)
         generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
         text = StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None
-        self.k = self.options.depth
+        self.k = self.options.initial_num_draft
         begin = time.perf_counter()
 
         with timer.stage("prefill"):
@@ -257,7 +257,7 @@ class Worker:
                     timer: StageTimer) -> Decision:
         """Draft a tree, score it in one base forward, decide, and move the accepted path's base KV
         to consecutive slots after the root (`position`, where `last` [1] sits)."""
-        depth = self.options.depth
+        depth = self.options.initial_num_draft
         tree = self._propose_tree(drafter, timer)
         with timer.stage("verify"):
             end = position + 1 + tree.num_tokens
@@ -281,7 +281,7 @@ class Worker:
 
     def _propose_tree(self, drafter: Drafter | None, timer: StageTimer) -> TreeProposal:
         """A tree from the drafting ranks; ranks that don't draft get its tokens and parents."""
-        n, device = self.options.tree_width * self.options.depth, self.state.device
+        n, device = self.options.tree_width * self.options.initial_num_draft, self.state.device
         tree = drafter.propose(self.k, timer) if drafter is not None else None
         if len(self.drafting_ranks) < self.state.world_size:
             packed = (torch.cat((tree.tokens, tree.parents)) if tree is not None
@@ -306,7 +306,7 @@ class Worker:
         if not self.options.adaptive_draft or self.options.method == "ngram":
             return
         if verdict.all_accepted:
-            self.k = min(self.k + 1, self.options.k_max)
+            self.k = min(self.k + 1, self.options.max_num_draft)
         else:
             self.k = max(self.k - 1, 1)
 
@@ -315,7 +315,7 @@ class Worker:
         """Rank 0 applies EOS / length / stop strings / cancellation to the candidate
         tokens and broadcasts the result; every rank returns the same Decision.
         `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV."""
-        k_max = self.options.k_max
+        k_max = self.options.max_num_draft
         if self.state.is_driver:
             tokens, reason = [], 0
             budget = params.max_new_tokens - stats.generated

@@ -1,4 +1,4 @@
-"""EasySpec layer-parallel ("fuzzy") draft forward.
+"""EasySpec layer-parallel draft forward (the paper's "fuzzy" speculation).
 
 The draft is replicated on the N drafting ranks. Its layers are cut into
 consecutive groups; a group of one layer runs as usual on every drafting rank
@@ -16,7 +16,8 @@ runs as follows on drafting rank r:
       MLP, so the ranks share the MLP bytes instead of all reading all of them;
       the LM head is split by vocabulary the same way (one all-gather).
 
-Every rank ends a group with the same h, so no broadcast is needed.
+Every rank ends a group with the same h, so no broadcast is needed. The policy
+names are easyspec.options.ParallelPolicy.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from torch.distributed import ProcessGroup
 from easyspec.model import kernels
 from easyspec.model.kv_cache import KVCache, SlotView
 from easyspec.model.transformer import Block, Transformer
+from easyspec.options import ParallelPolicy
 from easyspec.parallel import comm
 from easyspec.parallel.tp import VocabParallelHead
-
-POLICIES = ("attention", "layer", "attention+tp-mlp")
 
 
 class LayoutError(ValueError):
@@ -100,7 +100,7 @@ class LayerLayout:
             raise LayoutError(f"--groups: group {too_big[0]} has more layers than --layer-parallel {size}")
 
 
-class _ShardedMLP(nn.Module):
+class ShardedMLP(nn.Module):
     """This rank's 1/n of one draft MLP (rows of gate and up, columns of down)."""
 
     def __init__(self, block: Block, rank: int, n: int) -> None:
@@ -118,7 +118,7 @@ class _ShardedMLP(nn.Module):
 
 
 class LayerParallelForward:
-    """The fuzzy forward of a replicated draft: fn(tokens, positions, cache, kv_len) -> logits."""
+    """The layer-parallel forward of a replicated draft: fn(tokens, positions, cache, kv_len) -> logits."""
 
     def __init__(
         self,
@@ -127,27 +127,27 @@ class LayerParallelForward:
         rank: int,
         size: int,
         group: ProcessGroup | None,
-        policy: str = "attention",
+        policy: str = ParallelPolicy.ATTENTION,
     ) -> None:
-        if policy not in POLICIES:
-            raise LayoutError(f"unknown parallel policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy not in ParallelPolicy.names():
+            raise LayoutError(f"unknown parallel policy {policy!r}; choose one of {', '.join(ParallelPolicy.names())}")
         layout.validate(model.config.num_layers, size)
-        if policy == "attention+tp-mlp" and model.config.intermediate_size % size:
+        if policy == ParallelPolicy.ATTENTION_TP_MLP and model.config.intermediate_size % size:
             raise LayoutError(
                 f"policy attention+tp-mlp needs the draft's intermediate_size "
                 f"({model.config.intermediate_size}) divisible by --layer-parallel {size}"
             )
         self.model, self.layout, self.rank, self.size = model, layout, rank, size
         self.group, self.policy = group, policy
-        self.sharded_mlps: dict[int, _ShardedMLP] = {}
-        if policy == "attention+tp-mlp":
+        self.sharded_mlps: dict[int, ShardedMLP] = {}
+        if policy == ParallelPolicy.ATTENTION_TP_MLP:
             for g in layout.groups:
                 if len(g) > 1:
-                    self.sharded_mlps.update({i: _ShardedMLP(model.layers[i], rank, size) for i in g})
+                    self.sharded_mlps.update({i: ShardedMLP(model.layers[i], rank, size) for i in g})
         # tp-mlp also splits the LM head (the largest single read of a small draft) by vocabulary.
         self.head: VocabParallelHead | None = None
         vocab = model.config.vocab_size
-        if policy == "attention+tp-mlp" and size > 1 and vocab % size == 0:
+        if policy == ParallelPolicy.ATTENTION_TP_MLP and size > 1 and vocab % size == 0:
             part = vocab // size
             with torch.device("meta"):
                 self.head = VocabParallelHead(model.config.hidden_size, part, group)
@@ -180,7 +180,7 @@ class LayerParallelForward:
         if mine is not None:
             block = layers[mine]
             update = block.attention(h0, step)
-            if self.policy == "layer":
+            if self.policy == ParallelPolicy.LAYER:
                 update = update + block.feed_forward(h0 + update)
             keys = cache.keys[mine].index_select(1, slots).transpose(0, 1).reshape(seq, kv)
             values = cache.values[mine].index_select(1, slots).transpose(0, 1).reshape(seq, kv)
@@ -197,8 +197,8 @@ class LayerParallelForward:
         x = h0
         for layer, update in zip(g, updates, strict=True):
             x = x + update
-            if self.policy == "attention":
+            if self.policy == ParallelPolicy.ATTENTION:
                 x = x + layers[layer].feed_forward(x)
-            elif self.policy == "attention+tp-mlp":
+            elif self.policy == ParallelPolicy.ATTENTION_TP_MLP:
                 x = x + self.sharded_mlps[layer](x, self.group)
         return x

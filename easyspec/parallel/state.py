@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-# A collective that has not finished by then means a peer is dead or stuck.
-DEFAULT_TIMEOUT_S = 120.0
+from easyspec.options import DEFAULT_TIMEOUT_S
 
 
 @dataclass

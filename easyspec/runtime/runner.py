@@ -1,7 +1,7 @@
 """Runs a model's fixed-shape steps, captured as CUDA graphs where possible.
 
-A step is keyed by (mode, T, L): the forward function ("exact" or a drafter's
-"fuzzy" one), the number of tokens and how many cache slots attention reads.
+A step is keyed by (mode, T, L): the forward function (EXACT, the model itself, or
+LAYER_PARALLEL, a layer-parallel draft's), the number of tokens and how many cache slots attention reads.
 L is rounded up to a multiple of `KV_BUCKET` so that the attention cost follows
 the context length while only a handful of graphs exist. Each key is captured
 once, on first use, after a warm-up that writes only to scratch slots at the
@@ -27,6 +27,10 @@ from torch import Tensor
 
 from easyspec.model.kv_cache import SlotView
 from easyspec.model.transformer import Transformer
+
+# Step names: the model's own forward, and a layer-parallel draft's (easyspec.parallel.layer_parallel).
+EXACT = "exact"
+LAYER_PARALLEL = "layer-parallel"
 
 KV_BUCKET = 256
 PREFILL_PIECE = 512  # the longest prompt piece run as one step (a power of two)
@@ -92,7 +96,7 @@ class ModelRunner:
         self.use_graphs = use_graphs and graphs_supported(self.device)
         # The model itself is the exact step (same call signature); a bound method here
         # would make every runner a reference cycle that outlives `del`.
-        self.steps: dict[str, StepFn] = {"exact": model, **(steps or {})}
+        self.steps: dict[str, StepFn] = {EXACT: model, **(steps or {})}
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = new_graph_pool() if self.use_graphs else None
         self._arange = torch.arange(max_len + scratch, device=self.device)
@@ -107,7 +111,7 @@ class ModelRunner:
         return self._arange[end - n : end].clone()
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, start: int, mode: str = "exact") -> Tensor:
+    def forward(self, tokens: Tensor, start: int, mode: str = EXACT) -> Tensor:
         """tokens: [T] long on the model's device, at positions start .. start+T-1.
 
         Returns float32 logits [T, V]. Under CUDA graphs the tensor is the graph's
@@ -129,7 +133,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_masked(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
-                       mode: str = "exact") -> Tensor:
+                       mode: str = EXACT) -> Tensor:
         """One forward with explicit positions, write slots and attention mask.
 
         tokens, positions, slots: [T] long; mask: [T, L] bool (True = attend) with
@@ -206,7 +210,7 @@ class ModelRunner:
         if start + tokens.shape[0] > self.max_len:
             raise ValueError(f"a prompt ending at position {start + tokens.shape[0] - 1} does not fit the "
                              f"KV cache ({self.max_len} slots)")
-        model = self.steps["exact"]
+        model = self.steps[EXACT]
         logits = None
         pos = start
         for size in prefill_pieces(tokens.shape[0]):

@@ -11,7 +11,7 @@
 
 Stages: `calibrate` is the exact draft forward that opens each round (it feeds
 the tokens committed last round; under easyspec it also rewrites the KV written
-by fuzzy steps), `draft` the remaining draft steps, `verify` the base model's
+by layer-parallel steps), `draft` the remaining draft steps, `verify` the base model's
 forward plus acceptance, `prefill` the prompt. Stage times are only exact when
 the timer synchronises the device, which costs a little; it is optional.
 """

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from easyspec.engine.engine import Engine
+from easyspec.options import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
-    DEFAULT_MAX_TOKENS,
     ApiError,
     GenerationRequest,
     ResponseShape,
@@ -23,7 +23,6 @@ from easyspec.server.protocol import (
     parse_completion,
 )
 from easyspec.server.scheduler import Delta, Job, Scheduler
-from easyspec.verify.sampling import SamplingParams
 
 log = logging.getLogger("easyspec.server")
 
@@ -118,7 +117,7 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
 def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
     options = engine.options
     room = options.max_context - len(prompt_ids) - options.draft_room
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, room))
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
     try:
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                                 max_new_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)

@@ -20,8 +20,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_MAX_TOKENS = 256
-
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

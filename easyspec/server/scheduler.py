@@ -29,9 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from easyspec.engine.engine import Engine
+from easyspec.options import SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import ApiError
-from easyspec.verify.sampling import SamplingParams
 
 log = logging.getLogger("easyspec.server")
 

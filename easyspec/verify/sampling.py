@@ -1,4 +1,4 @@
-"""Sampling parameters, logits processing and token sampling.
+"""Logits processing and token sampling for the settings in ``SamplingParams`` (easyspec.options).
 
 Everything here is pure tensor code that never synchronises with the host, so
 it can run inside a captured CUDA graph: the only Python-level branches depend
@@ -14,46 +14,13 @@ sampling would correct towards the wrong distribution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "greedy", "process_logits", "sample"]
+from easyspec.options import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` means greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        # NaN fails every comparison, so each check is written to reject it.
-        if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+__all__ = ["greedy", "process_logits", "sample"]
 
 
 def greedy(logits: Tensor) -> Tensor:
