@@ -100,4 +100,4 @@ def test_kv_rollback_equals_fresh_prefill(pair_dir):
         fed = prompt + ids[:-1]  # the newest token has not been through either model yet
         worker = engine.worker
         assert_kv_matches_prefill(worker.base, pair_dir / "base", fed, len(fed))
-        assert_kv_matches_prefill(worker.draft_runner, pair_dir / "far", fed, len(fed) - 1)
+        assert_kv_matches_prefill(worker.drafting.runner, pair_dir / "far", fed, len(fed) - 1)

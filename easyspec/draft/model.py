@@ -1,19 +1,20 @@
 """Drafting with a small model of the base model's family.
 
 Two flavours share this class: sequential drafting (standard speculative
-decoding, the draft at TP=1 or sharded like the base) and EasySpec's fuzzy
-drafting, where every step after the first runs the draft's layers in parallel
-groups (easyspec.parallel.layer_parallel).
+decoding, the draft at TP=1 or sharded like the base) and EasySpec's
+layer-parallel drafting, where every step after the first runs the draft's
+layers in parallel groups (easyspec.parallel.layer_parallel) and so writes
+approximate KV.
 
 Each round opens with one exact forward over the tokens whose draft KV is
 missing or not exact, padded to a fixed length so its shape never changes:
 in standard SD that is last round's bonus (and the last draft token when all
 were accepted); under EasySpec calibration it is every token committed last
-round, which rewrites the KV that fuzzy steps wrote. Its last logits give the
+round, which rewrites the KV that layer-parallel steps wrote. Its last logits give the
 first draft token, so calibration costs no extra step.
 
 Bookkeeping, as positions in the committed sequence:
-  written_upto: positions below hold draft KV of committed tokens (exact or fuzzy)
+  written_upto: positions below hold draft KV of committed tokens (exact or approximate)
   exact_upto:   positions below hold exact draft KV
 """
 
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor
 
 from easyspec.draft.base import Drafter
-from easyspec.options import SamplingParams
-from easyspec.runtime.runner import ModelRunner
+from easyspec.options import Calibration, SamplingParams
+from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
 from easyspec.verify.sampling import process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
@@ -36,21 +37,21 @@ class ModelDrafter(Drafter):
         runner: ModelRunner,
         params: SamplingParams,
         generator: torch.Generator | None,
-        k_max: int,
-        fuzzy: bool = False,
-        calibrate: str = "every-round",
+        max_num_draft: int,
+        layer_parallel: bool = False,
+        calibrate: str = Calibration.EVERY_ROUND,
     ) -> None:
+        """layer_parallel: draft steps after a round's first run the runner's LAYER_PARALLEL step."""
         self.runner = runner
         self.params = params
         self.generator = generator
-        self.fuzzy = fuzzy
-        self.name = "easyspec" if fuzzy else "sd"
+        self.layer_parallel = layer_parallel
         self.calibrate = calibrate
-        self.chunk = k_max + 1  # the fixed token count of the opening exact forward
+        self.opening_len = max_num_draft + 1  # the fixed token count of the opening exact forward
         self.tokens: list[int] = []
         self.written_upto = self.exact_upto = 0
         self.calibrate_next = False
-        self.last_k = 0
+        self.last_num_draft = 0
 
     def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer) -> None:
         device = self.runner.device
@@ -76,41 +77,41 @@ class ModelDrafter(Drafter):
         device = self.runner.device
         pending = self.tokens[start:]
         logits = None
-        for begin in range(0, len(pending), self.chunk):
-            piece = pending[begin : begin + self.chunk]
-            padded = torch.zeros(self.chunk, dtype=torch.long)
+        for begin in range(0, len(pending), self.opening_len):
+            piece = pending[begin : begin + self.opening_len]
+            padded = torch.zeros(self.opening_len, dtype=torch.long)
             padded[: len(piece)] = torch.tensor(piece)
             logits = self.runner.forward(padded.to(device, non_blocking=True), start + begin)
             last = len(piece) - 1
         return logits[last]
 
     @torch.inference_mode()
-    def propose(self, k: int, timer: StageTimer) -> Proposal:
+    def propose(self, num_draft: int, timer: StageTimer) -> Proposal:
         last_pos = len(self.tokens) - 1
         start = self.exact_upto if self.calibrate_next else self.written_upto
         with timer.stage("calibrate"):
             token, probs = self._sample(self._feed_exact(start))
         self.written_upto = self.exact_upto = last_pos + 1
         drafted, dists = [token], [probs]
-        mode = "fuzzy" if self.fuzzy else "exact"
+        mode = LAYER_PARALLEL if self.layer_parallel else EXACT
         with timer.stage("draft"):
-            for i in range(1, k):
+            for i in range(1, num_draft):
                 logits = self.runner.forward(drafted[-1].view(1), last_pos + i, mode)
                 token, probs = self._sample(logits[0])
                 drafted.append(token)
                 dists.append(probs)
-        self.last_k = k
+        self.last_num_draft = num_draft
         q = None if self.params.greedy else torch.stack(dists)
         return Proposal(torch.stack(drafted), q)
 
     def observe(self, verdict: Verdict) -> None:
         last_pos = len(self.tokens) - 1
         self.tokens.extend(verdict.tokens)
-        # Draft tokens 1..k-1 were fed at positions last_pos+1 .. last_pos+k-1; those
-        # that were accepted keep their KV, the rest will be overwritten.
-        self.written_upto = last_pos + 1 + min(verdict.accepted, self.last_k - 1)
-        if not self.fuzzy:
+        # Draft tokens 1..n-1 (n = last_num_draft) were fed at positions last_pos+1 .. last_pos+n-1;
+        # those that were accepted keep their KV, the rest will be overwritten.
+        self.written_upto = last_pos + 1 + min(verdict.accepted, self.last_num_draft - 1)
+        if not self.layer_parallel:
             self.exact_upto = self.written_upto
-        self.calibrate_next = self.calibrate == "every-round" or (
-            self.calibrate == "on-mismatch" and not verdict.all_accepted
+        self.calibrate_next = self.calibrate == Calibration.EVERY_ROUND or (
+            self.calibrate == Calibration.ON_MISMATCH and not verdict.all_accepted
         )

@@ -17,8 +17,6 @@ from easyspec.verify.types import Proposal, Verdict
 
 
 class NgramDrafter(Drafter):
-    name = "ngram"
-
     def __init__(self, device: torch.device, min_ngram: int = 1, max_ngram: int = 4) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -42,17 +40,17 @@ class NgramDrafter(Drafter):
                 latest = self.index.get(key)
                 self.index[key] = (end, latest[0] if latest else -1)
 
-    def lookup(self, k: int) -> list[int]:
+    def lookup(self, num_draft: int) -> list[int]:
         seq = self.tokens
         for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
             _, earlier = self.index.get(tuple(seq[-n:]), (0, -1))
             if earlier > 0:
-                return seq[earlier : earlier + k]
+                return seq[earlier : earlier + num_draft]
         return []
 
-    def propose(self, k: int, timer: StageTimer) -> Proposal:
+    def propose(self, num_draft: int, timer: StageTimer) -> Proposal:
         with timer.stage("draft"):
-            found = self.lookup(k)
+            found = self.lookup(num_draft)
         return Proposal(torch.tensor(found, dtype=torch.long, device=self.device))
 
     def observe(self, verdict: Verdict) -> None:

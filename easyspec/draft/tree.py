@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from easyspec.draft.model import ModelDrafter
-from easyspec.options import SamplingParams
-from easyspec.runtime.runner import ModelRunner
+from easyspec.options import SamplingParams, TreeSampling
+from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
 from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import choose_children, extend_ancestors, tree_depths, tree_mask
@@ -39,11 +39,12 @@ class TreeDrafter(ModelDrafter):
         generator: torch.Generator | None,
         width: int,
         depth: int,
-        fuzzy: bool = False,
-        sampling: str = "without-replacement",
+        layer_parallel: bool = False,
+        sampling: str = TreeSampling.WITHOUT_REPLACEMENT,
     ) -> None:
-        """sampling: how a node's children are drawn from q when not greedy (easyspec.verify.tree)."""
-        super().__init__(runner, params, generator, k_max=depth, fuzzy=fuzzy)
+        """depth: the tree's num_draft; sampling: how a node's children are drawn from q when not
+        greedy (easyspec.verify.tree)."""
+        super().__init__(runner, params, generator, max_num_draft=depth, layer_parallel=layer_parallel)
         self.width, self.depth = width, depth
         self.rule = "greedy" if params.greedy else sampling
         device = runner.device
@@ -61,8 +62,8 @@ class TreeDrafter(ModelDrafter):
         return process_logits(logits, self.params)
 
     @torch.inference_mode()
-    def propose(self, k: int, timer: StageTimer) -> TreeProposal:
-        """A tree of the drafter's fixed width and depth (k is not used: the shape never changes)."""
+    def propose(self, num_draft: int, timer: StageTimer) -> TreeProposal:
+        """A tree of the drafter's fixed width and depth (num_draft is not used: the shape never changes)."""
         width, depth = self.width, self.depth
         n = width * depth
         device = self.runner.device
@@ -71,7 +72,7 @@ class TreeDrafter(ModelDrafter):
             root_logits = self._feed_exact(self.written_upto)  # [V]
         self.written_upto = self.exact_upto = root + 1
         kv_len = self.runner.kv_len_for(root + 1 + n)
-        mode = "fuzzy" if self.fuzzy else "exact"
+        mode = LAYER_PARALLEL if self.layer_parallel else EXACT
 
         tokens = torch.empty(n, dtype=torch.long, device=device)
         parents = torch.empty(n, dtype=torch.long, device=device)

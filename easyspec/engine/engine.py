@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
-from easyspec.engine.worker import Chunk, Worker, check_pair
+from easyspec.draft.setup import check_draft
+from easyspec.engine.worker import Chunk, Worker
 from easyspec.model.checkpoint import load_config
 from easyspec.options import DEFAULT_CONTEXT, EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
@@ -50,10 +51,15 @@ def preflight(options: EngineOptions) -> EngineOptions:
     if options.devices > 1:
         check_divisible(base, options.devices, "base model")
     if options.draft:
-        draft = load_config(options.draft)
-        check_pair(base, draft, options)
-        if options.method == "sd" and options.draft_tp > 1:
-            check_divisible(draft, options.draft_tp, "draft model")
+        check_draft(base, load_config(options.draft), options)
+    if base.max_position_embeddings < options.max_context:
+        raise OptionsError(
+            f"--max-context {options.max_context} exceeds the base model's "
+            f"max_position_embeddings ({base.max_position_embeddings}); lower it"
+        )
+    if options.tree_width > base.vocab_size:
+        raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
+                           f"({base.vocab_size} tokens); lower it")
     if options.device == "cuda":
         import torch
 

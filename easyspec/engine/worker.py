@@ -1,38 +1,38 @@
-"""One rank's part of generation: load the models, then run requests in lockstep.
+"""One rank's part of generation: the round loop.
 
 Every rank runs the same loop; rank 0 drives. After each base-model step it
 decides what is committed (verification, EOS, length, stop strings,
 cancellation) and broadcasts that decision, so all ranks agree on every token
-and on when to stop. The loop per round is
-    propose (drafting ranks) -> score (base forward, all ranks) -> verify (rank 0)
-    -> broadcast decision -> observe (all ranks).
-With --tree-width > 1 the proposal is a tree (easyspec.verify.tree): its
-tokens and parents go to any rank that does not draft, the base scores it in
-one forward with a tree mask, and every rank then moves the accepted path's
-base KV into place.
+and on when to stop. A round has one of three shapes, each a method below that
+returns the round's Decision:
+    plain (nothing drafts): one base step, one token;
+    chain: propose -> score (one base forward over the last token and the draft)
+        -> verify (rank 0) -> broadcast decision -> observe (all ranks);
+    tree (--tree-width > 1, easyspec.verify.tree): the same with a tree, scored
+        in one forward with a tree mask, after which every rank moves the
+        accepted path's base KV into place.
+Everything about drafting (which ranks draft, the draft model, the request's
+Drafter, sharing proposals with ranks that do not draft) is easyspec.draft.setup's.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from easyspec.draft.base import Drafter
-from easyspec.draft.model import ModelDrafter
-from easyspec.draft.ngram import NgramDrafter
-from easyspec.draft.tree import TreeDrafter
+from easyspec.draft.setup import Drafting
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import load_config, parse_dtype
 from easyspec.model.tokenizer import Tokenizer
 from easyspec.options import EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel import comm
-from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
 from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import load_sharded
 from easyspec.runtime.runner import ModelRunner
@@ -63,6 +63,18 @@ class Chunk:
     stats: SpecStats = field(default_factory=SpecStats)
 
 
+@dataclass
+class Request:
+    """What the rounds of one request share."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # rank 0's, for the tokens it samples from the base
+    stats: SpecStats
+    timer: StageTimer
+    text: StopText | None  # rank 0's stop-string watcher and detokenizer
+    drafter: Drafter | None = None  # None: plain decoding
+
+
 class Worker:
     def __init__(self, options: EngineOptions, state: ParallelState) -> None:
         self.options, self.state = options, state
@@ -70,79 +82,22 @@ class Worker:
         kernels.use_fused(options.fused_kernels and state.device.type == "cuda")
         self.tokenizer = Tokenizer.from_folder(options.model)
         self.base_config = load_config(options.model)
-        if self.base_config.max_position_embeddings < options.max_context:
-            raise OptionsError(
-                f"--max-context {options.max_context} exceeds the base model's "
-                f"max_position_embeddings ({self.base_config.max_position_embeddings}); lower it"
-            )
-        if options.tree_width > self.base_config.vocab_size:
-            raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
-                               f"({self.base_config.vocab_size} tokens); lower it")
-        tp = state.world_size > 1
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
-        self.scratch = max(64, options.draft_room)
-        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp), options.max_context,
-                                options.cuda_graphs, scratch=self.scratch)
+        scratch = max(64, options.draft_room)
+        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1),
+                                options.max_context, options.cuda_graphs, scratch=scratch)
         self.eos = set(self.base_config.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token:
             eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)
             if eos_id is not None:
                 self.eos.add(eos_id)
-        self.drafting_ranks = self._drafting_ranks()
         if options.p2p_collectives and state.device.type == "cuda":
-            self._enable_p2p(dtype)
-        self.draft_runner = self._load_draft(dtype) if state.rank in self.drafting_ranks else None
-        self.k = options.initial_num_draft
+            comm.enable_p2p(state.group, state.device, (dtype,))  # collective: every rank takes part
+        self.drafting = Drafting(options, state, dtype, scratch)
+        self.num_draft = options.initial_num_draft  # draft tokens along one path this round
         # Tree order: the root then W nodes per depth; positions are root + depth, slots root + index.
         self.tree_depths = tree_depths(options.tree_width, options.initial_num_draft, state.device)  # [1 + N]
         self.tree_order = torch.arange(self.tree_depths.shape[0], device=state.device)  # [1 + N]
-
-    def _drafting_ranks(self) -> tuple[int, ...]:
-        opts, world = self.options, self.state.world_size
-        if opts.method == "sd":
-            return tuple(range(opts.draft_tp))
-        if opts.method == "easyspec":
-            ranks = tuple(range(opts.layer_parallel))
-            self.state.make_subgroups([ranks])  # collective: every rank takes part
-            return ranks
-        return tuple(range(world))
-
-    def _enable_p2p(self, dtype: torch.dtype) -> None:
-        """Peer-to-peer collectives for the base's group and the drafting group (each a collective call)."""
-        state = self.state
-        comm.enable_p2p(state.group, state.device, (dtype,))
-        ranks = self.drafting_ranks
-        if self.options.method == "easyspec" and len(ranks) > 1 and state.rank in ranks:
-            comm.enable_p2p(state.subgroup(ranks), state.device, (dtype,))
-
-    def _load_draft(self, dtype: torch.dtype) -> ModelRunner | None:
-        opts, state = self.options, self.state
-        if opts.method not in ("sd", "easyspec"):
-            return None
-        draft_cfg = load_config(opts.draft)
-        check_pair(self.base_config, draft_cfg, opts)
-        if opts.method == "sd":
-            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1)
-            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=self.scratch)
-        model = load_sharded(opts.draft, dtype, state, tp=False)
-        ranks = self.drafting_ranks
-        layout = LayerLayout.choose(opts.groups, draft_cfg.num_layers, len(ranks), opts.keep_first, opts.keep_last)
-        fuzzy = LayerParallelForward(model, layout, state.rank, len(ranks), state.subgroup(ranks),
-                                     opts.parallel_policy)
-        return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={"fuzzy": fuzzy}, scratch=self.scratch)
-
-    def _make_drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
-        opts = self.options
-        if opts.method == "ngram":
-            return NgramDrafter(self.state.device, opts.ngram_min, opts.ngram_max)
-        if self.draft_runner is None:
-            return None
-        gen = torch.Generator(self.state.device).manual_seed(seed + 1)
-        if opts.tree:
-            return TreeDrafter(self.draft_runner, params, gen, opts.tree_width, opts.initial_num_draft,
-                               fuzzy=opts.method == "easyspec", sampling=opts.tree_sampling)
-        return ModelDrafter(self.draft_runner, params, gen, opts.max_num_draft, fuzzy=opts.method == "easyspec",
-                            calibrate=opts.calibrate)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -188,51 +143,83 @@ class Worker:
     def _rounds(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
         device = self.state.device
         stats = SpecStats()
-        timer = StageTimer(stats, device, self.options.profile_stages)
         seed = self._agree_seed(params.seed)
-        generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
-        text = StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None
-        self.k = self.options.initial_num_draft
+        req = Request(
+            params,
+            torch.Generator(device).manual_seed(seed) if self.state.is_driver else None,
+            stats,
+            StageTimer(stats, device, self.options.profile_stages),
+            StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None,
+        )
+        self.num_draft = self.options.initial_num_draft
         begin = time.perf_counter()
 
-        with timer.stage("prefill"):
+        with req.timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
-            first = self._pick(logits[None], params, generator)
-        decision = self._decide(first, 0, params, stats, text)
-        chunk = self._chunk(decision, stats, text, begin)
+            first = self._pick(logits[None], params, req.generator)
+        decision = self._decide(first, 0, req)
+        chunk = self._chunk(decision, stats, req.text, begin)
         yield chunk
-        drafter = self._make_drafter(params, seed)
-        if drafter is not None and not chunk.finished:
-            drafter.start(prompt_ids, decision.tokens[0], timer)
+        # The drafter starts after the first token is out: its prefill does not delay it.
+        req.drafter = self.drafting.drafter(params, seed)
+        if req.drafter is not None and not chunk.finished:
+            req.drafter.start(prompt_ids, decision.tokens[0], req.timer)
+        run_round: Callable[[Request, Tensor, int], Decision] = (
+            self._plain_round if req.drafter is None else self._tree_round if self.options.tree else self._chain_round
+        )
         position = len(prompt_ids)  # where the newest committed token sits
         while not chunk.finished:
-            last = torch.tensor([decision.tokens[-1]], device=device)
-            if self.options.method == "vanilla":
-                with timer.stage("verify"):
-                    picked = self._pick(self.base.forward(last, position), params, generator)
-                decision = self._decide(picked, 0, params, stats, text)
-                stats.rounds += 1
-                position += 1
-            elif self.options.tree:
-                decision = self._tree_round(drafter, last, position, params, generator, stats, text, timer)
-                position += len(decision.tokens)
-            else:
-                proposal = self._propose(drafter, timer)
-                with timer.stage("verify"):
-                    logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [k+1, V]
-                    verdict = self._verify(proposal, logits, params, generator)
-                drafted = proposal.num_tokens
-                decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
-                                        params, stats, text)
-                stats.record_round(drafted, decision.accepted)
-                position += len(decision.tokens)
-                if not decision.finished:
-                    verdict = Verdict(decision.accepted, decision.tokens, drafted)
-                    if drafter is not None:
-                        drafter.observe(verdict)
-                    self._adapt(verdict)
-            chunk = self._chunk(decision, stats, text, begin)
+            last = torch.tensor([decision.tokens[-1]], device=device)  # [1]
+            decision = run_round(req, last, position)
+            position += len(decision.tokens)
+            chunk = self._chunk(decision, stats, req.text, begin)
             yield chunk
+
+    def _plain_round(self, req: Request, last: Tensor, position: int) -> Decision:
+        """One base step after `last` [1] (at `position`): one token."""
+        with req.timer.stage("verify"):
+            picked = self._pick(self.base.forward(last, position), req.params, req.generator)
+        decision = self._decide(picked, 0, req)
+        req.stats.rounds += 1
+        return decision
+
+    def _chain_round(self, req: Request, last: Tensor, position: int) -> Decision:
+        """Draft a chain, score it in one base forward after `last` [1] (at `position`), decide, observe."""
+        proposal = req.drafter.propose(self.num_draft, req.timer)
+        with req.timer.stage("verify"):
+            logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [n + 1, V]
+            verdict = self._verify(proposal, logits, req)
+        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0, req)
+        drafted = proposal.num_tokens
+        req.stats.record_round(drafted, decision.accepted)
+        if not decision.finished:
+            # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
+            verdict = Verdict(decision.accepted, decision.tokens, drafted)
+            req.drafter.observe(verdict)
+            self._adapt(verdict)
+        return decision
+
+    def _tree_round(self, req: Request, last: Tensor, position: int) -> Decision:
+        """Draft a tree, score it in one base forward after `last` [1] (at `position`), decide, move
+        the accepted path's base KV to consecutive slots after the root, observe."""
+        depth = self.num_draft  # a tree's shape is fixed: no adapting
+        tree = req.drafter.propose(depth, req.timer)
+        with req.timer.stage("verify"):
+            end = position + 1 + tree.num_tokens
+            anc = tree.ancestors if tree.ancestors is not None else ancestors(tree.parents, tree.width)
+            mask = tree_mask(anc, position, self.base.kv_len_for(end))
+            logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
+                                              position + self.tree_order, mask)  # [1 + N, V]
+            verdict = self._verify(tree, logits, req)
+        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
+                                req, verdict.nodes if verdict else ())
+        req.stats.record_round(depth, decision.accepted)
+        if not decision.finished:
+            moves = torch.tensor(path_moves(decision.nodes, position, depth), device=last.device)  # [2, n]: src, dst
+            self.base.move_kv(moves[0], moves[1])
+            # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
+            req.drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
+        return decision
 
     def _pick(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
         """Rank 0 chooses the next token from the base logits [1, V]; others wait for the decision."""
@@ -242,83 +229,37 @@ class Worker:
             return [int(logits[-1].argmax())]
         return [int(sample(process_logits(logits[-1:], params), generator)[0])]
 
-    def _propose(self, drafter: Drafter | None, timer: StageTimer) -> Proposal:
-        """Draft tokens on the drafting ranks, shared with the others when some don't draft."""
-        if drafter is not None:
-            proposal = drafter.propose(self.k, timer)
-        else:
-            proposal = Proposal(torch.empty(self.k, dtype=torch.long, device=self.state.device))
-        if len(self.drafting_ranks) < self.state.world_size:
-            comm.broadcast(proposal.tokens, 0, self.state.group)
-        return proposal
-
-    def _tree_round(self, drafter: Drafter | None, last: Tensor, position: int, params: SamplingParams,
-                    generator: torch.Generator | None, stats: SpecStats, text: StopText | None,
-                    timer: StageTimer) -> Decision:
-        """Draft a tree, score it in one base forward, decide, and move the accepted path's base KV
-        to consecutive slots after the root (`position`, where `last` [1] sits)."""
-        depth = self.options.initial_num_draft
-        tree = self._propose_tree(drafter, timer)
-        with timer.stage("verify"):
-            end = position + 1 + tree.num_tokens
-            anc = tree.ancestors if tree.ancestors is not None else ancestors(tree.parents, tree.width)
-            mask = tree_mask(anc, position, self.base.kv_len_for(end))
-            logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
-                                              position + self.tree_order, mask)  # [1 + N, V]
-            verdict = None
-            if self.state.is_driver:
-                verdict = (verify_tree_greedy(tree, logits) if params.greedy
-                           else verify_tree_stochastic(tree, process_logits(logits, params), generator))
-        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
-                                params, stats, text, verdict.nodes if verdict else ())
-        stats.record_round(depth, decision.accepted)
-        if not decision.finished:
-            moves = torch.tensor(path_moves(decision.nodes, position, depth), device=last.device)  # [2, n]: src, dst
-            self.base.move_kv(moves[0], moves[1])
-            if drafter is not None:
-                drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
-        return decision
-
-    def _propose_tree(self, drafter: Drafter | None, timer: StageTimer) -> TreeProposal:
-        """A tree from the drafting ranks; ranks that don't draft get its tokens and parents."""
-        n, device = self.options.tree_width * self.options.initial_num_draft, self.state.device
-        tree = drafter.propose(self.k, timer) if drafter is not None else None
-        if len(self.drafting_ranks) < self.state.world_size:
-            packed = (torch.cat((tree.tokens, tree.parents)) if tree is not None
-                      else torch.empty(2 * n, dtype=torch.long, device=device))  # [2N]
-            comm.broadcast(packed, 0, self.state.group)
-            if tree is None:
-                tree = TreeProposal(packed[:n], packed[n:], torch.ones(n, dtype=torch.bool, device=device),
-                                    self.options.tree_width)
-        return tree
-
-    def _verify(self, proposal: Proposal, logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> Verdict | None:
+    def _verify(self, proposal: Proposal | TreeProposal, logits: Tensor, req: Request) -> Verdict | None:
+        """Rank 0's verdict from the base logits (chain [n + 1, V], tree [1 + N, V]); None on the other ranks."""
         if not self.state.is_driver:
             return None
-        if params.greedy:
-            return verify_greedy(proposal, logits)
-        return verify_stochastic(proposal, process_logits(logits, params), generator)
+        tree = isinstance(proposal, TreeProposal)
+        if req.params.greedy:
+            return (verify_tree_greedy if tree else verify_greedy)(proposal, logits)
+        probs = process_logits(logits, req.params)
+        return (verify_tree_stochastic if tree else verify_stochastic)(proposal, probs, req.generator)
 
     def _adapt(self, verdict: Verdict) -> None:
         """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
-        Every rank sees the same verdicts, so every rank picks the same k."""
-        if not self.options.adaptive_draft or self.options.method == "ngram":
+        Every rank sees the same verdicts, so every rank picks the same num_draft."""
+        if not self.drafting.adaptive:
             return
         if verdict.all_accepted:
-            self.k = min(self.k + 1, self.options.max_num_draft)
+            self.num_draft = min(self.num_draft + 1, self.options.max_num_draft)
         else:
-            self.k = max(self.k - 1, 1)
+            self.num_draft = max(self.num_draft - 1, 1)
 
-    def _decide(self, candidates: list[int], accepted: int, params: SamplingParams,
-                stats: SpecStats, text: StopText | None, nodes: tuple[int, ...] = ()) -> Decision:
+    def _decide(self, candidates: list[int], accepted: int, req: Request, nodes: tuple[int, ...] = ()) -> Decision:
         """Rank 0 applies EOS / length / stop strings / cancellation to the candidate
         tokens and broadcasts the result; every rank returns the same Decision.
-        `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV."""
-        k_max = self.options.max_num_draft
+        `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV.
+
+        The decision is the only verification result the other ranks see: the rounds rebuild
+        the Verdict their drafters observe from it (accepted count and committed tokens)."""
+        params, text, max_num_draft = req.params, req.text, self.options.max_num_draft
         if self.state.is_driver:
             tokens, reason = [], 0
-            budget = params.max_new_tokens - stats.generated
+            budget = params.max_new_tokens - req.stats.generated
             for token in candidates:
                 tokens.append(token)
                 if token in self.eos and not params.ignore_eos:
@@ -333,18 +274,19 @@ class Worker:
                 tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
             if reason == 0 and self._cancel:
                 reason = FINISH_REASONS.index("cancelled")
-            # [count, accepted, reason, nodes padded to k_max, tokens]
-            message = [len(tokens), accepted, reason, *nodes, *[0] * (k_max - len(nodes)), *tokens]
+            # [count, accepted, reason, nodes padded to max_num_draft, tokens]
+            message = [len(tokens), accepted, reason, *nodes, *[0] * (max_num_draft - len(nodes)), *tokens]
         if self.state.distributed:
-            box = torch.zeros(3 + 2 * k_max + 1, dtype=torch.long)
+            box = torch.zeros(3 + 2 * max_num_draft + 1, dtype=torch.long)
             if self.state.is_driver:
                 box[: len(message)] = torch.tensor(message)
             box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
             message = box.tolist()
         count, accepted, reason = message[:3]
         nodes = tuple(message[3 : 3 + accepted]) if self.options.tree else ()
-        decision = Decision(message[3 + k_max : 3 + k_max + count], accepted, FINISH_REASONS[reason], nodes)
-        stats.generated += count
+        tokens = message[3 + max_num_draft : 3 + max_num_draft + count]
+        decision = Decision(tokens, accepted, FINISH_REASONS[reason], nodes)
+        req.stats.generated += count
         return decision
 
     def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
@@ -363,17 +305,3 @@ class Decision:
     @property
     def finished(self) -> bool:
         return self.reason is not None
-
-
-def check_pair(base, draft, options: EngineOptions) -> None:
-    """A draft must speak the base model's vocabulary and reach the same context length."""
-    if draft.vocab_size != base.vocab_size:
-        raise OptionsError(
-            f"the draft's vocab_size ({draft.vocab_size}) differs from the base model's "
-            f"({base.vocab_size}); use a draft of the same family and tokenizer"
-        )
-    if draft.max_position_embeddings < options.max_context:
-        raise OptionsError(
-            f"the draft's max_position_embeddings ({draft.max_position_embeddings}) is shorter than "
-            f"--max-context {options.max_context}; lower --max-context"
-        )
