@@ -206,11 +206,11 @@ def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
 def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
              params: SamplingParams, repeats: int, warmup: int | None, report: Callable[[str], None]) -> MethodResult:
     if spec.changes["method"] == "hf":
-        from easyspec.bench.hf import measure_hf
+        from easyspec.bench.hf import hf_generate
 
         result = MethodResult(spec.label, {"method": "hf", "model": base.model, "device": base.device,
                                            "dtype": base.dtype, "devices": 1})
-        measure_hf(result, base, prompts, params, repeats, warmup, report)
+        time_prompts(result, prompts, repeats, warmup, hf_generate(base, params), report)
         return result
     options = base.replace(**spec.changes)
     if not options.uses_draft_model:

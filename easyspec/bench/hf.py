@@ -12,7 +12,6 @@ from importlib.util import find_spec
 
 import torch
 
-from easyspec.bench.core import MethodResult, time_prompts
 from easyspec.model.checkpoint import parse_dtype
 from easyspec.options import EngineOptions, SamplingParams
 
@@ -26,10 +25,10 @@ def transformers_missing() -> str | None:
     return None
 
 
-def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[str, list[int]]], params: SamplingParams,
-               repeats: int, warmup: int | None, report: Callable[[str], None]) -> None:
-    """Fill `result` with HF generate's tokens/s per prompt. HF gives no per-stage
-    times, so the stats hold no stage keys and the table shows '-' there."""
+def hf_generate(base: EngineOptions, params: SamplingParams) -> Callable[[list[int]], tuple[list[int], float, dict]]:
+    """Load the base folder into HF transformers and return run(prompt ids) -> (output ids, seconds,
+    stats), the shape the bench's timing loop takes. HF gives no per-stage times, so the stats hold
+    no stage keys and the table shows '-' there."""
     import transformers as tf
 
     tf.utils.logging.set_verbosity_error()
@@ -63,4 +62,4 @@ def measure_hf(result: MethodResult, base: EngineOptions, prompts: list[tuple[st
                                  "mean_accepted_length": 1.0, "acceptance_rate": 0.0, "total_s": elapsed,
                                  "tokens_per_s": n / elapsed}
 
-    time_prompts(result, prompts, repeats, warmup, run, report)
+    return run
