@@ -83,7 +83,7 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """One engine's settings; the field names are the CLI flags' (`num_draft` is --num-draft)."""
+    """One engine's settings, named after the CLI flags (`num_draft` is --num-draft)."""
 
     model: str = str(DEFAULT_MODEL_DIR / "base")
     draft: str | None = None

@@ -6,9 +6,10 @@ synchronous so that they can be captured inside CUDA graphs.
 
 On CUDA a group can be given a peer-to-peer path (`enable_p2p`): small
 floating-point all-reduces then run as one kernel that reads every peer's copy
-of a symmetric-memory buffer directly over NVLink, a few microseconds instead
-of NCCL's ~17 inside a graph, and small all-gathers ride on the same kernel
-(each rank fills its own slot of a zeroed stack, and the sum is the stack).
+of a symmetric-memory buffer directly over NVLink, cheaper than an NCCL launch
+inside a graph (BENCHMARKS.md section 1 has what it bought), and small
+all-gathers ride on the same kernel (each rank fills its own slot of a zeroed
+stack, and the sum is the stack).
 Anything larger than the buffer, or of another dtype, goes through NCCL.
 """
 

@@ -59,13 +59,12 @@ Committing the accepted path's KV. Base: the accepted nodes' entries are
 copied to consecutive slots P + 1 .. P + a (`path_moves`, one fixed-shape
 copy of D entries per layer). Re-running them instead would cost another base
 forward, which at batch 1 reads every weight once: for a 70B model about
-140 GB against a copy of 2 * layers * D * Hkv * hd values (~1.6 MB at D = 5).
-Measured on CPU with the bundled demo base (8 layers, D = 5, context 300):
-the copy takes 0.06 ms, re-running the path 8.6 ms.
+140 GB against a copy of 2 * layers * D * Hkv * hd values (~1.6 MB at D = 5);
+BENCHMARKS.md section 7 has the two timed on the demo base.
 Draft: the accepted tokens are re-run, because every round opens with one
 exact draft forward of a fixed D + 1 tokens anyway (easyspec.draft.model);
 feeding the accepted path through it costs nothing extra, and under EasySpec
-it is the calibration that makes the fuzzy KV exact.
+it is the calibration that makes the layer-parallel KV exact.
 """
 
 from __future__ import annotations
