@@ -13,7 +13,7 @@ import statistics
 
 from easyspec.bench.core import MethodResult, MethodSpec
 from easyspec.engine.options import CALIBRATION_POLICIES, EngineOptions
-from easyspec.model.checkpoint import load_config
+from easyspec.model.loader import load_config
 from easyspec.parallel.layer_parallel import POLICIES, LayerLayout
 
 # Knob -> short name in row labels.

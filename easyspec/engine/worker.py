@@ -31,8 +31,8 @@ from easyspec.engine.runner import ModelRunner
 from easyspec.engine.stats import SpecStats, StageTimer
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
-from easyspec.model.checkpoint import load_config, load_weights, parse_dtype
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.checkpoint import parse_dtype
+from easyspec.model.loader import load_config, load_tokenizer, load_weights
 from easyspec.model.transformer import Transformer
 from easyspec.parallel import comm
 from easyspec.parallel.layer_parallel import LayerLayout, LayerParallelForward
@@ -78,7 +78,7 @@ class Worker:
         self.options, self.state = options, state
         dtype = parse_dtype(options.dtype)
         kernels.use_fused(options.fused_kernels and state.device.type == "cuda")
-        self.tokenizer = Tokenizer.from_folder(options.model)
+        self.tokenizer = load_tokenizer(options.model)
         self.base_config = load_config(options.model)
         if self.base_config.max_position_embeddings < options.max_context:
             raise OptionsError(
