@@ -1,11 +1,12 @@
 """Small GGUF files written the way llama.cpp's converter writes them, for tests.
 
-`write_gguf` takes a Hugging Face model (see hf_models.py) and a byte-level BPE
-tokenizer.json and writes llama.cpp's metadata keys and tensor names, with
-Llama's q/k rows permuted as llama.cpp stores them and Llama-3 RoPE scaling
-as a rope_freqs tensor. Each 2-D weight gets the quantization type `types`
-assigns it: quantized by the gguf library where it can, else (K-quants, IQ4_NL)
-filled with random blocks whose scales are set to small finite values.
+`write_gguf` takes a Hugging Face model (see hf_models.py) and a vocabulary (a
+byte-level BPE tokenizer.json's, or a SentencePiece one trained here) and writes
+llama.cpp's metadata keys and tensor names, with Llama's q/k rows permuted as
+llama.cpp stores them and Llama-3 RoPE scaling as a rope_freqs tensor. Each 2-D
+weight gets the quantization type `types` assigns it: quantized by the gguf
+library where it can, else (K-quants, IQ4_NL) filled with random blocks whose
+scales are set to small finite values.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from tokenizers import SentencePieceBPETokenizer
 
 Q = gguf.GGMLQuantizationType
-CONTROL, NORMAL = 3, 1
+NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # llama.cpp's token types
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -38,19 +41,44 @@ _HF_TO_GGUF = {
 }
 
 
-def tokenizer_vocab(tokenizer_json: Path, extra_control: tuple[str, ...] = CHAT_TOKENS):
-    """(tokens, token types, merges) of a byte-level BPE tokenizer.json, plus control tokens appended."""
+@dataclass
+class Vocab:
+    """Tokenizer metadata as llama.cpp writes it."""
+
+    model: str  # tokenizer.ggml.model
+    tokens: list[str]
+    types: list[int]
+    bos: int
+    eos: int
+    merges: list[str] | None = None  # byte-level BPE
+    scores: list[float] | None = None  # SentencePiece
+
+
+def byte_level_vocab(tokenizer_json: Path, extra_control: tuple[str, ...] = CHAT_TOKENS) -> Vocab:
+    """A byte-level BPE tokenizer.json's vocabulary, plus control tokens appended; EOS is <|im_end|>."""
     data = json.loads(Path(tokenizer_json).read_text())
     vocab = data["model"]["vocab"]
     tokens = [None] * len(vocab)
     for token, i in vocab.items():
         tokens[i] = token
     special = {t["content"] for t in data["added_tokens"] if t["special"]}
-    types = [CONTROL if t in special else NORMAL for t in tokens]
+    types = [CONTROL if t in special else NORMAL for t in tokens] + [CONTROL] * len(extra_control)
     tokens += list(extra_control)
-    types += [CONTROL] * len(extra_control)
     merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
-    return tokens, types, merges
+    return Vocab("gpt2", tokens, types, 0, tokens.index("<|im_end|>"), merges=merges)
+
+
+def sentencepiece_vocab(texts: list[str], size: int) -> Vocab:
+    """A SentencePiece-style BPE vocabulary as Llama 2's GGUF files hold one: <unk> <s> </s>, the 256 byte
+    tokens, then pieces trained on `texts` scored by merge order (earlier merges score higher)."""
+    trainer = SentencePieceBPETokenizer()
+    trainer.train_from_iterator(texts, vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"],
+                                show_progress=False)
+    pieces = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])][3:]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return Vocab("llama", tokens, types, 1, 2, scores=scores)
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,11 +96,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, model, tokenizer_json: Path, *, arch: str = "llama", pre: str = "gpt-2",
-               types: Callable[[str], Q] = lambda name: Q.F32, add_bos: bool = True, seed: int = 0,
-               skip: tuple[str, ...] = ()) -> Path:
-    """Write `model` (a transformers causal LM) as `path`; `skip` names tensors, metadata keys or
-    "tokenizer" (all tokenizer metadata) to leave out."""
+def write_gguf(path: Path, model, vocab: Vocab | Path, *, arch: str = "llama", pre: str = "gpt-2",
+               types: Callable[[str], Q] = lambda name: Q.F32, seed: int = 0, skip: tuple[str, ...] = ()) -> Path:
+    """Write `model` (a transformers causal LM) as `path`, with `vocab` (or the byte-level vocabulary of a
+    tokenizer.json); `skip` names tensors, metadata keys or "tokenizer" (all tokenizer metadata) to leave out."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -91,17 +118,20 @@ def write_gguf(path: Path, model, tokenizer_json: Path, *, arch: str = "llama", 
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    tokens, token_types, merges = tokenizer_vocab(tokenizer_json)
+    vocab = vocab if isinstance(vocab, Vocab) else byte_level_vocab(vocab)
     if "tokenizer" not in skip:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(0)
-        w.add_eos_token_id(tokens.index("<|im_end|>"))
-        w.add_pad_token_id(1)
-        w.add_add_bos_token(add_bos)
+        w.add_tokenizer_model(vocab.model)
+        if vocab.model == "gpt2":
+            w.add_tokenizer_pre(pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        if vocab.merges is not None:
+            w.add_token_merges(vocab.merges)
+        if vocab.scores is not None:
+            w.add_token_scores(vocab.scores)
+        w.add_bos_token_id(vocab.bos)
+        w.add_eos_token_id(vocab.eos)
+        w.add_add_bos_token(True)
         w.add_chat_template(CHAT_TEMPLATE)
 
     scaling = rope if rope.get("rope_type") == "llama3" else None

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import CHAT_TEMPLATE, CHAT_TOKENS, hf_logits, random_blocks, write_gguf
+from gguf_files import CHAT_TEMPLATE, CHAT_TOKENS, hf_logits, random_blocks, sentencepiece_vocab, write_gguf
 from hf_models import make_hf_checkpoint
 from tokenizers import AddedToken, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -215,6 +215,24 @@ def test_split_rules_match_transformers(tmp_path, pre):
     theirs = _tf().AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in TEXTS + ["abc123456789 x 1 22 333 4444", "I'M here, YOU'LL see\n\n  \tok"]:
         assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    """tokenizer.ggml.model 'llama' (Llama 2, Mistral 7B): merges from the scores, '\u2581' for spaces, bytes
+    outside the vocabulary as <0xNN> tokens, BOS added; as transformers reads the same file, except that
+    transformers puts no space in front of a text that starts with one (SentencePiece and llama.cpp do)."""
+    vocab = sentencepiece_vocab((ROOT / "README.md").read_text().split("\n\n"), 600)
+    hf = make_hf_checkpoint("llama2", tmp_path / "hf", vocab_size=len(vocab.tokens), num_hidden_layers=1)
+    path = write_gguf(tmp_path / "spm.gguf", hf, vocab)
+    ours = load_tokenizer(path)
+    theirs = _tf().AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS + ["the model runs on several GPUs", "  two leading spaces", "\n"]:
+        ids = ours.encode(text)
+        if not text[0].isspace():
+            assert ids == theirs(text)["input_ids"], text
+        assert ids[0] == 1 and ours.decode(ids) == text  # leading spaces too: one prefix space added, one dropped
+    # The prefix space, then the emoji's four bytes as <0xNN> tokens (ids 3..258).
+    assert ours.encode("🙂", add_special_tokens=False) == [ours.token_id("\u2581")] + [3 + b for b in "🙂".encode()]
 
 
 # --- convert ---------------------------------------------------------------------------------------

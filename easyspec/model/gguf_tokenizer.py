@@ -1,13 +1,13 @@
 """The tokenizer a GGUF file describes, rebuilt as a `tokenizers` Tokenizer.
 
 A GGUF file has no tokenizer.json: it stores the vocabulary (tokenizer.ggml.tokens),
-the BPE merges, each token's type (normal, control, user-defined, ...), the
-special token ids, the chat template and, in tokenizer.ggml.pre, the name of the
-pre-tokenizer the vocabulary was trained with (llama.cpp keeps one split rule
-per name). From these this module builds the tokenizer.json of the original
-Hugging Face model: byte-level BPE with that split rule, control tokens as
-special added tokens, user-defined ones as plain added tokens, and BOS/EOS
-added where the metadata asks.
+the BPE merges (or, for SentencePiece vocabularies, scores), each token's type
+(normal, control, user-defined, byte, ...), the special token ids, the chat
+template and, in tokenizer.ggml.pre, the name of the pre-tokenizer a byte-level
+vocabulary was trained with (llama.cpp keeps one split rule per name). From these
+this module builds the tokenizer.json of the original Hugging Face model: BPE
+with that split rule, control tokens as special added tokens, user-defined ones
+as plain added tokens, and BOS/EOS added where the metadata asks.
 """
 
 from __future__ import annotations
@@ -90,26 +90,14 @@ def _template(sequence: str, type_id: int, first: tuple[int, str] | None,
     return [f"{piece}:{type_id}" for piece in pieces]
 
 
-def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
-    """The file's tokenizer and its settings; errors name the file and the missing or unsupported part."""
-    kind = f.scalar("tokenizer.ggml.model", None)
-    if kind is None:
-        raise CheckpointError(f"{f.path}: no tokenizer metadata (tokenizer.ggml.model is missing); "
-                              "easyspec needs the vocabulary stored in the file")
-    if kind != "gpt2":
-        raise CheckpointError(f"{f.path}: tokenizer model {kind!r} is not supported; easyspec reads byte-level "
-                              "BPE vocabularies ('gpt2': Llama 3, Qwen2/3, SmolLM, ...)")
-    tokens: list[str] = f.value("tokenizer.ggml.tokens")
+def _byte_level_bpe(f: GGUFFile, tokens: list[str]) -> tuple[HFTokenizer, bool]:
+    """tokenizer.ggml.model 'gpt2': byte-level BPE with the split rule tokenizer.ggml.pre names."""
     merges: list[str] = f.value("tokenizer.ggml.merges")
-    types: list[int] = f.value("tokenizer.ggml.token_type", [1] * len(tokens))
     pre = f.scalar("tokenizer.ggml.pre", "default")
     rule = SPLIT_RULES.get(pre)
     if rule is None:
         raise CheckpointError(f"{f.path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
                               f"known: {', '.join(sorted(SPLIT_RULES))}")
-    if len(types) != len(tokens):
-        raise CheckpointError(f"{f.path}: {len(types)} token types for {len(tokens)} tokens")
-
     bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)},
                      merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=rule.ignore_merges)
     tok = HFTokenizer(bpe)
@@ -120,6 +108,52 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
+    return tok, rule.add_bos
+
+
+def _sentencepiece_bpe(f: GGUFFile, tokens: list[str]) -> tuple[HFTokenizer, bool]:
+    """tokenizer.ggml.model 'llama': SentencePiece BPE (Llama 2, Mistral 7B), spaces as '\u2581', bytes
+    outside the vocabulary as <0xNN> tokens. The file stores scores, not merges: a merge ranks by the
+    score of the piece it makes, highest first (SentencePiece's rule), ties broken as transformers does."""
+    scores: list[float] = f.value("tokenizer.ggml.scores")
+    ids = {token: i for i, token in enumerate(tokens)}
+    merges: list[tuple[float, str, str]] = []
+    for token, score in zip(tokens, scores, strict=True):
+        pairs = sorted(((token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids),
+                       key=lambda pair: (ids[pair[0]], ids[pair[1]]))
+        merges += [(score, left, right) for left, right in pairs]
+    merges.sort(key=lambda m: (-m[0], -len(m[1]), -len(m[2])))
+    unk = _special(f, tokens, "unknown")
+    tok = HFTokenizer(models.BPE(vocab=ids, merges=[(left, right) for _, left, right in merges],
+                                 unk_token=unk and unk[1], fuse_unk=True, byte_fallback=True))
+    # Like SentencePiece and llama.cpp, every stretch of text (the start, and after each special token) gets a
+    # space in front, even one that starts with spaces already; decoding drops that one space again.
+    prefix = bool(f.scalar("tokenizer.ggml.add_space_prefix", True))
+    spaces = [normalizers.Replace(" ", "\u2581")]
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else []) + spaces)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, True
+
+
+_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
+    """The file's tokenizer and its settings; errors name the file and the missing or unsupported part."""
+    kind = f.scalar("tokenizer.ggml.model", None)
+    if kind is None:
+        raise CheckpointError(f"{f.path}: no tokenizer metadata (tokenizer.ggml.model is missing); "
+                              "easyspec needs the vocabulary stored in the file")
+    if kind not in _BUILDERS:
+        raise CheckpointError(f"{f.path}: tokenizer model {kind!r} is not supported; easyspec reads 'gpt2' "
+                              "(byte-level BPE: Llama 3, Qwen, SmolLM, ...) and 'llama' (SentencePiece BPE: "
+                              "Llama 2, Mistral 7B)")
+    tokens: list[str] = f.value("tokenizer.ggml.tokens")
+    types: list[int] = f.value("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{f.path}: {len(types)} token types for {len(tokens)} tokens")
+    tok, default_add_bos = _BUILDERS[kind](f, tokens)
     # Control tokens (<|im_start|>, <|eot_id|>, ...) are matched whole and skipped when decoding with
     # skip_special_tokens; user-defined ones (<think>, ...) are matched whole and always decoded.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -128,7 +162,7 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
                     for t, token_type in zip(tokens, types, strict=True) if token_type == USER_DEFINED])
 
     bos, eos = _special(f, tokens, "bos"), _special(f, tokens, "eos")
-    add_bos = bool(f.scalar("tokenizer.ggml.add_bos_token", rule.add_bos))
+    add_bos = bool(f.scalar("tokenizer.ggml.add_bos_token", default_add_bos))
     add_eos = bool(f.scalar("tokenizer.ggml.add_eos_token", False))
     for wanted, special, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
         if wanted and special is None:
