@@ -279,6 +279,17 @@ def test_cli_generate_chats_through_the_gguf_template(tiny_gguf):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a GGUF file" in bad.stderr
 
 
+def test_bench_on_a_gguf_base_with_the_hf_row(tiny_gguf, tmp_path):
+    """bench reads the prompts with the GGUF's tokenizer; its transformers row opens the same file."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "code", "turns": ["def add(a, b):"]}) + "\n")
+    done = _cli("bench", "--model", str(tiny_gguf), "--methods", "vanilla,hf", "--prompts", str(prompts),
+                "--max-new-tokens", "8", "--repeats", "1", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf_rows = [line for line in done.stdout.splitlines() if line.startswith("| hf transformers")]
+    assert len(hf_rows) == 1 and hf_rows[0].rstrip(" |").endswith("1/1"), "HF greedy output must equal ours"
+
+
 # --- bad files -------------------------------------------------------------------------------------
 
 def test_bad_files_get_one_line_naming_file_and_fault(tiny_gguf, tmp_path):
