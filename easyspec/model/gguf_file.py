@@ -164,7 +164,17 @@ def gguf_config(path: str | Path) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{f.path}: architecture {arch!r} is not supported; easyspec reads GGUF files of "
                               f"{', '.join(ARCHITECTURES)} (Mistral files are 'llama')")
+    try:
+        return _config(f, arch)
+    except CheckpointError:
+        raise
+    except ConfigError as err:
+        raise CheckpointError(f"{f.path}: {err}") from None
+    except (TypeError, ValueError) as err:  # a number stored as text, say
+        raise CheckpointError(f"{f.path}: malformed metadata ({err})") from None
 
+
+def _config(f: GGUFFile, arch: str) -> ModelConfig:
     def key(name: str, default: Any = _REQUIRED) -> Any:
         return f.scalar(f"{arch}.{name}", default)
 
@@ -180,33 +190,25 @@ def gguf_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{f.path}: rope scaling {scaling_type!r} is not supported")
     theta = float(key("rope.freq_base", 10000.0))
     eos = [f.scalar(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
-    try:
-        cfg = ModelConfig(
-            model_type=ARCHITECTURES[arch],
-            vocab_size=hf_shape(f.tensor("token_embd.weight"))[0],
-            hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
-            num_heads=heads,
-            num_kv_heads=int(key("attention.head_count_kv", heads)),
-            head_dim=head_dim,
-            rope_theta=theta,
-            rope_scaling=_llama3_scaling(f, head_dim, theta),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-            tie_word_embeddings="output.weight" not in f.tensors,
-            attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors,
-            qk_norm=arch == "qwen3",
-            max_position_embeddings=int(key("context_length")),
-            bos_token_id=f.scalar("tokenizer.ggml.bos_token_id", None),
-            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        )
-    except ConfigError as err:
-        raise CheckpointError(f"{f.path}: {err}") from None
-    except (TypeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{f.path}: malformed metadata ({err})") from None
-    return cfg
+    return ModelConfig(
+        model_type=ARCHITECTURES[arch],
+        vocab_size=hf_shape(f.tensor("token_embd.weight"))[0],
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=_llama3_scaling(f, head_dim, theta),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors,
+        qk_norm=arch == "qwen3",
+        max_position_embeddings=int(key("context_length")),
+        bos_token_id=f.scalar("tokenizer.ggml.bos_token_id", None),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+    )
 
 
 def _llama3_scaling(f: GGUFFile, head_dim: int, theta: float) -> RopeScaling | None:
