@@ -3,7 +3,8 @@
 Everything that takes a model path (--model, --draft, the Python API) goes
 through these four functions; they pick the format by what the path is (a
 file, or a name ending in .gguf, is read as GGUF) and return the same
-ModelConfig, weights and Tokenizer either way.
+ModelConfig, weights and Tokenizer either way. The GGUF modules are imported
+only when a GGUF file is opened, so folders need no gguf library.
 """
 
 from __future__ import annotations
