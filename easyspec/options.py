@@ -17,6 +17,7 @@ from pathlib import Path
 
 MAX_TREE_NODES = 256
 DEFAULT_CONTEXT = 2048  # KV cache length when --max-context is not given (and the models allow it)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight/activation dtypes a model runs in
 # The most tokens a request generates when it does not say: the Python API, `generate` and the
 # server's requests all read this one constant.
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -156,8 +157,8 @@ class EngineOptions:
             fail(f"unknown --method {self.method!r}; choose one of {', '.join(Method.names())}")
         if self.device not in ("cpu", "cuda"):
             fail(f"unknown --device {self.device!r}; choose cpu or cuda")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            fail(f"unknown --dtype {self.dtype!r}; choose float32, bfloat16 or float16")
+        if self.dtype not in DTYPE_NAMES:
+            fail(f"unknown --dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")
         if self.devices < 1:
             fail(f"--devices must be >= 1, got {self.devices}")
         if self.uses_draft_model and not self.draft:

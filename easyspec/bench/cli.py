@@ -191,7 +191,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bandwidth(model: str, dtype: str, devices: int, step_ms: float) -> dict:
     """Achieved weight-streaming bandwidth of plain decoding: the bytes a decode step reads per GPU
     (every weight but the embedding table, whose lookup reads one row; a tied LM head counts)."""
-    from easyspec.model.checkpoint import load_config, parse_dtype
+    from easyspec.model.checkpoint import parse_dtype
+    from easyspec.model.loader import load_config
 
     cfg = load_config(model)
     embeddings = cfg.vocab_size * cfg.hidden_size

@@ -24,8 +24,9 @@ import torch
 import torch.multiprocessing as mp
 
 from easyspec.engine.engine import Engine
-from easyspec.model.checkpoint import load_config, parse_dtype, save_checkpoint
+from easyspec.model.checkpoint import parse_dtype, save_checkpoint
 from easyspec.model.config import PRESETS
+from easyspec.model.loader import load_config, load_tokenizer
 from easyspec.model.transformer import Transformer
 from easyspec.options import EngineOptions, SamplingParams
 from easyspec.runtime.stats import STAGES
@@ -328,10 +329,9 @@ def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num
         gen = torch.Generator().manual_seed(0)
         return [("random", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist())
                 for _ in range(num_prompts)]
-    from easyspec.model.tokenizer import Tokenizer
     from easyspec.zoo.prompts import read_prompts
 
-    tokenizer = Tokenizer.from_folder(engine_options.model)
+    tokenizer = load_tokenizer(engine_options.model)
     if tokenizer is None:
         raise ValueError(f"{engine_options.model} has no tokenizer.json; bench with random prompts instead")
     rows = [(p.category, tokenizer.encode(p.turns[0])) for p in read_prompts(prompts_file)]

@@ -1,5 +1,5 @@
 """The HF transformers baseline row: AutoModelForCausalLM with eager attention and its own
-`generate`, on the same checkpoint folder, in one process on one device (never tensor-parallel).
+`generate`, on the same checkpoint (folder or GGUF file), in one process on one device (never tensor-parallel).
 
 transformers is an optional dependency: without it the row is skipped with one line.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from importlib.util import find_spec
+from pathlib import Path
 
 import torch
 
 from easyspec.model.checkpoint import parse_dtype
+from easyspec.model.loader import is_gguf
 from easyspec.options import EngineOptions, SamplingParams
 
 LABEL = "hf transformers (1 device)"
@@ -36,8 +38,11 @@ def hf_generate(base: EngineOptions, params: SamplingParams) -> Callable[[list[i
     device = torch.device("cuda:0" if base.device == "cuda" else "cpu")
     major, minor = (int(v) for v in tf.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    path = Path(base.model)
+    # transformers opens a GGUF file as its folder plus gguf_file=its name (and dequantizes it).
+    folder, gguf = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
     model = tf.AutoModelForCausalLM.from_pretrained(
-        base.model, attn_implementation="eager", **{dtype_key: parse_dtype(base.dtype)}).to(device).eval()
+        folder, **gguf, attn_implementation="eager", **{dtype_key: parse_dtype(base.dtype)}).to(device).eval()
     # The bench ignores EOS (every method generates max_new_tokens); with no eos id HF never stops early.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

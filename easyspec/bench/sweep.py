@@ -12,7 +12,7 @@ import re
 import statistics
 
 from easyspec.bench.core import MethodResult, MethodSpec
-from easyspec.model.checkpoint import load_config
+from easyspec.model.loader import load_config
 from easyspec.options import Calibration, EngineOptions, ParallelPolicy
 from easyspec.parallel.layer_parallel import LayerLayout
 

@@ -22,8 +22,8 @@ SAMPLING_DEFAULTS = SamplingParams()
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and placement")
-    g.add_argument("--model", help="base model folder (Hugging Face format); default: the bundled demo base")
-    g.add_argument("--draft", help="draft model folder; default with no --model: the bundled demo draft")
+    g.add_argument("--model", help="base model: a Hugging Face folder or a GGUF file; default: the bundled demo base")
+    g.add_argument("--draft", help="draft model (folder or GGUF file); default with no --model: the bundled demo draft")
     g.add_argument("--method", choices=Method.names(),
                    help="decoding method; default: easyspec when a draft is given, else vanilla")
     g.add_argument("--devices", type=int, default=ENGINE_DEFAULTS.devices,

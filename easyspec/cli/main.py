@@ -1,4 +1,4 @@
-"""`easyspec` command line: generate (serve and bench register themselves here too)."""
+"""`easyspec` command line: generate (serve, bench, bench-steps and convert register themselves here too)."""
 
 from __future__ import annotations
 
@@ -73,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     from easyspec.bench.cli import register as register_bench
     from easyspec.bench.cli import register_steps
+    from easyspec.cli.convert import register as register_convert
     from easyspec.server.cli import register as register_serve
 
     register_serve(sub)
     register_bench(sub)
     register_steps(sub)
+    register_convert(sub)
     return parser
 
 

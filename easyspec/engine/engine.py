@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 
 from easyspec.draft.setup import check_draft
 from easyspec.engine.worker import Chunk, Worker
-from easyspec.model.checkpoint import load_config
+from easyspec.model.loader import load_config
 from easyspec.options import DEFAULT_CONTEXT, EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel

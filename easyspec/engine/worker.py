@@ -29,8 +29,8 @@ from easyspec.draft.base import Drafter
 from easyspec.draft.setup import Drafting
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
-from easyspec.model.checkpoint import load_config, parse_dtype
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.checkpoint import parse_dtype
+from easyspec.model.loader import load_config, load_tokenizer
 from easyspec.options import EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel import comm
 from easyspec.parallel.state import ParallelState
@@ -80,7 +80,7 @@ class Worker:
         self.options, self.state = options, state
         dtype = parse_dtype(options.dtype)
         kernels.use_fused(options.fused_kernels and state.device.type == "cuda")
-        self.tokenizer = Tokenizer.from_folder(options.model)
+        self.tokenizer = load_tokenizer(options.model)
         self.base_config = load_config(options.model)
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
         scratch = max(64, options.draft_room)

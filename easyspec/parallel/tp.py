@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from easyspec.model.checkpoint import TensorSlice, TensorSlicer, load_config, load_weights
+from easyspec.model.checkpoint import TensorSlice, TensorSlicer
 from easyspec.model.config import ModelConfig
+from easyspec.model.loader import load_config, load_weights
 from easyspec.model.transformer import Transformer
 from easyspec.parallel import comm
 from easyspec.parallel.state import ParallelState
@@ -106,10 +107,10 @@ def shard_model(model: Transformer, rank: int, tp: int, group: ProcessGroup | No
     return slicer
 
 
-def load_sharded(folder: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
+def load_sharded(path: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
     """Load a model whole, or tensor-parallel over every rank when `tp` is set."""
-    cfg = load_config(folder)
+    cfg = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     slicer = shard_model(model, state.rank, state.world_size, state.group) if tp else None
-    return load_weights(model, folder, dtype, state.device, slicer).eval()
+    return load_weights(model, path, dtype, state.device, slicer).eval()

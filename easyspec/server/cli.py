@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EASYSPEC_API_KEY, else none)")
     g.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait behind the running one; more get 429")
-    g.add_argument("--served-model-name", help="model name in responses and /v1/models (default: the folder name)")
+    g.add_argument("--served-model-name",
+                   help="model name in responses and /v1/models (default: the folder or file name)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from easyspec.model.checkpoint import load_model
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.loader import load_model, load_tokenizer
 from easyspec.model.transformer import Transformer
 from easyspec.zoo.prompts import Prompt
 
@@ -71,7 +70,7 @@ def evaluate_pair(base_dir: str | Path, draft_dir: str | Path, prompts: Sequence
     """Greedy acceptance statistics of the pair over the first turn of every prompt."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    tokenizer = Tokenizer.from_folder(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     if tokenizer is None:
         raise ValueError(f"{base_dir}: no tokenizer.json")
     base = load_model(base_dir, dtype, device)
