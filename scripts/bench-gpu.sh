@@ -7,6 +7,8 @@
 #   scripts/bench-gpu.sh steps   # step latencies at 8B/1B, then 1B and 32B bases alone (~4 min)
 #   scripts/bench-gpu.sh demo    # the bundled demo pair end to end, float32 (~3 min)
 #   scripts/bench-gpu.sh train   # retrain the bundled demo pair (~5 min)
+#   scripts/bench-gpu.sh real [BASE DRAFT [PROMPTS]]
+#                                # a trained pair inflated to the 8B/1B shapes, every method end to end (~8 min)
 #
 # Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
@@ -73,8 +75,79 @@ full)
     text="gpus.txt steps.log pair-bench.log steps-8b-1b.md pair.md projected.md"
     (cd "$out" && tar -czf tables-and-logs.tgz $text && rm -f $text)
     ;;
+real)
+    # A trained pair inflated to real shapes (easyspec zoo inflate: the same function, zero-padded): the base to
+    # the Llama-3.1-8B shape, the draft to Llama-3.2-1B's width with its own layers. BASE and DRAFT are
+    # checkpoint folders (or GGUF files, through `easyspec convert`), PROMPTS held-out prompts in Spec-Bench
+    # jsonl; default: the bundled demo pair. First float32 equality on a few prompts (inflated against the
+    # original pair, and every method against vanilla), then the bfloat16 timings, on GPUS devices (default:
+    # every GPU; one GPU runs the one-GPU methods). Environment: GPUS, BASE_SHAPE, DRAFT_SHAPE, METHODS,
+    # PROMPTS_N (8 on one GPU, 6 on N), NEW_TOKENS (128), CHECK_PROMPTS (3, 0 skips the check), DEVICE (cuda;
+    # cpu for a dry run), DEADLINE (540 s after the script started). Tables come back in real.md, everything
+    # (JSON, logs, plots) in real.tgz.
+    base_src="${2:-easyspec/models/demo/base}" draft_src="${3:-easyspec/models/demo/draft}"
+    prompts="${4:-easyspec/models/demo/prompts.jsonl}"
+    device="${DEVICE:-cuda}" deadline="${DEADLINE:-540}"
+    gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
+    [ "$gpus" -ge 1 ] 2>/dev/null || gpus=1
+    # The original pair runs on one GPU (a trained model's heads need not divide by N), with the methods
+    # whose rows the inflated runs share: `python -m easyspec.bench.compare` matches rows by label.
+    original="vanilla,sd-tp1"
+    # Eight 8B-shape rows on N GPUs take about as long as five on one: fewer prompts keep both in one call.
+    if [ "$gpus" -gt 1 ]; then
+        methods="${METHODS:-vanilla,sd-tp1,sd-tpN,easyspec,easyspec:attention+tp-mlp,easyspec:layer,easyspec:attention:on-mismatch,easyspec:attention:never}"
+        check="vanilla,sd-tp1,easyspec" n_prompts="${PROMPTS_N:-6}"
+    else
+        methods="${METHODS:-vanilla,sd-tp1,sd-tp1:adaptive,ngram,sd-tp1:tree=4x4}"
+        check="vanilla,sd-tp1,sd-tp1:tree=4x4" n_prompts="${PROMPTS_N:-8}"
+    fi
+    r="$out/real" w="$work/real"
+    mkdir -p "$r" "$w"
+    # bench NAME ARGS...: one `easyspec bench` run into $r/NAME, cut off at the deadline.
+    bench() {
+        local name=$1 left=$((deadline - SECONDS))
+        shift
+        if [ $left -le 10 ]; then echo "$name: not run, the deadline has passed" | tee -a "$r/skipped.txt"; return; fi
+        echo "== $name ($left s left)"
+        timeout $left python3 -m easyspec bench --device "$device" --prompts "$prompts" --quiet \
+            --out "$r/$name" "$@" 2>"$r/$name.log" | tee "$r/$name.md"
+        tail -n 2 "$r/$name.log"
+    }
+    for dtype in float32 bfloat16; do
+        [ "$dtype" = float32 ] && [ "${CHECK_PROMPTS:-3}" = 0 ] && continue
+        python3 -m easyspec zoo inflate --model "$base_src" --shape "${BASE_SHAPE:-llama-3.1-8b}" \
+            --out "$w/base-$dtype" --dtype $dtype --overwrite
+        python3 -m easyspec zoo inflate --model "$draft_src" --shape "${DRAFT_SHAPE:-llama-3.2-1b}" --draft \
+            --out "$w/draft-$dtype" --dtype $dtype --overwrite
+    done 2>&1 | tee "$r/inflate.log"
+    echo "inflated by $SECONDS s"
+    if [ "${CHECK_PROMPTS:-3}" != 0 ]; then
+        quick=(--dtype float32 --num-prompts "${CHECK_PROMPTS:-3}" --max-new-tokens 64 --repeats 1 --warmup 0)
+        bench f32-original --model "$base_src" --draft "$draft_src" "${quick[@]}" --devices 1 --methods "$original" \
+            --title "original pair, 1 GPU, float32"
+        bench f32-inflated --model "$w/base-float32" --draft "$w/draft-float32" "${quick[@]}" --devices "$gpus" \
+            --methods "$check" --title "inflated pair, $gpus GPU(s), float32"
+        python3 -m easyspec.bench.compare "$r/f32-original/bench.json" "$r/f32-inflated/bench.json" \
+            --require-equal | tee "$r/f32-compare.md"
+    fi
+    timed=(--dtype bfloat16 --num-prompts "$n_prompts" --max-new-tokens "${NEW_TOKENS:-128}" --repeats 1)
+    shape="${BASE_SHAPE:-llama-3.1-8b} base / ${DRAFT_SHAPE:-llama-3.2-1b}-wide draft"
+    bench bf16-inflated --model "$w/base-bfloat16" --draft "$w/draft-bfloat16" "${timed[@]}" --devices "$gpus" \
+        --methods "$methods" --title "inflated pair ($shape), $gpus GPU(s), bfloat16, greedy"
+    # The acceptance the inflated run must reproduce (same function, bfloat16 noise only).
+    bench bf16-original --model "$base_src" --draft "$draft_src" "${timed[@]}" --devices 1 --methods "$original" \
+        --title "original pair, 1 GPU, bfloat16, greedy"
+    python3 -m easyspec.bench.compare "$r/bf16-original/bench.json" "$r/bf16-inflated/bench.json" \
+        | tee "$r/bf16-compare.md"
+    echo "done by $SECONDS s"
+    # At most 8 files come back: the tables in one file, everything (JSON, logs, plots) in one archive.
+    (cd "$r" && cat inflate.log f32-compare.md f32-original.md f32-inflated.md bf16-original.md bf16-inflated.md \
+        bf16-compare.md skipped.txt 2>/dev/null) > "$out/real.md"
+    mv "$out/gpus.txt" "$r/" 2>/dev/null
+    tar -czf "$out/real.tgz" -C "$out" real && rm -rf "$r"
+    ;;
 *)
-    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train" >&2
+    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|real" >&2
     exit 2
     ;;
 esac

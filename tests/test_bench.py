@@ -324,3 +324,62 @@ def test_table_breaks_time_down_per_token_and_names_the_first_divergence():
     assert rows[2].split("|")[5].strip() == "-"  # vanilla drafts nothing: no acceptance
     assert rows[3].split("|")[9].strip() == "1.50" and rows[3].endswith("0/1 (first at token 7) |")
     assert rows[4].split("|")[6:10] == [" - "] * 4
+
+
+def test_ideal_speedup_and_weight_bytes_per_token(pair_dir):
+    from easyspec.bench.core import MethodResult, markdown_table, summarise
+    from easyspec.bench.efficiency import decode_weight_bytes
+    from easyspec.model.checkpoint import load_config
+
+    def stats(rounds: int, drafted: int, draft_s: float, verify_s: float, total_s: float) -> dict:
+        return {"rounds": rounds, "drafted": drafted, "generated": 40, "acceptance_rate": 0.5,
+                "mean_accepted_length": 40 / rounds, "prefill_s": 0.01, "draft_s": draft_s, "calibrate_s": 0.0,
+                "verify_s": verify_s, "total_s": total_s}
+
+    base, draft = str(pair_dir / "base"), str(pair_dir / "far")
+    options = {"model": base, "draft": draft, "dtype": "bfloat16"}
+    # vanilla: 40 steps of 10 ms (400 ms staged) in 500 ms. sd: 10 rounds of 4 drafts + verify, 240 ms staged.
+    vanilla = MethodResult("vanilla", {**options, "method": "vanilla", "draft": None}, tokens_per_s=[80.0],
+                           outputs=[[1]], stats=[stats(40, 0, 0.0, 0.4, 0.5)])
+    sd = MethodResult("sd", {**options, "method": "sd"}, tokens_per_s=[120.0], outputs=[[1]],
+                      stats=[stats(10, 40, 0.08, 0.16, 0.3)])
+    hf = MethodResult("hf", {**options, "method": "hf"}, tokens_per_s=[20.0], outputs=[[1]],
+                      stats=[{"generated": 40, "drafted": 0, "mean_accepted_length": 1.0, "total_s": 2.0}])
+    summarise([vanilla, sd, hf])
+    assert vanilla.ideal_speedup == pytest.approx(1.0)
+    assert sd.ideal_speedup == pytest.approx(10.0 / 6.0)  # 10 ms/tok of vanilla's stages over 6 of sd's
+    assert hf.ideal_speedup is None and hf.weight_mb_per_token is None
+    base_bytes = decode_weight_bytes(load_config(base), "bfloat16")
+    draft_bytes = decode_weight_bytes(load_config(draft), "bfloat16")
+    assert vanilla.weight_mb_per_token == pytest.approx(base_bytes * 40 / 40 / 1e6)
+    assert sd.weight_mb_per_token == pytest.approx((base_bytes * 10 + draft_bytes * 40) / 40 / 1e6)
+    rows = [[c.strip() for c in line.strip(" |").split("|")] for line in markdown_table([vanilla, sd, hf]).splitlines()]
+    assert rows[0][9:12] == ["ideal", "of ideal", "weight MB/tok"]
+    assert rows[2][9:11] == ["1.00x", "100%"] and rows[3][9:11] == ["1.67x", "90%"]  # 1.5x measured of 1.67x
+    assert rows[4][9:12] == ["-", "-", "-"]
+
+
+def test_compare_matches_rows_by_label(tmp_path):
+    def bench_json(name: str, outputs: list[list[int]], accepted: int) -> str:
+        rows = [{"label": "vanilla", "outputs": outputs, "speedup": 1.0, "stats": [{"rounds": 8, "accepted": 0}]},
+                {"label": "sd draft TP=1", "outputs": outputs, "speedup": 1.5,
+                 "stats": [{"rounds": 4, "accepted": accepted}]},
+                {"label": name, "outputs": outputs, "speedup": 2.0, "stats": [{"rounds": 1, "accepted": 0}]}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {}, "results": rows}))
+        return str(path)
+
+    reference = bench_json("only-in-reference", [[1, 2, 3], [4, 5]], accepted=8)
+    same = bench_json("only-in-same", [[1, 2, 3], [4, 5]], accepted=8)
+    other = bench_json("only-in-other", [[1, 2, 3], [4, 6]], accepted=9)
+
+    def compare(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "easyspec.bench.compare", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    ok = compare(reference, same, "--require-equal")
+    assert ok.returncode == 0 and "| sd draft TP=1 | 2/2 | 3.000 | 3.000 | +0.00% | 1.50x | 1.50x |" in ok.stdout
+    assert "only-in" not in ok.stdout.split("\n", 1)[1]
+    differ = compare(reference, other, "--require-equal")
+    assert differ.returncode == 1
+    assert "| sd draft TP=1 | 1/2 (first at token 1) | 3.000 | 3.250 | +8.33% |" in differ.stdout

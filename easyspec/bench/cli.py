@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = p.add_argument_group("benchmark")
     b.add_argument("--methods",
                    help="comma list of vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf "
-                        "(HF transformers eager generate, one device); vanilla first. Default: "
+                        "(HF transformers eager generate, one device); vanilla first; sd and easyspec rows take "
+                        "':tree=WxD' (a tree) or ':adaptive' (adaptive k). Default: "
                         f"{DEFAULT_METHODS}, or vanilla alone with --sweep")
     b.add_argument("--sweep", metavar="SPEC", help=SWEEP_HELP)
     b.add_argument("--acceptance-from", metavar="BENCH_JSON",
@@ -89,6 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         summarise,
         write_outputs,
     )
+    from easyspec.bench.efficiency import LEGEND
     from easyspec.bench.hf import LABEL as HF_LABEL
     from easyspec.bench.hf import transformers_missing
     from easyspec.bench.progress import Progress
@@ -171,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if grid:
         print("Sorted by speedup:\n")
     print(markdown_table(ranked(results) if grid else results))
+    print(f"\n{LEGEND}")
     bw = extra["vanilla_bandwidth"]
     print(f"\nvanilla: {bw['weight_mb_per_gpu']:.1f} MB of weights streamed per GPU per token in "
           f"{bw['step_ms']:.3f} ms: {bw['gb_per_s_per_gpu']:.1f} GB/s per GPU")
@@ -191,13 +194,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bandwidth(model: str, dtype: str, devices: int, step_ms: float) -> dict:
     """Achieved weight-streaming bandwidth of plain decoding: the bytes a decode step reads per GPU
     (every weight but the embedding table, whose lookup reads one row; a tied LM head counts)."""
-    from easyspec.model.checkpoint import parse_dtype
+    from easyspec.bench.efficiency import decode_weight_bytes
     from easyspec.model.loader import load_config
 
-    cfg = load_config(model)
-    embeddings = cfg.vocab_size * cfg.hidden_size
-    streamed = cfg.num_parameters() - (0 if cfg.tie_word_embeddings else embeddings)
-    per_gpu = streamed * parse_dtype(dtype).itemsize / devices
+    per_gpu = decode_weight_bytes(load_config(model), dtype) / devices
     return {"weight_mb_per_gpu": per_gpu / 1e6, "step_ms": step_ms,
             "gb_per_s_per_gpu": per_gpu / 1e9 / (step_ms / 1e3) if step_ms > 0 else 0.0}
 

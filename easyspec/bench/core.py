@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from easyspec.bench.efficiency import weight_mb_per_token
 from easyspec.engine.engine import Engine
 from easyspec.model.checkpoint import parse_dtype, save_checkpoint
 from easyspec.model.config import PRESETS
@@ -51,6 +52,8 @@ class MethodResult:
     categories: list[str] = field(default_factory=list)
     speedup: float = 0.0
     divergence: list[int | None] = field(default_factory=list)  # first differing position, None if equal
+    ideal_speedup: float | None = None  # easyspec.bench.efficiency; None without stage timers
+    weight_mb_per_token: float | None = None
 
     def mean(self, key: str) -> float:
         return statistics.fmean(s[key] for s in self.stats) if self.stats else 0.0
@@ -76,6 +79,11 @@ class MethodResult:
             seconds += sum(s["total_s"] - sum(s[f"{k}_s"] for k in STAGES) for s in self.stats)
         return 1000 * seconds / (sum(s["generated"] for s in self.stats) or 1)
 
+    def decode_ms_per_token(self) -> float | None:
+        """Draft + calibrate + verify milliseconds per generated token (prefill and host time left out)."""
+        parts = [self.ms_per_token(p) for p in ("draft", "calibrate", "verify")]
+        return None if None in parts else sum(parts)
+
     def spread_text(self) -> str:
         """The largest per-prompt spread as a percentage; '-' when no prompt was run twice."""
         measured = [x for x in self.spread if x is not None]
@@ -98,10 +106,15 @@ def split_tree_suffix(item: str) -> tuple[str, dict]:
 
 def parse_methods(text: str, devices: int) -> list[MethodSpec]:
     """Comma list: vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf;
-    sd and easyspec rows take a `:tree=WxD` suffix (tree drafting, W nodes per level, depth D)."""
+    sd and easyspec rows take a `:tree=WxD` suffix (tree drafting, W nodes per level, depth D)
+    or an `:adaptive` one (adaptive draft length)."""
     specs = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
+    for written in (t.strip() for t in text.split(",") if t.strip()):
+        item, adaptive = written.removesuffix(":adaptive"), written.endswith(":adaptive")
         item, tree = split_tree_suffix(item)
+        if adaptive and (tree or not item.startswith(("sd-tp", "easyspec"))):
+            raise ValueError(f"bench method {written!r}: adaptive k applies to sd-tp1, sd-tpN and easyspec "
+                             "chains, not to trees")
         if item == "vanilla":
             specs.append(MethodSpec("vanilla", {"method": "vanilla"}))
         elif item == "ngram":
@@ -129,6 +142,8 @@ def parse_methods(text: str, devices: int) -> list[MethodSpec]:
             spec = specs[-1]
             specs[-1] = MethodSpec(f"{spec.label} tree {tree['tree_width']}x{tree['tree_depth']}",
                                    {**spec.changes, **tree})
+        if adaptive:
+            specs[-1] = MethodSpec(f"{specs[-1].label} adaptive k", {**specs[-1].changes, "adaptive_draft": True})
     return specs
 
 
@@ -246,17 +261,22 @@ def time_prompts(result: MethodResult, prompts: list[tuple[str, list[int]]], rep
 
 
 def summarise(results: list[MethodResult]) -> None:
-    """Speedups and output equality against the vanilla row (which must come first)."""
+    """Speedups, ideal speedups and output equality against the vanilla row (which must come first),
+    and each row's weight bytes per token."""
     vanilla = results[0]
+    vanilla_ms = vanilla.decode_ms_per_token()
     for r in results:
         r.speedup = statistics.fmean(m / v for m, v in zip(r.tokens_per_s, vanilla.tokens_per_s, strict=True))
         r.divergence = [first_divergence(o, v) for o, v in zip(r.outputs, vanilla.outputs, strict=True)]
+        ms = r.decode_ms_per_token()
+        r.ideal_speedup = vanilla_ms / ms if ms and vanilla_ms else None
+        r.weight_mb_per_token = weight_mb_per_token(r.options, r.stats)
 
 
 def markdown_table(results: list[MethodResult]) -> str:
     head = ("| method | tok/s | speedup | mean accepted length | acceptance | draft ms/tok | calibrate ms/tok "
-            "| verify ms/tok | other ms/tok | spread | equal to vanilla |")
-    lines = [head, "|" + "---|" * 11]
+            "| verify ms/tok | other ms/tok | ideal | of ideal | weight MB/tok | spread | equal to vanilla |")
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         # A row without stage timers (the HF baseline) shows '-' rather than a zero that looks measured.
         per_tok = {}
@@ -269,11 +289,16 @@ def markdown_table(results: list[MethodResult]) -> str:
             equal += f" (first at token {min(diverged)})"
         # Rows that draft nothing (vanilla, HF) have no acceptance to show.
         acceptance = f"{r.mean('acceptance_rate'):.2f}" if any(s.get("drafted") for s in r.stats) else "-"
+        ideal = of_ideal = weight = "-"
+        if r.ideal_speedup:
+            ideal, of_ideal = f"{r.ideal_speedup:.2f}x", f"{100 * r.speedup / r.ideal_speedup:.0f}%"
+        if r.weight_mb_per_token is not None:
+            weight = f"{r.weight_mb_per_token:.1f}"
         lines.append(
             f"| {r.label} | {statistics.fmean(r.tokens_per_s):.1f} | {r.speedup:.2f}x "
             f"| {r.mean('mean_accepted_length'):.2f} | {acceptance} "
             f"| {per_tok['draft']} | {per_tok['calibrate']} | {per_tok['verify']} | {per_tok['other']} "
-            f"| {r.spread_text()} | {equal} |"
+            f"| {ideal} | {of_ideal} | {weight} | {r.spread_text()} | {equal} |"
         )
     return "\n".join(lines)
 

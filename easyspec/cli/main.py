@@ -80,10 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     register_steps(sub)
     register_convert(sub)
+    # Listed here for --help; main() hands `easyspec zoo ...` to the zoo's own parser.
+    sub.add_parser("zoo", add_help=False, help="train, check and inflate model pairs (easyspec zoo --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["zoo"]:
+        from easyspec.zoo.cli import main as zoo_main
+
+        zoo_main(argv[1:])  # one-line errors and exit code 2 for user mistakes, as here
+        return
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

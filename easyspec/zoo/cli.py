@@ -1,9 +1,11 @@
-"""`python -m easyspec.zoo`: train a pair, cut a prompt set, measure a pair's greedy acceptance.
+"""`python -m easyspec.zoo` (or `easyspec zoo`): train a pair, cut a prompt set, measure a pair's
+greedy acceptance, inflate a trained model to a real shape.
 
   train-pair --pair demo|bench --out DIR [--minutes M | --steps S] [--seed 0]
              [--devices cuda:0,cuda:1|cuda:0|cpu] [--site-packages]
   prompts    --out FILE [--pair demo] [--n 48] [--seed 0] [--site-packages]
   eval-pair  DIR [--prompts FILE] [--k 4] [--max-new-tokens 128] [--limit N] [--device cpu]
+  inflate    --model DIR --shape NAME[,key=N...] --out DIR [--draft] [--dtype bfloat16] [--overwrite]
 
 User mistakes end with one line on stderr and exit code 2, never a traceback.
 """
@@ -23,6 +25,7 @@ import torch
 from easyspec.model.checkpoint import CheckpointError, parse_dtype
 from easyspec.zoo.pairs import PAIRS
 from easyspec.zoo.pipeline import DEFAULT_PROMPTS, PairError, default_devices, parse_devices, train_pair
+from easyspec.zoo.shape import SHAPE_KEYS, InflateError
 
 PROG = "python -m easyspec.zoo"
 
@@ -53,7 +56,8 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train and check easyspec's own same-family model pairs.")
+    parser = _Parser(prog=PROG, description="Train and check easyspec's own same-family model pairs; inflate a "
+                                            "trained model to a real shape.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train-pair", help="build corpus + tokenizer, train base and draft")
@@ -85,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive(int), help="use only the first N prompts")
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+    inf = sub.add_parser("inflate", help="write a trained model at a larger shape that computes the same function")
+    inf.add_argument("--model", required=True, type=Path,
+                     help="the trained model: a checkpoint folder (or a GGUF file, converted by `easyspec convert`)")
+    inf.add_argument("--shape", required=True,
+                     help="a preset (llama-3.2-1b, llama-3.1-8b, qwen2.5-32b, ...), optionally followed by "
+                          f"overrides, or every key: e.g. 'llama-3.1-8b', 'llama-3.2-1b,layers=8', "
+                          f"'{','.join(k + '=N' for k in SHAPE_KEYS)}'. The vocabulary stays the model's")
+    inf.add_argument("--out", required=True, type=Path, help="the folder to write")
+    inf.add_argument("--draft", action="store_true",
+                     help="the model is a draft: widen it only, it keeps its own layer count")
+    inf.add_argument("--dtype", default="bfloat16",
+                     help="storage dtype: float32 keeps the trained function to float32 rounding, bfloat16 "
+                          "also rounds the rescaled weights (norms, q projections)")
+    inf.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -96,9 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             _train_pair(args, shlex.join([*PROG.split(), *argv]))
         elif args.command == "prompts":
             _prompts(args)
+        elif args.command == "inflate":
+            _inflate(args)
         else:
             _eval_pair(args)
-    except (PairError, CheckpointError) as err:
+    except (PairError, CheckpointError, InflateError) as err:
         _fail(str(err))
 
 
@@ -140,3 +161,17 @@ def _eval_pair(args: argparse.Namespace) -> None:
                            max_new_tokens=args.max_new_tokens, device=str(device),
                            dtype=parse_dtype(args.dtype))
     print(json.dumps(result, indent=2))
+
+
+def _inflate(args: argparse.Namespace) -> None:
+    from easyspec.zoo.inflate import inflate
+    from easyspec.zoo.shape import parse_shape
+
+    summary = inflate(args.model, parse_shape(args.shape), args.out, draft=args.draft, dtype=args.dtype,
+                      overwrite=args.overwrite)
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    cfg = summary["source_config"]
+    print(f"wrote {args.out}: {summary['role']} of {cfg['hidden_size']} wide x {cfg['num_hidden_layers']} layers "
+          f"inflated to {args.shape} ({summary['added_layers']} zero layers added), {summary['bytes'] / 1e9:.2f} GB "
+          f"in {summary['seconds']:.1f} s", file=sys.stderr)
