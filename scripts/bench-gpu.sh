@@ -7,6 +7,8 @@
 #   scripts/bench-gpu.sh steps   # step latencies at 8B/1B, then 1B and 32B bases alone (~4 min)
 #   scripts/bench-gpu.sh demo    # the bundled demo pair end to end, float32 (~3 min)
 #   scripts/bench-gpu.sh train   # retrain the bundled demo pair (~5 min)
+#   scripts/bench-gpu.sh kernels # ONE GPU (~6 min): the fused kernels' CUDA tests, float32 greedy equality of
+#                                # every method on the demo pair with them, 8B/1B step latencies with and without
 #
 # Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
@@ -73,8 +75,36 @@ full)
     text="gpus.txt steps.log pair-bench.log steps-8b-1b.md pair.md projected.md"
     (cd "$out" && tar -czf tables-and-logs.tgz $text && rm -f $text)
     ;;
+kernels)
+    # One GPU. Correctness first: every fused kernel against its reference at real shapes, bitwise decode ==
+    # verify, engine greedy equality; then the demo pair end to end in float32 with the fused kernels (the
+    # 'equal to vanilla' column must read n/n everywhere); then step latencies with the fused kernels and
+    # with the reference formulas (each run also prints the per-layer ablation). Tables last.
+    k="$out/kernels"
+    mkdir -p "$k"
+    timeout 200 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -W ignore::DeprecationWarning \
+        > "$k/kernel-tests.txt" 2>&1
+    echo "kernel tests: exit $? by $SECONDS s"
+    pair=easyspec/models/demo
+    timeout 150 python3 -m easyspec bench --device cuda --devices 1 --model $pair/base --draft $pair/draft \
+        --prompts $pair/prompts.jsonl --num-prompts 6 --max-new-tokens 64 --repeats 1 --dtype float32 --quiet \
+        --methods vanilla,sd-tp1,ngram,easyspec,easyspec:attention:on-mismatch,sd-tp1:tree=4x4,easyspec:attention:every-round:1:tree=4x4 \
+        --title "demo pair, 1 GPU, float32, greedy, fused kernels" --out "$k/demo" > "$k/demo.md" 2>"$k/demo-bench.log"
+    echo "demo equality: exit $? by $SECONDS s"
+    for mode in fused reference; do
+        flag=""
+        [ "$mode" = reference ] && flag="--no-fused-kernels"
+        timeout 130 python3 -m easyspec bench-steps --devices 1 --preset llama-3.1-8b --draft-preset llama-3.2-1b \
+            --contexts 512,4096 --no-hf $flag --out "$k/steps-$mode.json" > "$k/steps-$mode.md" 2>>"$k/steps.log"
+        echo "bench-steps $mode: exit $? by $SECONDS s"
+    done
+    (cd "$out" && tar -czf kernels-logs.tgz kernels)
+    tail -n 25 "$k/kernel-tests.txt"
+    grep -i "warn\|fall" "$k/steps.log" "$k/demo-bench.log" | head -n 5
+    cat "$k/demo.md" "$k/steps-fused.md" "$k/steps-reference.md"
+    ;;
 *)
-    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train" >&2
+    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|kernels" >&2
     exit 2
     ;;
 esac
