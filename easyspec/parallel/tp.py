@@ -54,9 +54,11 @@ class VocabParallelHead(Linear):
     def forward(self, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> Tensor:
         assert residual is None, "the LM head adds no residual"
-        local = super().forward(x, norm, out_dtype=out_dtype)  # [..., V/n]
+        # Gathered in the activation type (half the bytes of float32, the type the collectives are set up for).
+        local = super().forward(x, norm)  # [..., V/n]
         gathered = comm.all_gather(local, self.group)  # [n, ..., V/n]
-        return torch.cat(gathered.unbind(0), dim=-1)  # [..., V]
+        logits = torch.cat(gathered.unbind(0), dim=-1)  # [..., V]
+        return logits if out_dtype is None else logits.to(out_dtype)
 
 
 def check_divisible(cfg: ModelConfig, tp: int, what: str = "model") -> None:
