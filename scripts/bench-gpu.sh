@@ -8,7 +8,8 @@
 #   scripts/bench-gpu.sh demo    # the bundled demo pair end to end, float32 (~3 min)
 #   scripts/bench-gpu.sh train   # retrain the bundled demo pair (~5 min)
 #   scripts/bench-gpu.sh kernels # ONE GPU (~6 min): the fused kernels' CUDA tests, float32 greedy equality of
-#                                # every method on the demo pair with them, 8B/1B step latencies with and without
+#                                # every method on the demo pair with them, 8B/1B step latencies with and without,
+#                                # each kernel alone
 #
 # Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
@@ -98,10 +99,13 @@ kernels)
             --contexts 512,4096 --no-hf $flag --out "$k/steps-$mode.json" > "$k/steps-$mode.md" 2>>"$k/steps.log"
         echo "bench-steps $mode: exit $? by $SECONDS s"
     done
+    # Each fused kernel alone at the 1B and 8B layer shapes: which one holds a layer back from its floor.
+    timeout 90 python3 -m easyspec.bench.kernels > "$k/kernels.md" 2>>"$k/steps.log"
+    echo "kernel bench: exit $? by $SECONDS s"
     (cd "$out" && tar -czf kernels-logs.tgz kernels)
     tail -n 25 "$k/kernel-tests.txt"
     grep -i "warn\|fall" "$k/steps.log" "$k/demo-bench.log" | head -n 5
-    cat "$k/demo.md" "$k/steps-fused.md" "$k/steps-reference.md"
+    cat "$k/demo.md" "$k/kernels.md" "$k/steps-fused.md" "$k/steps-reference.md"
     ;;
 *)
     echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|kernels" >&2
