@@ -35,21 +35,34 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (the CPU interprete
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="the test checkpoints are written by transformers")
 
+
+
+def with_dtypes(small: list, real: list) -> list:
+    """(shape, dtype) pairs: small shapes in every dtype, real ones (GPU only) in float32 and bfloat16."""
+    pairs = [(shape, dtype) for shape in small for dtype in DTYPES]
+    if CUDA:
+        pairs += [(shape, dtype) for shape in real for dtype in (torch.float32, torch.bfloat16)]
+    return pairs
+
+
+def ids(case) -> str:
+    return "-".join(str(v).replace("torch.", "") for v in (case if isinstance(case, tuple) else (case,)))
+
+
 # (inputs K, outputs N): small everywhere, plus Llama-3.2-1B and Llama-3.1-8B layers on the GPU.
-LINEAR_SHAPES = [(64, 96)] + ([(2048, 2048), (8192, 2048), (14336, 4096)] if CUDA else [])
-GATED_SHAPES = [(64, 96)] + ([(2048, 8192), (4096, 14336)] if CUDA else [])
-HEAD_SHAPES = [(64, 128)] + ([(2048, 128256)] if CUDA else [])
+LINEAR_CASES = with_dtypes([(64, 96)], [(2048, 2048), (8192, 2048), (14336, 4096)])
+GATED_CASES = with_dtypes([(64, 96)], [(2048, 8192), (4096, 14336)])
+HEAD_CASES = with_dtypes([(64, 128)], [(2048, 128256)])
 # (D, H, Hkv, hd, q/k norm, bias)
-QKV_SHAPES = [(64, 4, 2, 32, False, True), (64, 4, 2, 16, True, False), (64, 4, 2, 24, True, False)] + (
-    [(2048, 32, 8, 64, False, False), (4096, 32, 8, 128, False, False), (1536, 12, 2, 128, False, True),
-     (2048, 16, 8, 128, True, False)] if CUDA else [])
+QKV_CASES = with_dtypes([(64, 4, 2, 32, False, True), (64, 4, 2, 16, True, False), (64, 4, 2, 24, True, False)],
+                        [(2048, 32, 8, 64, False, False), (4096, 32, 8, 128, False, False),
+                         (1536, 12, 2, 128, False, True), (2048, 16, 8, 128, True, False)])
 # (tokens, kv_len, H, Hkv, hd); the interpreter runs the merge one row at a time, so it gets fewer long cases.
-ATTENTION_CASES = [(t, *shape) for shape in [(256, 4, 2, 16), (300, 4, 2, 32), (100, 8, 2, 24)] for t in (1, 5)]
-ATTENTION_CASES += [(21, 256, 4, 2, 16)]
-if CUDA:
-    ATTENTION_CASES += [(21, 300, 4, 2, 32), (21, 100, 8, 2, 24)]
-    ATTENTION_CASES += [(t, *shape) for shape in [(512, 32, 8, 64), (4096, 32, 8, 128), (4352, 32, 8, 64)]
-                        for t in TOKENS]
+ATTENTION_CASES = with_dtypes(
+    [(t, *shape) for shape in [(256, 4, 2, 16), (300, 4, 2, 32), (100, 8, 2, 24)] for t in (1, 5)]
+    + [(21, 256, 4, 2, 16)],
+    [(21, 300, 4, 2, 32), (21, 100, 8, 2, 24)]
+    + [(t, *shape) for shape in [(512, 32, 8, 64), (4096, 32, 8, 128), (4352, 32, 8, 64)] for t in TOKENS])
 
 
 def tolerance(dtype: torch.dtype) -> dict:
@@ -76,10 +89,9 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) 
     torch.testing.assert_close(got.float(), expected.float(), **tolerance(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", LINEAR_SHAPES)
-def test_linear_with_norm_bias_and_residual(dtype, tokens, shape):
+@pytest.mark.parametrize(("shape", "dtype"), LINEAR_CASES, ids=ids)
+def test_linear_with_norm_bias_and_residual(shape, dtype, tokens):
     inputs, outputs = shape
     x = randn(tokens, inputs, dtype=dtype)
     weight = randn(outputs, inputs, dtype=dtype, scale=inputs ** -0.5, seed=1)
@@ -94,10 +106,9 @@ def test_linear_with_norm_bias_and_residual(dtype, tokens, shape):
         assert_close(got, kernels.linear_reference(x, weight, b, n, 1e-5, r), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", HEAD_SHAPES)
-def test_norm_and_lm_head_give_float32_logits(dtype, tokens, shape):
+@pytest.mark.parametrize(("shape", "dtype"), HEAD_CASES, ids=ids)
+def test_norm_and_lm_head_give_float32_logits(shape, dtype, tokens):
     inputs, vocab = shape
     x = randn(1, tokens, inputs, dtype=dtype)
     weight = randn(vocab, inputs, dtype=dtype, scale=inputs ** -0.5, seed=1)
@@ -107,10 +118,9 @@ def test_norm_and_lm_head_give_float32_logits(dtype, tokens, shape):
     assert_close(got, kernels.linear_reference(x, weight, None, norm, 1e-6, None, torch.float32), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", GATED_SHAPES)
-def test_gate_up_silu(dtype, tokens, shape):
+@pytest.mark.parametrize(("shape", "dtype"), GATED_CASES, ids=ids)
+def test_gate_up_silu(shape, dtype, tokens):
     inputs, intermediate = shape
     x = randn(tokens, inputs, dtype=dtype)
     weight = randn(2 * intermediate, inputs, dtype=dtype, scale=inputs ** -0.5, seed=1)
@@ -120,10 +130,9 @@ def test_gate_up_silu(dtype, tokens, shape):
     assert_close(got, kernels.gate_up_silu_reference(x, norm, 1e-5, weight), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: "-".join(map(str, s)))
-def test_attention_inputs_project_rotate_and_fill_the_cache(dtype, tokens, shape):
+@pytest.mark.parametrize(("shape", "dtype"), QKV_CASES, ids=ids)
+def test_attention_inputs_project_rotate_and_fill_the_cache(shape, dtype, tokens):
     dim, heads, kv_heads, head_dim, qk_norm, has_bias = shape
     slots_total = 96
     x = randn(tokens, dim, dtype=dtype)
@@ -149,9 +158,8 @@ def test_attention_inputs_project_rotate_and_fill_the_cache(dtype, tokens, shape
     assert_close(values, ref_values, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda s: "-".join(map(str, s)))
-def test_split_kv_attention(dtype, case):
+@pytest.mark.parametrize(("case", "dtype"), ATTENTION_CASES, ids=ids)
+def test_split_kv_attention(case, dtype):
     tokens, kv_len, heads, kv_heads, head_dim = case
     max_len = kv_len + 64
     q = randn(tokens, heads, head_dim, dtype=dtype)
@@ -228,16 +236,22 @@ def test_a_token_decoded_alone_equals_it_verified_among_others(tmp_path, dtype):
     assert torch.equal(torch.cat(alone), together)
 
 
+ON_CUDA = dict(device="cuda", fused_kernels=True, cuda_graphs=True)
+
+
+@pytest.fixture(scope="module")
+def plain_on_cuda(pair_dir) -> list[list[int]]:
+    with Engine(options(pair_dir, **ON_CUDA)) as engine:
+        return [run(engine, p, GREEDY)[0] for p in PROMPTS]
+
+
 @needs_cuda
 @needs_transformers
 @pytest.mark.parametrize("config", [dict(method="sd", draft="near"), dict(method="sd", draft="far", num_draft=3),
                                     dict(method="easyspec", draft="deep", layer_parallel=1),
                                     dict(method="sd", draft="near", tree_width=3, num_draft=3)],
                          ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_engine_greedy_with_fused_kernels_equals_plain(pair_dir, config):
+def test_engine_greedy_with_fused_kernels_equals_plain(pair_dir, plain_on_cuda, config):
     """float32 on the GPU with the fused kernels and CUDA graphs: speculative greedy == plain greedy."""
-    cuda = dict(device="cuda", fused_kernels=True, cuda_graphs=True)
-    with Engine(options(pair_dir, **cuda)) as engine:
-        expected = [run(engine, p, GREEDY)[0] for p in PROMPTS]
-    with Engine(options(pair_dir, **cuda, **config)) as engine:
-        assert [run(engine, p, GREEDY)[0] for p in PROMPTS] == expected
+    with Engine(options(pair_dir, **ON_CUDA, **config)) as engine:
+        assert [run(engine, p, GREEDY)[0] for p in PROMPTS] == plain_on_cuda

@@ -62,9 +62,9 @@ if triton is not None:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, CHUNK: tl.constexpr,
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
     ):
-        kv_head = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # m = g * tokens + t
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # m = g * tokens + t
+        kv_head = tl.program_id(1)  # row tiles side by side share their chunk's reads
+        split = tl.program_id(2)
         row_ok = rows < GROUP * tokens
         g, t = rows // tokens, rows % tokens
         dims = tl.arange(0, HEAD_PAD)
@@ -164,7 +164,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, kv_l
     lse = torch.empty(kv_heads * splits * rows, dtype=torch.float32, device=q.device)
     mask_bytes = mask.view(torch.uint8)
     ok = ts.launch(
-        "split-KV attention", _partial_kernel, (kv_heads, splits, triton.cdiv(rows, ROW_BLOCK)),
+        "split-KV attention", _partial_kernel, (triton.cdiv(rows, ROW_BLOCK), kv_heads, splits),
         q, keys, values, mask_bytes, part, lse,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), mask_bytes.stride(0),
         tokens, kv_len, head_dim ** -0.5, splits,

@@ -13,7 +13,8 @@ or adds a residual. So RMSNorm + qkv/gate_up + SiLU, and o_proj/down_proj + the 
 one kernel each, and the final norm + LM head another.
 
 Each program owns BLOCK_N output columns of ROW_BLOCK (16) rows and streams its weight rows once,
-in BLOCK_K slices, through tl.dot. The row tile is 16 whatever T is (rows past T are masked), so a
+in BLOCK_K slices, through tl.dot (past 16 tokens a second row tile reads the same weights, mostly
+from L2). The row tile is 16 whatever T is (rows past T are masked), so a
 token's arithmetic is the same whether it is alone or among k+1 others: decode and verification
 give bitwise-equal results for the same token, which speculative greedy decoding needs to equal
 plain greedy decoding exactly. Rounding follows the reference formulas (the normalised row is
@@ -41,9 +42,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # N is the number of outputs; a GATED weight has 2N rows (gate rows, then up rows).
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # Row tiles are the grid's fastest axis: the programs that share a weight tile run side by
+        # side, so beyond 16 tokens the second tile's weight reads come from L2, not memory.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rows[:, None] * stride_x
@@ -124,7 +127,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: T
     out = torch.empty(rows, outputs, dtype=out_dtype or x.dtype, device=x.device)
     res = residual.reshape(rows, outputs).contiguous() if residual is not None else out
     block_n, block_k = block_sizes(outputs, inputs, x.dtype, x.device)
-    grid = (triton.cdiv(outputs, block_n), triton.cdiv(rows, ROW_BLOCK))
+    grid = (triton.cdiv(rows, ROW_BLOCK), triton.cdiv(outputs, block_n))
     stage_bytes = (ROW_BLOCK + (2 if gated else 1) * block_n) * block_k * x.element_size()  # x and weight slices
     name = "gated linear" if gated else "linear"
     ok = ts.launch(

@@ -36,12 +36,12 @@ if triton is not None:
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
         TILES: tl.constexpr = (HALF + PAIRS - 1) // PAIRS  # programs per head
-        head = tl.program_id(0) // TILES  # q heads, then k heads, then v heads
-        pair = (tl.program_id(0) % TILES) * PAIRS + tl.arange(0, PAIRS)  # [PAIRS] indices in the first half
+        head = tl.program_id(1) // TILES  # q heads, then k heads, then v heads
+        pair = (tl.program_id(1) % TILES) * PAIRS + tl.arange(0, PAIRS)  # [PAIRS] indices in the first half
         pair_ok = pair < HALF
         lo_cols = head * HEAD_DIM + pair  # weight rows of this program's outputs
         hi_cols = lo_cols + HALF
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles side by side share weight reads
         row_ok = rows < num_rows
         ks = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rows[:, None] * stride_x
@@ -138,7 +138,7 @@ def attention_inputs(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
     block_k = 512 // (torch.finfo(x.dtype).bits // 8)
     while x.shape[1] % block_k:
         block_k //= 2
-    grid = ((heads + 2 * kv_heads) * triton.cdiv(half, pairs), triton.cdiv(seq, ROW_BLOCK))
+    grid = (triton.cdiv(seq, ROW_BLOCK), (heads + 2 * kv_heads) * triton.cdiv(half, pairs))
     ok = ts.launch(
         "qkv+rotary+cache", _qkv_kernel, grid,
         x, norm_weight, weight, bias if bias is not None else weight, cos, sin,
