@@ -20,8 +20,10 @@ interpreter (the tests). Where they do not apply (longer prompt pieces,
 training, a machine without Triton, a kernel that fails to compile) the same
 formulas run as PyTorch operations, with RMSNorm, rotary embedding and SiLU
 gating as torch.compile'd single kernels. A token's arithmetic in the fused
-kernels does not depend on how many tokens share its step, so decoding and
-verifying the same token give bitwise-equal logits.
+kernels does not depend on how many tokens share its step, so decoding a token
+and verifying it in a chain of drafts give bitwise-equal logits. (A tree's
+tokens read their ancestors' keys from other cache slots than plain decoding
+would, so attention sums them in another order: equal up to rounding.)
 
 The model always calls these through this module, so `use_fused` changes every
 layer at once.
