@@ -80,27 +80,36 @@ kernels)
     # One GPU. Correctness first: every fused kernel against its reference at real shapes, bitwise decode ==
     # verify, engine greedy equality; then the demo pair end to end in float32 with the fused kernels (the
     # 'equal to vanilla' column must read n/n everywhere); then step latencies with the fused kernels and
-    # with the reference formulas (each run also prints the per-layer ablation). Tables last.
+    # with the reference formulas (each run also prints the per-layer ablation); then each kernel alone.
+    # Everything ends by DEADLINE seconds (default 570); tables last.
     k="$out/kernels"
     mkdir -p "$k"
-    timeout 200 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -W ignore::DeprecationWarning \
-        > "$k/kernel-tests.txt" 2>&1
+    deadline="${DEADLINE:-570}"
+    budget() { # budget CAP RESERVE: at most CAP seconds, leaving RESERVE for the steps after this one
+        local left=$((deadline - SECONDS - $2))
+        echo $(($1 < left ? $1 : (left > 10 ? left : 10)))
+    }
+    timeout "$(budget 240 330)" python3 -m pytest tests/test_kernels.py -q --maxfail=10 -p no:cacheprovider \
+        -W ignore::DeprecationWarning > "$k/kernel-tests.txt" 2>&1
     echo "kernel tests: exit $? by $SECONDS s"
     pair=easyspec/models/demo
-    timeout 150 python3 -m easyspec bench --device cuda --devices 1 --model $pair/base --draft $pair/draft \
-        --prompts $pair/prompts.jsonl --num-prompts 6 --max-new-tokens 64 --repeats 1 --dtype float32 --quiet \
+    timeout "$(budget 180 240)" python3 -m easyspec bench --device cuda --devices 1 --model $pair/base \
+        --draft $pair/draft --prompts $pair/prompts.jsonl --num-prompts 6 --max-new-tokens 64 --repeats 1 \
+        --dtype float32 --quiet --title "demo pair, 1 GPU, float32, greedy, fused kernels" --out "$k/demo" \
         --methods vanilla,sd-tp1,ngram,easyspec,easyspec:attention:on-mismatch,sd-tp1:tree=4x4,easyspec:attention:every-round:1:tree=4x4 \
-        --title "demo pair, 1 GPU, float32, greedy, fused kernels" --out "$k/demo" > "$k/demo.md" 2>"$k/demo-bench.log"
+        > "$k/demo.md" 2>"$k/demo-bench.log"
     echo "demo equality: exit $? by $SECONDS s"
     for mode in fused reference; do
         flag=""
-        [ "$mode" = reference ] && flag="--no-fused-kernels"
-        timeout 130 python3 -m easyspec bench-steps --devices 1 --preset llama-3.1-8b --draft-preset llama-3.2-1b \
-            --contexts 512,4096 --no-hf $flag --out "$k/steps-$mode.json" > "$k/steps-$mode.md" 2>>"$k/steps.log"
+        reserve=130
+        [ "$mode" = reference ] && flag="--no-fused-kernels" && reserve=20
+        timeout "$(budget 130 $reserve)" python3 -m easyspec bench-steps --devices 1 --preset llama-3.1-8b \
+            --draft-preset llama-3.2-1b --contexts 512,4096 --no-hf $flag --out "$k/steps-$mode.json" \
+            > "$k/steps-$mode.md" 2>>"$k/steps.log"
         echo "bench-steps $mode: exit $? by $SECONDS s"
     done
     # Each fused kernel alone at the 1B and 8B layer shapes: which one holds a layer back from its floor.
-    timeout 90 python3 -m easyspec.bench.kernels > "$k/kernels.md" 2>>"$k/steps.log"
+    timeout "$(budget 90 5)" python3 -m easyspec.bench.kernels > "$k/kernels.md" 2>>"$k/steps.log"
     echo "kernel bench: exit $? by $SECONDS s"
     (cd "$out" && tar -czf kernels-logs.tgz kernels)
     tail -n 25 "$k/kernel-tests.txt"
