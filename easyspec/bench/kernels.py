@@ -21,7 +21,8 @@ from easyspec.model.config import PRESETS, ModelConfig
 
 
 def _cases(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype, dev: torch.device) -> list[tuple]:
-    """(name, weight/KV bytes, fused fn, reference fn, config) for one layer of `cfg`."""
+    """(name, weight/KV bytes, fused fn, reference fn, config) for one layer of `cfg`; the fused
+    functions are the kernels module's own, so the fused kernels must be switched on."""
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=dev) * scale).to(dtype)
 
@@ -48,20 +49,20 @@ def _cases(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype, dev:
         return f"BLOCK_N={block_n} BLOCK_K={block_k}"
 
     return [
-        ("norm+qkv+rotary+cache", qkv_w.numel() * size, qkv(kernels._attention_inputs_fused),
+        ("norm+qkv+rotary+cache", qkv_w.numel() * size, qkv(lambda *args: kernels.attention_inputs(*args)),
          qkv(kernels.attention_inputs_reference), "PAIRS=16"),
         (f"attention ctx {context}", 2 * keys[:, :context].numel() * size,
-         lambda: kernels._cached_attention_fused(q, keys, values, mask, context),
+         lambda: kernels.cached_attention(q, keys, values, mask, context),
          lambda: kernels.cached_attention_reference(q, keys, values, mask, context),
          f"CHUNK={decode_attention.chunk_length(hd)}"),
-        ("o_proj+residual", o_w.numel() * size, lambda: kernels._linear_fused(attn_out, o_w, residual=x),
+        ("o_proj+residual", o_w.numel() * size, lambda: kernels.linear(attn_out, o_w, residual=x),
          lambda: kernels.linear_reference(attn_out, o_w, residual=x), blocks(dim, cfg.q_size)),
-        ("norm+gate_up+silu", gate_up_w.numel() * size, lambda: kernels._gate_up_silu_fused(x, norm, 1e-5, gate_up_w),
+        ("norm+gate_up+silu", gate_up_w.numel() * size, lambda: kernels.gate_up_silu(x, norm, 1e-5, gate_up_w),
          lambda: kernels.gate_up_silu_reference(x, norm, 1e-5, gate_up_w), blocks(inter, dim)),
-        ("down+residual", down_w.numel() * size, lambda: kernels._linear_fused(hidden, down_w, residual=x),
+        ("down+residual", down_w.numel() * size, lambda: kernels.linear(hidden, down_w, residual=x),
          lambda: kernels.linear_reference(hidden, down_w, residual=x), blocks(dim, inter)),
         ("norm+lm_head", head_w.numel() * size,
-         lambda: kernels._linear_fused(x, head_w, None, norm, 1e-5, None, torch.float32),
+         lambda: kernels.linear(x, head_w, None, norm, 1e-5, None, torch.float32),
          lambda: kernels.linear_reference(x, head_w, None, norm, 1e-5, None, torch.float32),
          blocks(cfg.vocab_size, dim)),
     ]

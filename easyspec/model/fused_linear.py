@@ -6,8 +6,9 @@ the time to stream the weights, and everything else is launch overhead. One kern
     out = epilogue(prologue(x) @ W^T)
 
 for x: [T, K] and W: [N, K] (nn.Linear's layout), where the prologue optionally RMS-normalises each
-row of x (every program computes the row's RMS itself in a first pass over x, which is tiny next
-to its share of W) and the epilogue optionally adds a bias, applies SiLU gating (W holds gate rows
+row of x (every program computes the row's RMS itself while it streams x beside its share of W,
+and scales its products by 1/RMS at the end) and the epilogue optionally adds a bias, applies SiLU
+gating (W holds gate rows
 then up rows; out = silu(gate) * up for the same output index, so each weight is still read once),
 or adds a residual. So RMSNorm + qkv/gate_up + SiLU, and o_proj/down_proj + the residual add, are
 one kernel each, and the final norm + LM head another.
@@ -17,9 +18,8 @@ in BLOCK_K slices, through tl.dot (past 16 tokens a second row tile reads the sa
 from L2). The row tile is 16 whatever T is (rows past T are masked), so a
 token's arithmetic is the same whether it is alone or among k+1 others: decode and verification
 give bitwise-equal results for the same token, which speculative greedy decoding needs to equal
-plain greedy decoding exactly. Rounding follows the reference formulas (the normalised row is
-rounded to the activation type before the norm weight scales it, the product before the residual
-add), so fused and reference results differ only by summation order.
+plain greedy decoding exactly. Rounding otherwise follows the reference formulas (the product is
+rounded to the activation type before the residual add, SiLU's output before the up product).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ if triton is not None:
         x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         num_rows, stride_x, stride_res, stride_out, eps,
         N: tl.constexpr, K: tl.constexpr,
-        NORM: tl.constexpr, BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, NORM_FIRST: tl.constexpr, BIAS: tl.constexpr, GATED: tl.constexpr,
+        RESIDUAL: tl.constexpr,
         ACT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -49,23 +50,29 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + rows[:, None] * stride_x
-        if NORM:
-            # First pass: each row's mean square, summed elementwise per column slot, then across.
-            squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        # Rows past T read the last real row instead of a masked load: finite values that are never
+        # stored, and an unmasked load that the compiler pipelines like the weights' loads.
+        x_rows = x_ptr + tl.minimum(rows, num_rows - 1)[:, None] * stride_x
+        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # each row's squares, summed per column slot
+        if NORM and NORM_FIRST:
+            # A first pass for each row's RMS, so that x is normalised before the product.
             for k0 in range(0, K, BLOCK_K):
-                xk = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+                xk = tl.load(x_rows + (k0 + ks)[None, :]).to(tl.float32)
                 squares += xk * xk
             rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_M]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
-            a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+            a = tl.load(x_rows + kk[None, :])  # [BLOCK_M, BLOCK_K]
             if NORM:
-                scale = tl.load(norm_ptr + kk).to(tl.float32)
-                normed = (a.to(tl.float32) * rstd[:, None]).to(ACT).to(tl.float32)
-                a = (normed * scale[None, :]).to(ACT)
+                scale = tl.load(norm_ptr + kk).to(tl.float32)[None, :]
+                if NORM_FIRST:
+                    a = ((a.to(tl.float32) * rstd[:, None]).to(ACT).to(tl.float32) * scale).to(ACT)
+                else:
+                    # One pass: the squares accumulate as x streams by; 1/RMS scales the products below.
+                    squares += a.to(tl.float32) * a.to(tl.float32)
+                    a = (a.to(tl.float32) * scale).to(ACT)
             a = a.to(DOT)
             w = tl.load(w_ptr + cols[None, :] * K + kk[:, None], mask=col_ok[None, :], other=0.0).to(DOT)
             if IEEE:
@@ -78,6 +85,10 @@ if triton is not None:
                     up = tl.dot(a, wu.to(DOT), up, input_precision="ieee")
                 else:
                     up = tl.dot(a, wu.to(DOT), up)
+        if NORM and not NORM_FIRST:
+            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # [BLOCK_M, 1]
+            acc = acc * rstd
+            up = up * rstd
         if BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(ACT).to(tl.float32)  # the projection as the reference rounds it
@@ -89,6 +100,13 @@ if triton is not None:
             res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
             y = (y + res.to(tl.float32)).to(ACT).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def normalise_first(dtype: torch.dtype) -> bool:
+    """Whether a fused RMSNorm normalises x before the product (two passes over x), as the
+    reference does, or scales the product by 1/RMS after it (one pass: every load is pipelined).
+    float16 normalises first: its range may not hold a raw residual times the norm weight."""
+    return dtype == torch.float16
 
 
 def block_sizes(outputs: int, inputs: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -134,7 +152,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: T
         name, _linear_kernel, grid,
         x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         res, out, rows, x2.stride(0), res.stride(0), out.stride(0), eps,
-        N=outputs, K=inputs, NORM=norm_weight is not None, BIAS=bias is not None, GATED=gated,
+        N=outputs, K=inputs, NORM=norm_weight is not None, NORM_FIRST=normalise_first(x.dtype),
+        BIAS=bias is not None, GATED=gated,
         RESIDUAL=residual is not None, ACT=ts.tl_type(x.dtype), DOT=ts.dot_type(x.dtype),
         IEEE=x.dtype == torch.float32, BLOCK_M=ROW_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=ts.pipeline_stages(stage_bytes),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from easyspec.model import fused_linear
 from easyspec.model import triton_support as ts
 from easyspec.model.triton_support import ROW_BLOCK, tl, triton
 
@@ -31,7 +32,7 @@ if triton is not None:
         q_ptr, key_ptr, value_ptr,
         num_rows, stride_x, stride_rope, stride_qt, stride_qh, stride_ch, stride_cs, eps, qk_eps,
         K: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAIRS: tl.constexpr, BIAS: tl.constexpr, QK_NORM: tl.constexpr,
+        PAIRS: tl.constexpr, NORM_FIRST: tl.constexpr, BIAS: tl.constexpr, QK_NORM: tl.constexpr,
         ACT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -44,19 +45,26 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles side by side share weight reads
         row_ok = rows < num_rows
         ks = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + rows[:, None] * stride_x
-        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            squares += xk * xk
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_M]
+        # Rows past T read the last real row instead of a masked load: finite values that are never
+        # stored, and an unmasked load that the compiler pipelines like the weights' loads.
+        x_rows = x_ptr + tl.minimum(rows, num_rows - 1)[:, None] * stride_x
+        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # each row's squares, summed per column slot
+        if NORM_FIRST:  # as in easyspec.model.fused_linear: a first pass for the RMS
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_rows + (k0 + ks)[None, :]).to(tl.float32)
+                squares += xk * xk
+            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_M]
         lo = tl.zeros([BLOCK_M, PAIRS], tl.float32)
         hi = tl.zeros([BLOCK_M, PAIRS], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
-            a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None], other=0.0)
-            normed = (a.to(tl.float32) * rstd[:, None]).to(ACT).to(tl.float32)
-            a = (normed * tl.load(norm_ptr + kk).to(tl.float32)[None, :]).to(ACT).to(DOT)
+            a = tl.load(x_rows + kk[None, :]).to(tl.float32)
+            scale = tl.load(norm_ptr + kk).to(tl.float32)[None, :]
+            if NORM_FIRST:
+                a = ((a * rstd[:, None]).to(ACT).to(tl.float32) * scale).to(ACT).to(DOT)
+            else:  # one pass: 1/RMS scales the products after the loop
+                squares += a * a
+                a = (a * scale).to(ACT).to(DOT)
             w_lo = tl.load(w_ptr + lo_cols[None, :] * K + kk[:, None], mask=pair_ok[None, :], other=0.0).to(DOT)
             w_hi = tl.load(w_ptr + hi_cols[None, :] * K + kk[:, None], mask=pair_ok[None, :], other=0.0).to(DOT)
             if IEEE:
@@ -65,6 +73,10 @@ if triton is not None:
             else:
                 lo = tl.dot(a, w_lo, lo)  # [BLOCK_M, PAIRS]
                 hi = tl.dot(a, w_hi, hi)
+        if not NORM_FIRST:
+            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # [BLOCK_M, 1]
+            lo = lo * rstd
+            hi = hi * rstd
         if BIAS:
             lo += tl.load(bias_ptr + lo_cols, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
             hi += tl.load(bias_ptr + hi_cols, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
@@ -145,7 +157,8 @@ def attention_inputs(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
         q_norm_weight if qk_norm else weight, k_norm_weight if qk_norm else weight, slots,
         q, keys, values,
         seq, x.stride(0), cos.stride(0), q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), eps, qk_eps,
-        K=x.shape[1], HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, BIAS=bias is not None,
+        K=x.shape[1], HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs,
+        NORM_FIRST=fused_linear.normalise_first(x.dtype), BIAS=bias is not None,
         QK_NORM=qk_norm, ACT=ts.tl_type(x.dtype), DOT=ts.dot_type(x.dtype), IEEE=x.dtype == torch.float32,
         BLOCK_M=ROW_BLOCK, BLOCK_K=block_k, num_warps=4,
         num_stages=ts.pipeline_stages((ROW_BLOCK + 2 * pairs) * block_k * x.element_size()),

@@ -3,8 +3,10 @@
 A decode step at batch 1 is a long chain of small kernels, each costing a few
 microseconds whatever its size, around matrix products that only stream
 weights. The functions below are the reference formulas; `use_fused(True)`
-swaps in fused forms with the same arithmetic (float32 inside norms, the same
-roundings to the activation type), so that a decoder layer is six kernels:
+swaps in fused forms of the same formulas (float32 inside, rounded to the
+activation type where the reference rounds, except that a fused RMSNorm scales
+the product by 1/RMS instead of normalising its input first), so that a decoder
+layer is six kernels:
 
 - `attention_inputs`: input RMSNorm, the q/k/v projection (+ bias), q/k norms,
   rotary embedding and the KV-cache write (easyspec.model.fused_qkv);
