@@ -15,6 +15,11 @@ row depends on the row's position in the tile; tensor cores and the float32 FMA 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +260,19 @@ def test_engine_greedy_with_fused_kernels_equals_plain(pair_dir, plain_on_cuda, 
     """float32 on the GPU with the fused kernels and CUDA graphs: speculative greedy == plain greedy."""
     with Engine(options(pair_dir, **ON_CUDA, **config)) as engine:
         assert [run(engine, p, GREEDY)[0] for p in PROMPTS] == plain_on_cuda
+
+
+def test_kernels_compile_for_hopper_with_pipelined_weight_loads():
+    """Without a GPU too: every kernel compiles for sm_90, fits an H100/H200's shared memory at the
+    pipelining depth chosen at run time, and streams the weights (and x) through asynchronous copies.
+    In a process of its own: Triton's own library functions are interpreted in this one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parent / "hopper_compile.py"
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    assert {r["case"] for r in results} >= {"linear-bf16-residual", "linear-bf16-norm-gated", "qkv-fp32-qknorm",
+                                            "attention-partial-bf16", "attention-merge-bf16"}
+    for r in results:
+        assert r["shared"] <= 227 * 1024, r
+        assert r["loop_async_copies"] >= r["streamed_loads"], r
