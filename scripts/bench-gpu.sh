@@ -9,6 +9,9 @@
 #   scripts/bench-gpu.sh train   # retrain the bundled demo pair (~5 min)
 #   scripts/bench-gpu.sh real [BASE DRAFT [PROMPTS]]
 #                                # a trained pair inflated to the 8B/1B shapes, every method end to end (~8 min)
+#   scripts/bench-gpu.sh kernels # ONE GPU (~6 min): the fused kernels' CUDA tests, float32 greedy equality of
+#                                # every method on the demo pair with them, 8B/1B step latencies with and without,
+#                                # each kernel alone
 #
 # Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
@@ -146,8 +149,48 @@ real)
     mv "$out/gpus.txt" "$r/" 2>/dev/null
     tar -czf "$out/real.tgz" -C "$out" real && rm -rf "$r"
     ;;
+kernels)
+    # One GPU. Correctness first: every fused kernel against its reference at real shapes, bitwise decode ==
+    # verify, engine greedy equality; then the demo pair end to end in float32 with the fused kernels (the
+    # 'equal to vanilla' column must read n/n everywhere); then step latencies with the fused kernels and
+    # with the reference formulas (each run also prints the per-layer ablation); then each kernel alone.
+    # Everything ends by DEADLINE seconds (default 570); tables last.
+    k="$out/kernels"
+    mkdir -p "$k"
+    deadline="${DEADLINE:-570}"
+    budget() { # budget CAP RESERVE: at most CAP seconds, leaving RESERVE for the steps after this one
+        local left=$((deadline - SECONDS - $2))
+        echo $(($1 < left ? $1 : (left > 10 ? left : 10)))
+    }
+    timeout "$(budget 240 330)" python3 -m pytest tests/test_kernels.py -q --maxfail=10 -p no:cacheprovider \
+        -W ignore::DeprecationWarning > "$k/kernel-tests.txt" 2>&1
+    echo "kernel tests: exit $? by $SECONDS s"
+    pair=easyspec/models/demo
+    timeout "$(budget 180 240)" python3 -m easyspec bench --device cuda --devices 1 --model $pair/base \
+        --draft $pair/draft --prompts $pair/prompts.jsonl --num-prompts 6 --max-new-tokens 64 --repeats 1 \
+        --dtype float32 --quiet --title "demo pair, 1 GPU, float32, greedy, fused kernels" --out "$k/demo" \
+        --methods vanilla,sd-tp1,ngram,easyspec,easyspec:attention:on-mismatch,sd-tp1:tree=4x4,easyspec:attention:every-round:1:tree=4x4 \
+        > "$k/demo.md" 2>"$k/demo-bench.log"
+    echo "demo equality: exit $? by $SECONDS s"
+    for mode in fused reference; do
+        flag=""
+        reserve=130
+        [ "$mode" = reference ] && flag="--no-fused-kernels" && reserve=20
+        timeout "$(budget 130 $reserve)" python3 -m easyspec bench-steps --devices 1 --preset llama-3.1-8b \
+            --draft-preset llama-3.2-1b --contexts 512,4096 --no-hf $flag --out "$k/steps-$mode.json" \
+            > "$k/steps-$mode.md" 2>>"$k/steps.log"
+        echo "bench-steps $mode: exit $? by $SECONDS s"
+    done
+    # Each fused kernel alone at the 1B and 8B layer shapes: which one holds a layer back from its floor.
+    timeout "$(budget 90 5)" python3 -m easyspec.bench.kernels > "$k/kernels.md" 2>>"$k/steps.log"
+    echo "kernel bench: exit $? by $SECONDS s"
+    (cd "$out" && tar -czf kernels-logs.tgz kernels)
+    tail -n 25 "$k/kernel-tests.txt"
+    grep -i "warn\|fall" "$k/steps.log" "$k/demo-bench.log" | head -n 5
+    cat "$k/demo.md" "$k/kernels.md" "$k/steps-fused.md" "$k/steps-reference.md"
+    ;;
 *)
-    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|real" >&2
+    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|real|kernels" >&2
     exit 2
     ;;
 esac

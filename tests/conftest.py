@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/test_kernels.py). Triton
+    # reads this when a kernel is defined, so it must be set before anything imports easyspec. Only
+    # tests that switch the fused kernels on use them: CPU engines keep the reference formulas.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_models import make_hf_checkpoint  # noqa: E402
 

@@ -190,32 +190,3 @@ def test_fused_kernels_match_reference_formulas(dtype: torch.dtype) -> None:
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, **tol)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("tokens", "kv_len", "heads", "kv_heads", "head_dim"),
-                         [(1, 512, 32, 8, 128), (5, 4096, 16, 4, 128), (3, 100, 4, 2, 64), (9, 300, 8, 8, 32)])
-def test_split_kv_attention_matches_reference(dtype: torch.dtype, tokens: int, kv_len: int, heads: int,
-                                              kv_heads: int, head_dim: int) -> None:
-    from easyspec.model import decode_attention, kernels
-
-    g = torch.Generator("cuda").manual_seed(tokens * kv_len)
-    max_len = kv_len + 64
-    q = torch.randn(tokens, heads, head_dim, generator=g, device="cuda").to(dtype)
-    keys = torch.randn(kv_heads, max_len, head_dim, generator=g, device="cuda").to(dtype)
-    values = torch.randn(kv_heads, max_len, head_dim, generator=g, device="cuda").to(dtype)
-    # Any mask with a visible slot per row: causal prefix plus a random tree-like pattern.
-    if tokens == 1:
-        # The engine's usual case: a causal prefix far shorter than the bucket, so whole key
-        # blocks and whole splits are masked out.
-        mask = torch.arange(kv_len, device="cuda")[None, :] < 37
-    else:
-        mask = torch.rand(tokens, kv_len, generator=g, device="cuda") < 0.5
-        mask[:, 0] = True
-    group_mask = mask.repeat(heads // kv_heads, 1)
-    assert decode_attention.supported(q, keys, values, group_mask, kv_len)
-    got = decode_attention.decode_attention(q, keys, values, group_mask, kv_len)
-    expected = kernels.cached_attention_reference(q.float(), keys.float(), values.float(), group_mask, kv_len)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)

@@ -63,7 +63,7 @@ def register_steps(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft,
                    help="verification scores --num-draft + 1 tokens")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    p.add_argument("--no-fused-kernels", action="store_true", help="plain PyTorch norms/rotary/SiLU")
+    p.add_argument("--no-fused-kernels", action="store_true", help="the reference formulas, not the fused kernels")
     p.add_argument("--no-p2p-collectives", action="store_true", help="every collective through NCCL")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers eager row (one GPU)")
     p.add_argument("--out", help="write the rows as JSON here")

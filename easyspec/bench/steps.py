@@ -14,7 +14,13 @@ numbers the engine gets. Per context length it reports:
   one layer's attention sub-block, one MLP, one MLP split over N GPUs
   (including its all-reduce), the layer-parallel all-gather, an all-reduce of
   one hidden state. Sums of these explain the step times; they are not a
-  profile of the steps themselves.
+  profile of the steps themselves;
+- one whole decoder layer of the draft (and of the base on one GPU) with the
+  fused kernels and with the reference formulas (the --no-fused-kernels
+  ablation, in the same run): its kernel launches (counted by the profiler on
+  an eager run) and its time against the layer's own weight-streaming floor.
+
+Draft steps on one GPU and at TP=N carry their % of floor like the base's.
 
 With N > 1 GPUs the base is also timed whole on one GPU (TP=1). Rank 0 also
 times Hugging Face transformers' eager decode of the base shape on one GPU when
@@ -155,7 +161,10 @@ def _measure(cfg: StepBenchConfig, state: ParallelState) -> list[dict]:
                 floor_pct=round(100 * floor_ms / ms, 1), copy_tb_s=round(bandwidth / 1e12, 2))
         ms = time_ms(_step(base_runner, cfg.num_draft + 1, ctx), cfg.iters)
         rec.add(f"base {cfg.base} verify {cfg.num_draft + 1} tokens TP={n}", ctx, ms)
-    del base_runner, base
+    del base_runner
+    if n == 1:
+        _measure_layer(cfg, state, rec, base, f"base {cfg.base}", bandwidth)
+    del base
     free_memory()
     if n > 1:
         # The same base whole on one GPU (rank 0; the others wait): the TP=1 baseline of this run.
@@ -171,14 +180,21 @@ def _measure(cfg: StepBenchConfig, state: ParallelState) -> list[dict]:
             free_memory()
         rec.barrier()
     if cfg.draft:
-        _measure_draft(cfg, state, rec, max_len)
+        _measure_draft(cfg, state, rec, max_len, bandwidth)
     if cfg.hf and state.rank == 0:
         _measure_hf(base_cfg, cfg, state, rec)
     rec.barrier()
     return rec.rows
 
 
-def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, max_len: int) -> None:
+def _floor(model: Transformer, bandwidth: float, ms: float) -> dict:
+    """A step's weight-streaming floor and its share of the measured time, as row fields."""
+    floor_ms = streamed_bytes(model) / bandwidth * 1e3
+    return dict(floor_ms=round(floor_ms, 4), floor_pct=round(100 * floor_ms / ms, 1))
+
+
+def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, max_len: int,
+                   bandwidth: float) -> None:
     n, rank = state.world_size, state.rank
     draft_cfg = PRESETS[cfg.draft]
     name = f"draft {cfg.draft}"
@@ -187,12 +203,15 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
     for ctx in cfg.contexts:
         # TP=1: rank 0 drafts alone, the others wait, as in sd with the draft on one GPU.
         if rank == 0:
-            rec.add(f"{name} step TP=1", ctx, time_ms(_step(seq_runner, 1, ctx), cfg.iters))
+            ms = time_ms(_step(seq_runner, 1, ctx), cfg.iters)
+            rec.add(f"{name} step TP=1", ctx, ms, **_floor(whole, bandwidth, ms))
             # The exact forward that opens each round (catch-up or calibration) feeds k+1 tokens.
             rec.add(f"{name} opening forward {cfg.num_draft + 1} tokens TP=1", ctx,
                     time_ms(_step(seq_runner, cfg.num_draft + 1, ctx), cfg.iters))
         rec.barrier()
     del seq_runner
+    if rank == 0:
+        _measure_layer(cfg, state, rec, whole, name, bandwidth)
     if n == 1:
         _measure_parts(cfg, state, rec, whole, name)
         return
@@ -204,7 +223,8 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
         sharded = random_model(draft_cfg, state, tp=True, dtype=cfg.dtype, seed=1)
         tp_runner = ModelRunner(sharded, max_len, use_graphs=True)
         for ctx in cfg.contexts:
-            rec.add(f"{name} step TP={n}", ctx, time_ms(_step(tp_runner, 1, ctx), cfg.iters))
+            ms = time_ms(_step(tp_runner, 1, ctx), cfg.iters)
+            rec.add(f"{name} step TP={n}", ctx, ms, **_floor(sharded, bandwidth, ms))
             rec.add(f"{name} opening forward {cfg.num_draft + 1} tokens TP={n}", ctx,
                     time_ms(_step(tp_runner, cfg.num_draft + 1, ctx), cfg.iters))
         del tp_runner, sharded
@@ -218,6 +238,39 @@ def _measure_draft(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, m
             rec.add(f"{name} step layer-parallel N={n} {policy}", ctx, ms, groups=str(layout))
         del runner
     _measure_parts(cfg, state, rec, whole, name)
+
+
+def count_kernels(fn: Callable[[], object]) -> int:
+    """Device kernels (and copies) one eager call of fn launches, as the profiler sees them."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _measure_layer(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, model: Transformer, name: str,
+                   bandwidth: float) -> None:
+    """One decoder layer (one token) with the fused kernels and with the reference formulas:
+    kernels per layer and time against the layer's weight-streaming floor."""
+    block = model.layers[1]
+    layer_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+    floor_ms = layer_bytes / bandwidth * 1e3
+    x = torch.randn(1, 1, model.config.hidden_size, device=state.device, dtype=cfg.dtype) * 0.1
+    for ctx in cfg.contexts:
+        cache = model.allocate_cache(ctx + 8)
+        positions = torch.tensor([ctx - 1], device=state.device)
+        step = model.step_inputs(positions, cache, kv_span(ctx, cache.max_len))
+        for fused in (True, False):
+            kernels.use_fused(fused)
+            launches = count_kernels(lambda step=step: block(x, step))
+            ms = time_ms(graphed(lambda step=step: block(x, step)), cfg.iters)
+            rec.add(f"{name} one layer, {'fused' if fused else 'reference'} ({launches} kernels)", ctx, ms,
+                    floor_ms=round(floor_ms, 5), floor_pct=round(100 * floor_ms / ms, 1), kernels=launches,
+                    fused=fused)
+        del cache
+    kernels.use_fused(cfg.fused)
 
 
 def _measure_parts(cfg: StepBenchConfig, state: ParallelState, rec: _Recorder, model: Transformer,
@@ -320,7 +373,8 @@ def markdown(rows: list[dict]) -> str:
         family = what.split(" step")[0] if " step" in what else what.split(" decode")[0] + " decode"
         ref = reference.get((family, row["context"]))
         ratio = f"{ref / row['ms']:.2f}x" if ref and ("step" in what or "decode" in what) else ""
-        lines.append(f"| {what} | {row['context'] or '-'} | {row['ms']:.3f} | {pct} | {ratio} |")
+        ms = f"{row['ms']:.3f}" if row["ms"] >= 0.1 else f"{row['ms']:.4f}"  # one layer: tens of microseconds
+        lines.append(f"| {what} | {row['context'] or '-'} | {ms} | {pct} | {ratio} |")
     return "\n".join(lines)
 
 

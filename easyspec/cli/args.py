@@ -33,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=int, help=f"KV cache length in tokens (default: up to {DEFAULT_CONTEXT})")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     g.add_argument("--no-fused-kernels", action="store_true",
-                   help="CUDA: run norms, rotary and SiLU-gating as plain PyTorch ops instead of compiled kernels")
+                   help="CUDA: run the reference formulas as PyTorch ops instead of the fused Triton kernels")
     g.add_argument("--no-p2p-collectives", action="store_true",
                    help="CUDA: send every collective through NCCL instead of the peer-to-peer path for small ones")
     g.add_argument("--timeout", type=float, default=ENGINE_DEFAULTS.timeout_s,

@@ -1,20 +1,34 @@
-"""The decoder's pointwise pieces, each with an optional fused form.
+"""The decoder's operations, each with its reference formula and an optional fused form.
 
-A decode step at batch 1 is a long chain of small kernels: written as plain
-PyTorch, the float32 RMSNorm alone is six launches and rotary embedding of q
-and k a dozen more, each costing a few microseconds whatever its size. The
-functions below are the reference formulas; `use_fused(True)` swaps in
-torch.compile'd versions that run each as one generated kernel with the same
-arithmetic (float32 inside the norm, the same casts). The model always calls
-them through this module, so swapping them changes every layer at once.
+A decode step at batch 1 is a long chain of small kernels, each costing a few
+microseconds whatever its size, around matrix products that only stream
+weights. The functions below are the reference formulas; `use_fused(True)`
+swaps in fused forms of the same formulas (float32 inside, rounded to the
+activation type where the reference rounds, except that a fused RMSNorm scales
+the product by 1/RMS instead of normalising its input first), so that a decoder
+layer is six kernels:
 
-They are compiled with dynamic shapes, so a handful of compilations (per
-weight shape, and for one token versus several) serve every layer and every
-token count; past the recompile limit a new shape falls back to the eager
-formula rather than failing. Attention over the KV cache for a few query tokens
-goes to a split-KV Triton kernel (easyspec.model.decode_attention). Fused
-kernels are used on CUDA only; on CPU the eager formulas run (and are what the
-tests compare against references).
+- `attention_inputs`: input RMSNorm, the q/k/v projection (+ bias), q/k norms,
+  rotary embedding and the KV-cache write (easyspec.model.fused_qkv);
+- `cached_attention`: split-KV attention and its merge (easyspec.model.decode_attention);
+- `linear` with a residual: o_proj and down_proj adding their result to the
+  residual stream in the epilogue (easyspec.model.fused_linear);
+- `gate_up_silu`: post-attention RMSNorm, gate/up projection and SiLU gating;
+- and `linear` with a norm: the final norm and LM head.
+
+The fused forms are Triton kernels for up to MAX_ROWS tokens (decode, draft,
+verify and tree steps); they run on CUDA, and on the CPU under Triton's
+interpreter (the tests). Where they do not apply (longer prompt pieces,
+training, a machine without Triton, a kernel that fails to compile) the same
+formulas run as PyTorch operations, with RMSNorm, rotary embedding and SiLU
+gating as torch.compile'd single kernels. A token's arithmetic in the fused
+kernels does not depend on how many tokens share its step, so decoding a token
+and verifying it in a chain of drafts give bitwise-equal logits. (A tree's
+tokens read their ancestors' keys from other cache slots than plain decoding
+would, so attention sums them in another order: equal up to rounding.)
+
+The model always calls these through this module, so `use_fused` changes every
+layer at once.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from easyspec.model import decode_attention
+from easyspec.model import decode_attention, fused_linear, fused_qkv
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -67,10 +81,94 @@ def cached_attention_reference(q: Tensor, keys: Tensor, values: Tensor, group_ma
     return out.view(kv_heads, group, seq, head_dim).permute(2, 0, 1, 3).reshape(seq, heads, head_dim)
 
 
-def _cached_attention_split(q: Tensor, keys: Tensor, values: Tensor, group_mask: Tensor, kv_len: int) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, eps: float,
+            residual: Tensor | None, out_dtype: torch.dtype | None, norm: Callable) -> Tensor:
+    if norm_weight is not None:
+        x = norm(x, norm_weight, eps)
+    y = F.linear(x, weight, bias)
+    if residual is not None:
+        y = residual + y
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: Tensor | None = None,
+                     eps: float = 0.0, residual: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x: [..., K] -> [..., N]: residual + linear(rms_norm(x)), the norm (weight [K], eps) and the
+    residual [..., N] optional, cast to out_dtype if given."""
+    return _linear(x, weight, bias, norm_weight, eps, residual, out_dtype, rms_norm_reference)
+
+
+def gate_up_silu_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """x: [..., D], weight: [2I, D] (gate rows, then up rows) -> silu(gate) * up of the normalised x: [..., I]."""
+    return silu_mul_reference(F.linear(rms_norm_reference(x, norm_weight, eps), weight))
+
+
+def _attention_inputs(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
+                      q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, qk_eps: float, cos: Tensor,
+                      sin: Tensor, heads: int, kv_heads: int, keys: Tensor, values: Tensor, slots: Tensor,
+                      norm: Callable, rotate: Callable) -> Tensor:
+    seq, head_dim = x.shape[0], keys.shape[2]
+    qkv = F.linear(norm(x, norm_weight, eps), weight, bias)  # [T, (H + 2 Hkv) hd]
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(1, seq, heads, head_dim), k.view(1, seq, kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = norm(q, q_norm_weight, qk_eps), norm(k, k_norm_weight, qk_eps)
+    q, k = rotate(q, k, cos[:, None, :], sin[:, None, :])
+    keys.index_copy_(1, slots, k[0].transpose(0, 1))
+    values.index_copy_(1, slots, v.view(seq, kv_heads, head_dim).transpose(0, 1))
+    return q[0]
+
+
+def attention_inputs_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
+                               q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, qk_eps: float,
+                               cos: Tensor, sin: Tensor, heads: int, kv_heads: int, keys: Tensor, values: Tensor,
+                               slots: Tensor) -> Tensor:
+    """Queries for attention over the cache, and this step's keys and values stored in it.
+
+    x: [T, D] (before the input norm); weight: [(H + 2 Hkv) hd, D] and bias (or None) of the q/k/v
+    projection; q/k norm weights [hd] (Qwen3) or None; cos, sin: [T, hd]; keys, values: the
+    layer's cache [Hkv, S, hd], written at slots [T]. Returns the rotated queries [T, H, hd].
+    """
+    return _attention_inputs(x, norm_weight, eps, weight, bias, q_norm_weight, k_norm_weight, qk_eps, cos, sin,
+                             heads, kv_heads, keys, values, slots, rms_norm_reference, rotary_reference)
+
+
+def _linear_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: Tensor | None = None,
+                  eps: float = 0.0, residual: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    if fused_linear.applies(x, weight) and (residual is None or residual.dtype == x.dtype):
+        out = fused_linear.linear(x, weight, bias, norm_weight, eps, residual, out_dtype=out_dtype)
+        if out is not None:
+            return out
+    return _linear(x, weight, bias, norm_weight, eps, residual, out_dtype, rms_norm)
+
+
+def _gate_up_silu_fused(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    if fused_linear.applies(x, weight):
+        out = fused_linear.linear(x, weight, norm_weight=norm_weight, eps=eps, gated=True)
+        if out is not None:
+            return out
+    return silu_mul(F.linear(rms_norm(x, norm_weight, eps), weight))
+
+
+def _attention_inputs_fused(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
+                            q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, qk_eps: float,
+                            cos: Tensor, sin: Tensor, heads: int, kv_heads: int, keys: Tensor, values: Tensor,
+                            slots: Tensor) -> Tensor:
+    args = (x, norm_weight, eps, weight, bias, q_norm_weight, k_norm_weight, qk_eps, cos, sin, heads, kv_heads,
+            keys, values, slots)
+    if fused_qkv.applies(x, weight, cos, keys, values):
+        q = fused_qkv.attention_inputs(*args)
+        if q is not None:
+            return q
+    return _attention_inputs(*args, rms_norm, rotary)
+
+
+def _cached_attention_fused(q: Tensor, keys: Tensor, values: Tensor, group_mask: Tensor, kv_len: int) -> Tensor:
     """The split-KV Triton kernel where it applies (few query tokens), else the reference."""
     if decode_attention.supported(q, keys, values, group_mask, kv_len):
-        return decode_attention.decode_attention(q.contiguous(), keys, values, group_mask, kv_len)
+        out = decode_attention.decode_attention(q.contiguous(), keys, values, group_mask, kv_len)
+        if out is not None:
+            return out
     return cached_attention_reference(q, keys, values, group_mask, kv_len)
 
 
@@ -78,19 +176,33 @@ rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm_reference
 rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = rotary_reference
 silu_mul: Callable[[Tensor], Tensor] = silu_mul_reference
 cached_attention: Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] = cached_attention_reference
+linear: Callable[..., Tensor] = linear_reference
+gate_up_silu: Callable[[Tensor, Tensor, float, Tensor], Tensor] = gate_up_silu_reference
+attention_inputs: Callable[..., Tensor] = attention_inputs_reference
 
-_fused: dict[str, Callable] = {}
+_compiled: dict[str, Callable] = {}
+
+
+def _on_cuda(compiled: Callable, reference: Callable) -> Callable:
+    """The compiled form for CUDA tensors; the reference elsewhere (the CPU under Triton's interpreter)."""
+
+    def run(*args: Tensor) -> Tensor:
+        return compiled(*args) if args[0].is_cuda else reference(*args)
+
+    return run
 
 
 def use_fused(enabled: bool) -> None:
-    """Route every layer through the compiled kernels (True) or the eager formulas (False)."""
-    global rms_norm, rotary, silu_mul, cached_attention
+    """Route every layer through the fused kernels (True) or the reference formulas (False)."""
+    global rms_norm, rotary, silu_mul, cached_attention, linear, gate_up_silu, attention_inputs
     if not enabled:
         rms_norm, rotary, silu_mul = rms_norm_reference, rotary_reference, silu_mul_reference
-        cached_attention = cached_attention_reference
+        cached_attention, linear = cached_attention_reference, linear_reference
+        gate_up_silu, attention_inputs = gate_up_silu_reference, attention_inputs_reference
         return
-    cached_attention = _cached_attention_split
-    if not _fused:
+    cached_attention, linear = _cached_attention_fused, _linear_fused
+    gate_up_silu, attention_inputs = _gate_up_silu_fused, _attention_inputs_fused
+    if not _compiled:
         # Base and draft norms of several widths, q/k norms, 1 vs many tokens: more variants
         # than dynamo's default limit of 8 per function.
         config = torch._dynamo.config
@@ -98,5 +210,5 @@ def use_fused(enabled: bool) -> None:
             config.recompile_limit = max(config.recompile_limit, 64)
         for name, fn in (("rms_norm", rms_norm_reference), ("rotary", rotary_reference),
                          ("silu_mul", silu_mul_reference)):
-            _fused[name] = torch.compile(fn, dynamic=True)
-    rms_norm, rotary, silu_mul = _fused["rms_norm"], _fused["rotary"], _fused["silu_mul"]
+            _compiled[name] = _on_cuda(torch.compile(fn, dynamic=True), fn)
+    rms_norm, rotary, silu_mul = _compiled["rms_norm"], _compiled["rotary"], _compiled["silu_mul"]

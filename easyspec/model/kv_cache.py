@@ -40,6 +40,10 @@ class KVCache:
         v_buf.index_copy_(1, positions, values)
         return k_buf, v_buf
 
+    def slots_for(self, positions: Tensor) -> Tensor:
+        """Where a forward at `positions` [T] stores its entries: at those positions."""
+        return positions
+
 
 class SlotView:
     """The same cache, with one forward's entries stored at explicit slots.
@@ -58,3 +62,7 @@ class SlotView:
     def write(self, layer: int, positions: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """As KVCache.write, but at this view's slots; the tokens' positions [T] are not used."""
         return self.cache.write(layer, self.slots, keys, values)
+
+    def slots_for(self, positions: Tensor) -> Tensor:
+        """Where a forward stores its entries: at this view's slots, whatever the positions."""
+        return self.slots

@@ -34,6 +34,18 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can normalise its input first and add its result to a residual, in one
+    fused kernel where one applies (kernels.linear). Tensor parallelism subclasses it to decide
+    how its shards do both (easyspec.parallel.tp)."""
+
+    def forward(self, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+        """x: [..., in] -> [..., out]: residual + linear(norm(x)), in out_dtype if given."""
+        norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+        return kernels.linear(x, self.weight, self.bias, norm_weight, eps, residual, out_dtype)
+
+
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
     """[hd/2] float32 inverse frequencies, with Llama-3 wavelength-dependent scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -81,50 +93,58 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         # q, k and v in one matmul: one weight read and one launch instead of three.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, step: StepInputs, layer: int) -> Tensor:
-        """x: [B, T, D] -> [B, T, D] (before any tensor-parallel reduction)."""
+    def forward(self, x: Tensor, norm: RMSNorm, step: StepInputs, layer: int, residual: Tensor | None = None) -> Tensor:
+        """x: [B, T, D] before the input `norm` -> the attention output projected to [B, T, D]
+        (before any tensor-parallel reduction), added to `residual` if given."""
         batch, seq, _ = x.shape
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        if step.cache is not None:
+            assert batch == 1, "a KV cache holds one sequence"
+            keys, values = step.cache.keys[layer], step.cache.values[layer]  # [Hkv, S, hd]
+            qk_norms = (None, None, 0.0) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
+                                                                     self.q_norm.eps)
+            # Norm, projection, q/k norms, rotary embedding and the cache write: one kernel where fused.
+            q = kernels.attention_inputs(x[0], norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias,
+                                         *qk_norms, step.cos, step.sin, nh, nkv, keys, values,
+                                         step.cache.slots_for(step.positions))  # [T, H, hd]
+            out = kernels.cached_attention(q, keys, values, step.group_mask, step.kv_len)  # [T, H, hd]
+            return self.o_proj(out.reshape(1, seq, nh * hd), residual=residual)
+
+        # No cache (training or a one-off full forward): causal attention over this forward's
+        # own keys, with GQA heads expanded for the fused kernels.
+        q, k, v = self.qkv_proj(x, norm=norm).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(batch, seq, nh, hd)
         k = k.view(batch, seq, nkv, hd)
         v = v.view(batch, seq, nkv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = step.cos[:, None, :], step.sin[:, None, :]  # [T, 1, hd]
-        q, k = kernels.rotary(q, k, cos, sin)
-
+        q, k = kernels.rotary(q, k, step.cos[:, None, :], step.sin[:, None, :])  # cos, sin: [T, 1, hd]
         group = nh // nkv
-        if step.cache is None:
-            # No cache (training or a one-off full forward): causal attention over
-            # this forward's own keys, with GQA heads expanded for the fused kernels.
-            qh = q.transpose(1, 2)  # [B, H, T, hd]
-            kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
-            vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-            out = out.transpose(1, 2).reshape(batch, seq, nh * hd)
-            return self.o_proj(out)
-
-        assert batch == 1, "a KV cache holds one sequence"
-        keys, values = step.cache.write(layer, step.positions, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        out = kernels.cached_attention(q[0], keys, values, step.group_mask, step.kv_len)  # [T, H, hd]
-        return self.o_proj(out.reshape(1, seq, nh * hd))
+        qh = q.transpose(1, 2)  # [B, H, T, hd]
+        kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+        vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        out = out.transpose(1, 2).reshape(batch, seq, nh * hd)
+        return self.o_proj(out, residual=residual)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # gate and up projections fused: rows [0, I) are gate, [I, 2I) are up.
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: Tensor, norm: RMSNorm, residual: Tensor | None = None) -> Tensor:
+        """x: [B, T, D] before the post-attention `norm` -> the MLP's output (before any
+        tensor-parallel reduction), added to `residual` if given."""
+        hidden = kernels.gate_up_silu(x, norm.weight, norm.eps, self.gate_up_proj.weight)  # [B, T, I]
+        return self.down_proj(hidden, residual=residual)
 
 
 class Block(nn.Module):
@@ -136,17 +156,18 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def attention(self, x: Tensor, step: StepInputs) -> Tensor:
-        """The attention sub-block's residual update for input x: [B, T, D]."""
-        return self.attn(self.input_norm(x), step, self.index)
+    def attention(self, x: Tensor, step: StepInputs, residual: Tensor | None = None) -> Tensor:
+        """The attention sub-block's residual update for input x: [B, T, D], or residual + update
+        when `residual` is given (added in the output projection's epilogue where fused)."""
+        return self.attn(x, self.input_norm, step, self.index, residual)
 
-    def feed_forward(self, x: Tensor) -> Tensor:
-        """The MLP sub-block's residual update for input x: [B, T, D]."""
-        return self.mlp(self.post_attention_norm(x))
+    def feed_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The MLP sub-block's residual update for input x: [B, T, D], or residual + update."""
+        return self.mlp(x, self.post_attention_norm, residual)
 
     def forward(self, x: Tensor, step: StepInputs) -> Tensor:
-        x = x + self.attention(x, step)
-        return x + self.feed_forward(x)
+        x = self.attention(x, step, residual=x)
+        return self.feed_forward(x, residual=x)
 
 
 class Transformer(nn.Module):
@@ -156,7 +177,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
 
@@ -204,8 +225,8 @@ class Transformer(nn.Module):
         return StepInputs(positions, cos, sin, mask, cache, kv_len, mask.repeat(group, 1))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Final norm and LM head: [..., D] -> float32 [..., V]."""
-        return self.lm_head(self.norm(hidden)).float()
+        """Final norm and LM head (one kernel where fused): [..., D] -> float32 [..., V]."""
+        return self.lm_head(hidden, norm=self.norm, out_dtype=torch.float32)
 
     def forward(
         self,

@@ -2,9 +2,10 @@
 
 Per block: q/k/v and gate/up are split by output rows (whole GQA heads per rank),
 o_proj and down_proj by input columns, each followed by exactly one all-reduce
-(`RowParallelLinear`). The LM head is split by vocabulary and its logits
-all-gathered; the embedding stays whole on every rank (a lookup reads one row,
-so splitting it saves memory but no time).
+(`RowParallelLinear`), which also carries the residual add (from the first rank
+only). The LM head is split by vocabulary and its logits all-gathered; the
+embedding stays whole on every rank (a lookup reads one row, so splitting it
+saves memory but no time).
 
 `shard_model` rewrites the modules' shapes and returns the slicer that makes the
 checkpoint loader read only this rank's bytes; `load_sharded` puts the two together.
@@ -13,14 +14,13 @@ checkpoint loader read only this rank's bytes; `load_sharded` puts the two toget
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from easyspec.model.checkpoint import TensorSlice, TensorSlicer
 from easyspec.model.config import ModelConfig
 from easyspec.model.loader import load_config, load_weights
-from easyspec.model.transformer import Transformer
+from easyspec.model.transformer import Linear, RMSNorm, Transformer
 from easyspec.parallel import comm
 from easyspec.parallel.state import ParallelState
 
@@ -29,28 +29,38 @@ class TPError(ValueError):
     """The model cannot be split over this many devices; the message says why."""
 
 
-class RowParallelLinear(nn.Linear):
-    """A Linear whose input features are split over ranks: local matmul, then one all-reduce."""
+class RowParallelLinear(Linear):
+    """A Linear whose input features are split over ranks: local matmul, then one all-reduce.
 
-    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None) -> None:
+    A residual must be added once: only the first rank's partial sum carries it into the
+    all-reduce (in its matmul's epilogue where fused), the others add nothing.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None, rank: int) -> None:
         super().__init__(in_features, out_features, bias=False)
-        self.group = group
+        self.group, self.rank = group, rank
 
-    def forward(self, x: Tensor) -> Tensor:
-        return comm.all_reduce(F.linear(x, self.weight), self.group)
+    def forward(self, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+        partial = super().forward(x, norm, residual if self.rank == 0 else None, out_dtype)
+        return comm.all_reduce(partial, self.group)
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(Linear):
     """The LM head split over the vocabulary; the shards' logits are gathered back in order."""
 
     def __init__(self, in_features: int, vocab_per_rank: int, group: ProcessGroup | None) -> None:
         super().__init__(in_features, vocab_per_rank, bias=False)
         self.group = group
 
-    def forward(self, x: Tensor) -> Tensor:
-        local = F.linear(x, self.weight)  # [..., V/n]
+    def forward(self, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+        assert residual is None, "the LM head adds no residual"
+        # Gathered in the activation type (half the bytes of float32, the type the collectives are set up for).
+        local = super().forward(x, norm)  # [..., V/n]
         gathered = comm.all_gather(local, self.group)  # [n, ..., V/n]
-        return torch.cat(gathered.unbind(0), dim=-1)  # [..., V]
+        logits = torch.cat(gathered.unbind(0), dim=-1)  # [..., V]
+        return logits if out_dtype is None else logits.to(out_dtype)
 
 
 def check_divisible(cfg: ModelConfig, tp: int, what: str = "model") -> None:
@@ -79,10 +89,10 @@ def shard_model(model: Transformer, rank: int, tp: int, group: ProcessGroup | No
             attn = block.attn
             attn.num_heads //= tp
             attn.num_kv_heads //= tp
-            attn.qkv_proj = nn.Linear(cfg.hidden_size, q_local + 2 * kv_local, bias=cfg.attention_bias)
-            attn.o_proj = RowParallelLinear(q_local, cfg.hidden_size, group)
-            block.mlp.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter_local, bias=False)
-            block.mlp.down_proj = RowParallelLinear(inter_local, cfg.hidden_size, group)
+            attn.qkv_proj = Linear(cfg.hidden_size, q_local + 2 * kv_local, bias=cfg.attention_bias)
+            attn.o_proj = RowParallelLinear(q_local, cfg.hidden_size, group, rank)
+            block.mlp.gate_up_proj = Linear(cfg.hidden_size, 2 * inter_local, bias=False)
+            block.mlp.down_proj = RowParallelLinear(inter_local, cfg.hidden_size, group, rank)
         if split_head:
             model.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size // tp, group)
 
