@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
-from easyspec.engine.options import DEFAULT_CONTEXT, EngineOptions, OptionsError
+from easyspec.engine.options import DEFAULT_CONTEXT, MIN_CONTEXT, EngineOptions, OptionsError
 from easyspec.engine.worker import Chunk, Worker, check_pair
 from easyspec.model.checkpoint import load_config
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
@@ -48,6 +48,9 @@ def preflight(options: EngineOptions) -> EngineOptions:
         if options.draft:
             limits.append(load_config(options.draft).max_position_embeddings)
         options = options.replace(max_context=min(limits))
+        if options.max_context < MIN_CONTEXT:
+            raise OptionsError(f"the models support {options.max_context} positions (max_position_embeddings), "
+                               f"fewer than the {MIN_CONTEXT} easyspec needs; check their config.json")
     if options.devices > 1:
         check_divisible(base, options.devices, "base model")
     if options.draft:

@@ -14,6 +14,7 @@ CALIBRATION_POLICIES = ("every-round", "on-mismatch", "never")
 TREE_SAMPLING = ("without-replacement", "with-replacement")
 MAX_TREE_NODES = 256
 DEFAULT_CONTEXT = 2048
+MIN_CONTEXT = 16
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
@@ -104,8 +105,8 @@ class EngineOptions:
             fail(f"unknown --calibrate {self.calibrate!r}; choose one of {', '.join(CALIBRATION_POLICIES)}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
-        if self.max_context is not None and self.max_context < 16:
-            fail(f"--max-context must be at least 16, got {self.max_context}")
+        if self.max_context is not None and self.max_context < MIN_CONTEXT:
+            fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
         if self.timeout_s <= 0:
             fail(f"--timeout must be positive, got {self.timeout_s}")
 
