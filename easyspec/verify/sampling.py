@@ -9,6 +9,12 @@ intermediate has a shape known ahead of time.
 temperature, then top-k, then top-p, then softmax. The draft model and the
 target model must be processed with the same parameters, otherwise rejection
 sampling would correct towards the wrong distribution.
+
+Any temperature > 0 samples. The logits are shifted so that the largest is 0
+before they are divided by the temperature, which leaves the distribution
+unchanged but means no temperature, however small, can overflow to inf and
+turn the softmax into NaN: as the temperature goes to 0 the distribution goes
+to the argmax (split evenly between exact ties), as the limit says it should.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "greedy", "process_logits", "sample"]
+__all__ = ["SEED_RANGE", "SamplingParams", "greedy", "process_logits", "sample"]
+
+# Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # NaN fails every comparison, so each check is written to reject it.
-        if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
@@ -54,6 +65,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -86,8 +101,10 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.greedy:
         return torch.nn.functional.one_hot(greedy(logits), vocab).to(torch.float32)  # [..., V]
 
-    # Work in float32: half-precision cumulative sums would move the top-p cut.
-    scores = logits.to(torch.float32) / params.temperature  # [..., V]
+    # Work in float32: half-precision cumulative sums would move the top-p cut. Shifting the
+    # largest logit to 0 first keeps a tiny temperature from dividing its way to inf (see above).
+    scores = logits.to(torch.float32)  # [..., V]
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature  # [..., V], max 0
 
     # Both filters work on a candidate list sorted ascending, then scatter the
     # survivors into a -inf canvas. Scattering the top-k indices (rather than
