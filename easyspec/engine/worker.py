@@ -14,10 +14,12 @@ base KV into place.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -48,9 +50,15 @@ from easyspec.verify.tree import (
     verify_tree_greedy,
     verify_tree_stochastic,
 )
-from easyspec.verify.types import Proposal, TreeProposal, Verdict
+from easyspec.verify.types import Proposal, TreeProposal, TreeVerdict, Verdict
 
-FINISH_REASONS = (None, "stop", "length", "cancelled")
+FINISH_REASONS = (None, "stop", "length", "cancelled", "error")
+T = TypeVar("T")
+
+
+class RequestFailed(Exception):
+    """A step only rank 0 takes raised; every rank stopped the request at the next decision,
+    so the ranks are still in step and the engine can take the next request."""
 
 
 @dataclass
@@ -157,6 +165,9 @@ class Worker:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise OptionsError("the prompt is empty; give at least one token")
+        odd = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if odd is not None:
+            raise OptionsError(f"prompt token ids must be integers, got {odd!r}")
         vocab = self.base_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -169,19 +180,22 @@ class Worker:
                 "shorten the prompt, lower max_new_tokens or raise --max-context"
             )
 
-    def _agree_seed(self, seed: int | None) -> int:
-        if seed is None:
-            seed = int.from_bytes(os.urandom(6), "little")
-        if not self.state.distributed:
-            return seed
-        box = torch.tensor([seed], dtype=torch.long, device=self.state.device)
-        return int(comm.broadcast(box, 0, self.state.group).item())
+    def _agree_seed(self, seed: int | None) -> int | None:
+        """The request's seed on every rank (drawn by rank 0 when not given), or None on every rank
+        when rank 0 could not settle it: the request then ends before its first step."""
+        box = self._on_driver(_seed_box, seed)  # [2]: seed, settled; None on the other ranks
+        if box is None:
+            box = torch.zeros(2, dtype=torch.long)
+        if self.state.distributed:
+            box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
+        return int(box[0]) if box[1] else None
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
         """Yield a Chunk per step; closing the iterator early cancels the request
         (the ranks finish the round in progress, then stop together)."""
         self.check_request(prompt_ids, params)
         self._cancel = False
+        self._failure: Exception | None = None
         rounds = self._rounds(prompt_ids, params)
         try:
             # A plain loop, not `yield from`: closing would close `rounds` before we could drain it.
@@ -200,6 +214,10 @@ class Worker:
         stats = SpecStats()
         timer = StageTimer(stats, device, self.options.profile_stages)
         seed = self._agree_seed(params.seed)
+        if seed is None:
+            if self.state.is_driver:
+                raise self._request_failed()
+            return
         generator = torch.Generator(device).manual_seed(seed) if self.state.is_driver else None
         text = StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None
         self.k = self.options.depth
@@ -207,7 +225,7 @@ class Worker:
 
         with timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
-            first = self._pick(logits[None], params, generator)
+            first = self._on_driver(self._pick, logits[None], params, generator) or []
         decision = self._decide(first, 0, params, stats, text)
         chunk = self._chunk(decision, stats, text, begin)
         yield chunk
@@ -219,7 +237,8 @@ class Worker:
             last = torch.tensor([decision.tokens[-1]], device=device)
             if self.options.method == "vanilla":
                 with timer.stage("verify"):
-                    picked = self._pick(self.base.forward(last, position), params, generator)
+                    logits = self.base.forward(last, position)
+                    picked = self._on_driver(self._pick, logits, params, generator) or []
                 decision = self._decide(picked, 0, params, stats, text)
                 stats.rounds += 1
                 position += 1
@@ -230,7 +249,7 @@ class Worker:
                 proposal = self._propose(drafter, timer)
                 with timer.stage("verify"):
                     logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [k+1, V]
-                    verdict = self._verify(proposal, logits, params, generator)
+                    verdict = self._on_driver(self._verify, proposal, logits, params, generator)
                 drafted = proposal.num_tokens
                 decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
                                         params, stats, text)
@@ -244,10 +263,26 @@ class Worker:
             chunk = self._chunk(decision, stats, text, begin)
             yield chunk
 
-    def _pick(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
-        """Rank 0 chooses the next token from the base logits [1, V]; others wait for the decision."""
-        if not self.state.is_driver:
-            return []
+    def _on_driver(self, step: Callable[..., T], *args: object) -> T | None:
+        """Run a step only rank 0 takes (sampling, verification). If it raises, the error is kept
+        for the next decision, which stops the request on every rank, rather than raised here,
+        which would leave the other ranks waiting in a collective for good."""
+        if not self.state.is_driver or self._failure is not None:
+            return None
+        try:
+            return step(*args)
+        except Exception as err:
+            self._failure = err
+            return None
+
+    def _request_failed(self) -> RequestFailed:
+        failed = RequestFailed(f"{type(self._failure).__name__}: {self._failure}")
+        failed.__cause__ = self._failure
+        return failed
+
+    @staticmethod
+    def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+        """Rank 0 (through _on_driver) chooses the next token from the base logits [1, V]."""
         if params.greedy:
             return [int(logits[-1].argmax())]
         return [int(sample(process_logits(logits[-1:], params), generator)[0])]
@@ -275,10 +310,7 @@ class Worker:
             mask = tree_mask(anc, position, self.base.kv_len_for(end))
             logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
                                               position + self.tree_order, mask)  # [1 + N, V]
-            verdict = None
-            if self.state.is_driver:
-                verdict = (verify_tree_greedy(tree, logits) if params.greedy
-                           else verify_tree_stochastic(tree, process_logits(logits, params), generator))
+            verdict = self._on_driver(self._verify_tree, tree, logits, params, generator)
         decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
                                 params, stats, text, verdict.nodes if verdict else ())
         stats.record_round(depth, decision.accepted)
@@ -302,13 +334,20 @@ class Worker:
                                     self.options.tree_width)
         return tree
 
-    def _verify(self, proposal: Proposal, logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> Verdict | None:
-        if not self.state.is_driver:
-            return None
+    @staticmethod
+    def _verify(proposal: Proposal, logits: Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> Verdict:
+        """Rank 0 (through _on_driver) verifies a chain against the base logits [k + 1, V]."""
         if params.greedy:
             return verify_greedy(proposal, logits)
         return verify_stochastic(proposal, process_logits(logits, params), generator)
+
+    @staticmethod
+    def _verify_tree(tree: TreeProposal, logits: Tensor, params: SamplingParams,
+                     generator: torch.Generator | None) -> TreeVerdict:
+        if params.greedy:
+            return verify_tree_greedy(tree, logits)
+        return verify_tree_stochastic(tree, process_logits(logits, params), generator)
 
     def _adapt(self, verdict: Verdict) -> None:
         """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
@@ -327,22 +366,8 @@ class Worker:
         `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV."""
         k_max = self.options.k_max
         if self.state.is_driver:
-            tokens, reason = [], 0
-            budget = params.max_new_tokens - stats.generated
-            for token in candidates:
-                tokens.append(token)
-                if token in self.eos and not params.ignore_eos:
-                    reason = FINISH_REASONS.index("stop")
-                    break
-                if len(tokens) >= budget:
-                    reason = FINISH_REASONS.index("length")
-                    break
-            # Checked even after EOS or length: a stop string completed before them ends it first.
-            stop_at = text.push(tokens) if text is not None else None
-            if stop_at is not None:
-                tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
-            if reason == 0 and self._cancel:
-                reason = FINISH_REASONS.index("cancelled")
+            settled = self._on_driver(self._settle, candidates, accepted, params, stats, text)
+            tokens, accepted, reason = settled or ([], 0, FINISH_REASONS.index("error"))
             # [count, accepted, reason, nodes padded to k_max, tokens]
             message = [len(tokens), accepted, reason, *nodes, *[0] * (k_max - len(nodes)), *tokens]
         if self.state.distributed:
@@ -355,12 +380,43 @@ class Worker:
         nodes = tuple(message[3 : 3 + accepted]) if self.options.tree else ()
         decision = Decision(message[3 + k_max : 3 + k_max + count], accepted, FINISH_REASONS[reason], nodes)
         stats.generated += count
+        if decision.reason == "error" and self.state.is_driver:
+            raise self._request_failed()
         return decision
+
+    def _settle(self, candidates: list[int], accepted: int, params: SamplingParams, stats: SpecStats,
+                text: StopText | None) -> tuple[list[int], int, int]:
+        """Rank 0: the candidates that are committed after EOS / length / stop strings / cancellation,
+        how many of them are accepted draft tokens, and the finish reason's index."""
+        tokens, reason = [], 0
+        budget = params.max_new_tokens - stats.generated
+        for token in candidates:
+            tokens.append(token)
+            if token in self.eos and not params.ignore_eos:
+                reason = FINISH_REASONS.index("stop")
+                break
+            if len(tokens) >= budget:
+                reason = FINISH_REASONS.index("length")
+                break
+        # Checked even after EOS or length: a stop string completed before them ends it first.
+        stop_at = text.push(tokens) if text is not None else None
+        if stop_at is not None:
+            tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
+        if reason == 0 and self._cancel:
+            reason = FINISH_REASONS.index("cancelled")
+        # Accepted draft tokens cut off by the end of the request were never committed: not counted (vLLM's
+        # num_accepted_tokens). The candidates are the accepted draft tokens, then the bonus or recovered one.
+        return tokens, min(accepted, len(tokens)), reason
 
     def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
         piece = text.take(decision.finished) if text is not None else ""
         return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
+
+
+def _seed_box(seed: int | None) -> Tensor:
+    """[seed, 1] as int64, the seed drawn when not given; raises for a seed int64 cannot hold."""
+    return torch.tensor([int.from_bytes(os.urandom(6), "little") if seed is None else seed, 1], dtype=torch.long)
 
 
 @dataclass
