@@ -123,10 +123,11 @@ class Engine:
         try:
             yield from self.worker.generate(prompt_ids, params)
         except RuntimeError as err:
-            # A collective that fails usually means a peer died: name it rather than the transport error.
-            dead = self.followers.failure() if self.followers is not None else None
-            if dead is not None:
-                raise WorkerFailure(dead) from err
+            # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
+            culprit = self.followers.diagnose(err, self.options.timeout_s) if self.followers is not None else None
+            if culprit is not None:
+                self.followers.kill()  # out of step for good; a stopped one would hold up close() too
+                raise WorkerFailure(culprit) from err
             raise
 
     def close(self) -> None:
