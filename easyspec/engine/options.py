@@ -107,8 +107,8 @@ class EngineOptions:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < MIN_CONTEXT:
             fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
-        if self.timeout_s <= 0:
-            fail(f"--timeout must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s < float("inf"):  # written so that NaN fails too
+            fail(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
 
     def _validate_tree(self, fail: Callable[[str], None]) -> None:
         if not 1 <= self.tree_width <= 64:
