@@ -65,12 +65,7 @@ class Tokenizer:
             template, template_path = read_text(jinja_path), jinja_path
         tokenizer = cls(tok, template, _special_text(config.get("bos_token")),
                         _special_text(config.get("eos_token")), str(folder))
-        if template is not None:
-            try:  # compiled now, so that a broken template fails at load and names its file
-                tokenizer._compiled()
-            except jinja2.TemplateSyntaxError as err:
-                raise CheckpointError(f"{template_path}: the chat template does not parse "
-                                      f"(line {err.lineno}: {err.message})") from None
+        tokenizer.check_template(str(template_path))
         return tokenizer
 
     @property
@@ -95,6 +90,17 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+    def check_template(self, source: str) -> None:
+        """Compile the chat template now, so that a broken one fails at load and names `source`, where it
+        was read from, rather than failing the first chat request."""
+        if self.chat_template is None:
+            return
+        try:
+            self._compiled()
+        except jinja2.TemplateSyntaxError as err:
+            raise CheckpointError(f"{source}: the chat template does not parse "
+                                  f"(line {err.lineno}: {err.message})") from None
 
     def _compiled(self) -> jinja2.Template:
         if self._template is None:
