@@ -17,12 +17,15 @@ from pathlib import Path
 
 MAX_TREE_NODES = 256
 DEFAULT_CONTEXT = 2048  # KV cache length when --max-context is not given (and the models allow it)
+MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight/activation dtypes a model runs in
 # The most tokens a request generates when it does not say: the Python API, `generate` and the
 # server's requests all read this one constant.
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+# Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class Name(str, Enum):
@@ -181,10 +184,10 @@ class EngineOptions:
             fail(f"unknown --calibrate {self.calibrate!r}; choose one of {', '.join(Calibration.names())}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
-        if self.max_context is not None and self.max_context < 16:
-            fail(f"--max-context must be at least 16, got {self.max_context}")
-        if self.timeout_s <= 0:
-            fail(f"--timeout must be positive, got {self.timeout_s}")
+        if self.max_context is not None and self.max_context < MIN_CONTEXT:
+            fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
+        if not 0 < self.timeout_s < float("inf"):  # written so that NaN fails too
+            fail(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
 
     def _validate_tree(self, fail: Callable[[str], None]) -> None:
         if not 1 <= self.tree_width <= 64:
@@ -224,17 +227,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # NaN fails every comparison, so each check is written to reject it.
-        if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
@@ -242,3 +247,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from easyspec.draft.setup import check_draft
 from easyspec.engine.worker import Chunk, Worker
 from easyspec.model.loader import load_config
-from easyspec.options import DEFAULT_CONTEXT, EngineOptions, OptionsError, SamplingParams
+from easyspec.options import DEFAULT_CONTEXT, MIN_CONTEXT, EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
 from easyspec.parallel.tp import check_divisible
@@ -48,6 +48,9 @@ def preflight(options: EngineOptions) -> EngineOptions:
         if options.draft:
             limits.append(load_config(options.draft).max_position_embeddings)
         options = options.replace(max_context=min(limits))
+        if options.max_context < MIN_CONTEXT:
+            raise OptionsError(f"the models support {options.max_context} positions (max_position_embeddings), "
+                               f"fewer than the {MIN_CONTEXT} easyspec needs; check their config.json")
     if options.devices > 1:
         check_divisible(base, options.devices, "base model")
     if options.draft:
@@ -125,10 +128,11 @@ class Engine:
         try:
             yield from self.worker.generate(prompt_ids, params)
         except RuntimeError as err:
-            # A collective that fails usually means a peer died: name it rather than the transport error.
-            dead = self.followers.failure() if self.followers is not None else None
-            if dead is not None:
-                raise WorkerFailure(dead) from err
+            # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
+            culprit = self.followers.diagnose(err, self.options.timeout_s) if self.followers is not None else None
+            if culprit is not None:
+                self.followers.kill()  # out of step for good; a stopped one would hold up close() too
+                raise WorkerFailure(culprit) from err
             raise
 
     def close(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from easyspec.model.checkpoint import CheckpointError
+from easyspec.model.checkpoint import CheckpointError, read_json, read_text
 
 
 def _special_text(value: object) -> str | None:
@@ -18,6 +17,19 @@ def _special_text(value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _chat_template(value: object, source: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or named templates [{"name", "template"}] of
+    which the default one is used."""
+    if value is None or isinstance(value, str):
+        return value
+    named = isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value)
+    if not named:
+        raise CheckpointError(f"{source}: chat_template must be a string or a list of "
+                              '{"name": ..., "template": ...} objects')
+    return next((t["template"] for t in value if t["name"] == "default"), None)
 
 
 def _raise_template_error(message: str) -> None:
@@ -45,21 +57,16 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises a bare Exception
             raise CheckpointError(f"{path}: cannot be read by the tokenizers library ({err})") from None
-        config: dict = {}
         config_path = folder / "tokenizer_config.json"
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        config = read_json(config_path) if config_path.exists() else {}
+        template, template_path = _chat_template(config.get("chat_template"), config_path), config_path
         jinja_path = folder / "chat_template.jinja"
         if template is None and jinja_path.exists():
-            template = jinja_path.read_text()
-        return cls(tok, template, _special_text(config.get("bos_token")),
-                   _special_text(config.get("eos_token")), str(folder))
+            template, template_path = read_text(jinja_path), jinja_path
+        tokenizer = cls(tok, template, _special_text(config.get("bos_token")),
+                        _special_text(config.get("eos_token")), str(folder))
+        tokenizer.check_template(str(template_path))
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -77,18 +84,32 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise CheckpointError(f"{self.source}: the tokenizer has no chat template; pass raw text instead")
+        return self._compiled().render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def check_template(self, source: str) -> None:
+        """Compile the chat template now, so that a broken one fails at load and names `source`, where it
+        was read from, rather than failing the first chat request."""
+        if self.chat_template is None:
+            return
+        try:
+            self._compiled()
+        except jinja2.TemplateSyntaxError as err:
+            raise CheckpointError(f"{source}: the chat template does not parse "
+                                  f"(line {err.lineno}: {err.message})") from None
+
+    def _compiled(self) -> jinja2.Template:
         if self._template is None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.globals["raise_exception"] = _raise_template_error
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        return self._template
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added again.
