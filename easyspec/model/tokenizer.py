@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -67,6 +69,21 @@ class Tokenizer:
                         _special_text(config.get("eos_token")), str(folder))
         tokenizer.check_template(str(template_path))
         return tokenizer
+
+    def save(self, folder: str | Path, settings: dict[str, Any] | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json (BOS and EOS tokens, chat template, and any
+        further tokenizer_config `settings`), which `from_folder` and transformers both read back."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for key, value in (("bos_token", self.bos_token), ("eos_token", self.eos_token)):
+            if value is not None:
+                config[key] = value
+        config.update(settings or {})
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @property
     def vocab_size(self) -> int:
