@@ -115,9 +115,7 @@ class Engine:
         tok = self.tokenizer
         if tok is None:
             raise OptionsError(f"{self.options.model} has no tokenizer.json; pass token ids with --prompt-ids")
-        if raw or tok.chat_template is None:
-            return tok.encode(text)
-        return tok.encode_chat([{"role": "user", "content": text}])
+        return tok.encode_prompt(text, raw)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Yield Chunks as tokens are committed; stop iterating to cancel."""

@@ -128,6 +128,12 @@ class Tokenizer:
             self._template = env.from_string(self.chat_template)
         return self._template
 
+    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
+        """A user's prompt as token ids: through the chat template unless `raw` or there is none."""
+        if raw or self.chat_template is None:
+            return self.encode(text)
+        return self.encode_chat([{"role": "user", "content": text}])
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added again.
         return self.encode(self.render_chat(messages), add_special_tokens=False)
