@@ -67,7 +67,7 @@ if [[ "$base" == *.gguf ]]; then
     fi
     teacher="$work/base"
     timeout 180 python3 -m easyspec convert "$base" "$teacher" > "$logs/convert.log" 2>&1 \
-        || die "easyspec convert $base failed: $(tail -n 1 "$logs/convert.log")"
+        || die "easyspec convert $base failed: $(tail -n 1 "$logs/convert.log" | sed 's/^error: //')"
 fi
 timeout 120 python3 - "$teacher" "$device" <<'PY' 2>&1 | tee "$logs/setup.txt"
 import sys
