@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --preset: bench.json of an end-to-end run on a trained pair; rows of the same label "
                         "get a projected speedup from its acceptance (printed and stored as projected)")
     b.add_argument("--prompts", help="Spec-Bench jsonl file; default: random prompt ids")
+    b.add_argument("--raw", action="store_true",
+                   help="--prompts as raw text, not through the model's chat template")
     b.add_argument("--num-prompts", type=int, default=8)
     b.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
     b.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS.max_new_tokens)
@@ -124,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         specs = [s for s in specs if s.label != HF_LABEL]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True,
                             seed=0)
-    prompts = load_prompt_ids(base, args.prompts, args.num_prompts, args.prompt_len)
+    prompts = load_prompt_ids(base, args.prompts, args.num_prompts, args.prompt_len, args.raw)
     progress = Progress(len(specs) * len(prompts) * args.repeats, quiet=args.quiet)
     for line in notes:
         progress.note(line)
@@ -153,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "draft_preset": args.draft_preset,
         "prompts": args.prompts or f"{args.num_prompts} random prompts of {args.prompt_len} ids",
+        "raw": args.raw,  # --prompts not through the chat template
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "repeats": args.repeats,

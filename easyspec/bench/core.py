@@ -347,8 +347,9 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dic
 
 
 def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num_prompts: int,
-                    prompt_len: int) -> list[tuple[str, list[int]]]:
-    """Prompts as token ids: from a Spec-Bench jsonl file (first turn), or random ids of a fixed length."""
+                    prompt_len: int, raw: bool = False) -> list[tuple[str, list[int]]]:
+    """Prompts as token ids: from a Spec-Bench jsonl file (first turn, through the model's chat template
+    unless `raw` or it has none, as `generate` encodes a prompt), or random ids of a fixed length."""
     if prompts_file is None:
         vocab = load_config(engine_options.model).vocab_size
         gen = torch.Generator().manual_seed(0)
@@ -359,7 +360,7 @@ def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num
     tokenizer = load_tokenizer(engine_options.model)
     if tokenizer is None:
         raise ValueError(f"{engine_options.model} has no tokenizer.json; bench with random prompts instead")
-    rows = [(p.category, tokenizer.encode(p.turns[0])) for p in read_prompts(prompts_file)]
+    rows = [(p.category, tokenizer.encode_prompt(p.turns[0], raw)) for p in read_prompts(prompts_file)]
     return spread_over_categories(rows, num_prompts)
 
 
