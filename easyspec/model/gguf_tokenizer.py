@@ -187,7 +187,8 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
 def gguf_tokenizer(path: str | Path) -> Tokenizer:
     f = open_gguf(path)
     tok, settings = build_tokenizer(f)
-    return Tokenizer(tok, settings.chat_template, settings.bos_token, settings.eos_token, str(f.path))
+    return Tokenizer(tok, settings.chat_template, settings.bos_token, settings.eos_token, str(f.path),
+                     {"pad_token": settings.pad_token, "unk_token": settings.unk_token})
 
 
 def write_tokenizer_files(path: str | Path, folder: str | Path, model_max_length: int) -> None:

@@ -1,15 +1,14 @@
-"""Text in and out: tokenizer.json through `tokenizers`, chat templates through jinja2."""
+"""Text in and out: tokenizer.json through `tokenizers`, chat templates as transformers renders
+them (easyspec.model.chat_template), and the streaming decoder."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from easyspec.model.chat_template import render as render_template
 from easyspec.model.checkpoint import CheckpointError
 
 
@@ -20,19 +19,23 @@ def _special_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
+# The named special tokens a chat template sees, as transformers passes them.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
+    """tokenizer.json through `tokenizers`, and the chat template (easyspec.model.chat_template)."""
+
     def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None,
-                 bos_token: str | None, eos_token: str | None, source: str) -> None:
+                 bos_token: str | None, eos_token: str | None, source: str,
+                 special_tokens: dict[str, str] | None = None) -> None:
         self._tok = tokenizer
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.source = source
-        self._template: jinja2.Template | None = None
+        named = {"bos_token": bos_token, "eos_token": eos_token, **(special_tokens or {})}
+        self.special_tokens = {name: value for name, value in named.items() if value is not None}
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer | None:
@@ -58,12 +61,18 @@ class Tokenizer:
         jinja_path = folder / "chat_template.jinja"
         if template is None and jinja_path.exists():
             template = jinja_path.read_text()
-        return cls(tok, template, _special_text(config.get("bos_token")),
-                   _special_text(config.get("eos_token")), str(folder))
+        special = {name: _special_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        return cls(tok, template, special["bos_token"], special["eos_token"], str(folder),
+                   {name: value for name, value in special.items() if value is not None})
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The `tokenizers` Tokenizer itself."""
+        return self._tok
 
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
@@ -74,25 +83,21 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    documents: list[dict] | None = None, **chat_template_kwargs: object) -> str:
+        """The text transformers' apply_chat_template(..., tokenize=False) gives for the same arguments;
+        `chat_template_kwargs` are extra template variables (e.g. enable_thinking=False for Qwen3)."""
         if self.chat_template is None:
-            raise CheckpointError(f"{self.source}: the tokenizer has no chat template; pass raw text instead")
-        if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+            raise CheckpointError(f"{self.source}: the tokenizer has no chat template; pass raw text instead "
+                                  "(or a template with --chat-template FILE)")
+        return render_template(self.chat_template, messages, self.special_tokens, add_generation_prompt,
+                               tools, documents, **chat_template_kwargs)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template writes any BOS itself, so no special tokens are added again.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    documents: list[dict] | None = None, **chat_template_kwargs: object) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added again (as transformers does).
+        text = self.render_chat(messages, add_generation_prompt, tools, documents, **chat_template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 class StreamDecoder:
