@@ -24,6 +24,7 @@ from torch import Tensor
 
 from easyspec.model.config import ConfigError, ModelConfig
 from easyspec.model.transformer import Transformer
+from easyspec.options import GENERATION_CONFIG_FIELDS
 
 # (dim, start, stop) of the part of a checkpoint tensor a process keeps, given the
 # model parameter it feeds, the checkpoint tensor's name and its full shape.
@@ -71,6 +72,40 @@ def load_config(folder: str | Path) -> ModelConfig:
         if eos is not None:
             cfg = cfg.replace(eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos))
     return cfg
+
+
+def stored_dtype(folder: str | Path) -> str | None:
+    """config.json's torch_dtype (newer transformers write "dtype"), or None when absent."""
+    hf = _read_json(Path(folder) / "config.json")
+    value = hf.get("torch_dtype", hf.get("dtype"))
+    return value if isinstance(value, str) else None
+
+
+def generation_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The sampling settings a folder's generation_config.json sets (none when it has no such file),
+    named as SamplingParams' fields: temperature, top_p, top_k, repetition_penalty, max_new_tokens.
+
+    As in transformers, an explicit "do_sample": false means greedy decoding whatever the file's
+    temperature says; without do_sample the fields apply as they are (as vLLM reads them)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = _read_json(path)
+    if config.get("do_sample") is False:
+        defaults: dict[str, float | int] = {"temperature": 0.0}
+        names: tuple[str, ...] = ("max_new_tokens",)
+    else:
+        defaults, names = {}, GENERATION_CONFIG_FIELDS
+    for name in names:
+        value = config.get(name)
+        if value is None:
+            continue
+        integral = name in ("top_k", "max_new_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            kind = "an integer" if integral else "a number"
+            raise CheckpointError(f"{path}: {name} must be {kind}, got {value!r}")
+        defaults[name] = value if integral else float(value)
+    return defaults
 
 
 def checkpoint_sources(cfg: ModelConfig) -> dict[str, list[str]]:

@@ -322,6 +322,13 @@ def load_gguf_weights(
     return model
 
 
+def gguf_stored_dtype(path: str | Path) -> str:
+    """The dtype the file's matrices are stored in, as --dtype auto reads it: float32 or float16 when
+    the q projection of the first layer is stored so, bfloat16 for BF16 and every quantized type."""
+    kind = open_gguf(path).tensor("blk.0.attn_q.weight").tensor_type.name
+    return {"F32": "float32", "F16": "float16"}.get(kind, "bfloat16")
+
+
 def gguf_summary(path: str | Path) -> str:
     """One line: architecture, size and the quantization types the file holds (for logs)."""
     f = open_gguf(path)

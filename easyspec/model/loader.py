@@ -1,7 +1,7 @@
 """Open a checkpoint given as a path: a Hugging Face folder or a GGUF file.
 
 Everything that takes a model path (--model, --draft, the Python API) goes
-through these four functions; they pick the format by what the path is (a
+through these functions; they pick the format by what the path is (a
 file, or a name ending in .gguf, is read as GGUF) and return the same
 ModelConfig, weights and Tokenizer either way. The GGUF modules are imported
 only when a GGUF file is opened, so folders need no gguf library.
@@ -31,6 +31,23 @@ def load_config(path: str | Path) -> ModelConfig:
 
         return gguf_config(path)
     return checkpoint.load_config(path)
+
+
+def stored_dtype(path: str | Path) -> str | None:
+    """The dtype a checkpoint's weights are stored in (config.json's torch_dtype, or the GGUF
+    tensors' type), or None when the checkpoint does not say."""
+    if is_gguf(path):
+        from easyspec.model.gguf_file import gguf_stored_dtype
+
+        return gguf_stored_dtype(path)
+    return checkpoint.stored_dtype(path)
+
+
+def generation_defaults(path: str | Path) -> dict[str, float | int]:
+    """The sampling settings of a checkpoint's generation_config.json (a GGUF file has none)."""
+    if is_gguf(path):
+        return {}
+    return checkpoint.generation_defaults(path)
 
 
 def load_weights(model: Transformer, path: str | Path, dtype: torch.dtype, device: torch.device | str,
