@@ -4,6 +4,7 @@ them (easyspec.model.chat_template), and the streaming decoder."""
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -74,6 +75,21 @@ class Tokenizer:
         """The `tokenizers` Tokenizer itself."""
         return self._tok
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that decoding with skip_special_tokens leaves out."""
+        return frozenset(i for i, token in self._tok.get_added_tokens_decoder().items() if token.special)
+
+    @cached_property
+    def byte_ids(self) -> frozenset[int]:
+        """SentencePiece byte-fallback tokens (<0x00>..<0xFF>) when the decoder joins them into text
+        (its ByteFallback step), else none. A run of them decodes as a whole: a byte that is not
+        valid UTF-8 turns every byte of its run into U+FFFD, the ones already valid too."""
+        if '"ByteFallback"' not in json.dumps(json.loads(self._tok.to_str()).get("decoder")):
+            return frozenset()
+        names = (f"<0x{b:02X}>" for b in range(256))
+        return frozenset(i for i in map(self._tok.token_to_id, names) if i is not None)
+
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
 
@@ -101,12 +117,15 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns committed token ids into text pieces as they arrive.
+    """Turns committed token ids into text pieces as they arrive; the pieces add up to the
+    decoded text of all the ids.
 
-    A piece is released only once it decodes cleanly: a multi-byte character
-    split across tokens shows up as U+FFFD until its last byte arrives. Only a
-    short window is decoded per step (the unread tokens plus a few already read
-    ones, whose text is subtracted), so the cost does not grow with the text.
+    Text is released only once later tokens cannot change it: not while it ends in an unfinished
+    character (U+FFFD until its last byte arrives), and, with a byte-fallback vocabulary, not while
+    the ids end in a run of byte tokens, which decodes as a whole (one invalid byte turns the whole
+    run into U+FFFD; special tokens, skipped, do not end a run). Only a short window is decoded per
+    step (the unread tokens plus a few already read ones, whose text is subtracted), so the cost
+    does not grow with the text.
     """
 
     # Read tokens decoded again in front of new ones, so that spaces and merges at
@@ -121,9 +140,20 @@ class StreamDecoder:
         self._read = 0  # ids before this are already in self.text
         self._head = ""  # the text of ids[_start:_read], decoded once per commit
 
+    def _in_byte_run(self, ids: list[int]) -> bool:
+        """Whether the last id that decoding keeps is a byte-fallback token (its run may go on)."""
+        byte_ids, special = self.tokenizer.byte_ids, self.tokenizer.special_ids
+        if not byte_ids:
+            return False
+        last = next((i for i in reversed(ids) if i not in special), None)
+        return last in byte_ids
+
     def _unread_text(self, extra: list[int], allow_partial: bool = False) -> str | None:
-        """Text of ids[_read:] + extra, or None while it does not decode cleanly yet."""
-        full = self.tokenizer.decode(self.ids[self._start :] + extra)
+        """Text of ids[_read:] + extra, or None while later tokens could still change it."""
+        window = self.ids[self._start :] + extra
+        if not allow_partial and self._in_byte_run(window):
+            return None
+        full = self.tokenizer.decode(window)
         if not full.startswith(self._head) or (full.endswith("\ufffd") and not allow_partial):
             return None
         return full[len(self._head) :]
