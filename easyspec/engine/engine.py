@@ -69,6 +69,12 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
         options = options.replace(dtype=auto_dtype(options.device, stored_dtype(options.model)))
     if options.devices > 1:
         check_divisible(base, options.devices, "base model")
+    for name, cfg in (("base model", base), ("draft", draft)):
+        window = cfg.sliding_window if cfg is not None else None
+        if options.tree and window is not None and window <= options.initial_num_draft:
+            # A tree token's key sits at a slot past its position; the mask is exact only for shallower trees.
+            raise OptionsError(f"the {name}'s sliding_window ({window}) must be longer than the tree is deep "
+                               f"({options.initial_num_draft}); lower --tree-depth")
     if options.tree_width > base.vocab_size:
         raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
                            f"({base.vocab_size} tokens); lower it")

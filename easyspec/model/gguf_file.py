@@ -190,8 +190,11 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
         raise CheckpointError(f"{f.path}: rope scaling {scaling_type!r} is not supported")
     theta = float(key("rope.freq_base", 10000.0))
     eos = [f.scalar(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
+    # llama.cpp writes Mistral as llama; a window on every layer makes it Mistral again.
+    window = key("attention.sliding_window", None) if arch == "llama" else None
+    window = None if window is None else int(window)
     return ModelConfig(
-        model_type=ARCHITECTURES[arch],
+        model_type="mistral" if window is not None else ARCHITECTURES[arch],
         vocab_size=hf_shape(f.tensor("token_embd.weight"))[0],
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
@@ -206,6 +209,7 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors,
         qk_norm=arch == "qwen3",
         max_position_embeddings=int(key("context_length")),
+        sliding_window=window,
         bos_token_id=f.scalar("tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
     )
