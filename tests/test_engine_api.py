@@ -7,6 +7,7 @@ import pytest
 
 from easyspec import Engine, EngineOptions, GenerationResult, SamplingParams
 from easyspec.engine.engine import EngineBusyError
+from easyspec.options import DEFAULT_MODEL_DIR
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -67,3 +68,20 @@ def test_generate_many(engine):
         engine.generate_many("def f():")
     # Without params, the engine's defaults (the demo's generation_config.json sets none: greedy, 128 tokens).
     assert engine.generate_many([[5, 6, 7]], progress=False)[0].token_ids[:12] == results[1].token_ids
+
+
+def test_progress_lines(caplog):
+    """Off a terminal, one line per model loaded and one for a batch of prompts; none with progress off."""
+    caplog.set_level("INFO", logger="easyspec")
+    for progress in (True, False):
+        caplog.clear()
+        with Engine(EngineOptions(draft=str(DEFAULT_MODEL_DIR / "draft"), method="sd", progress=progress)) as engine:
+            engine.generate_many([[5, 6, 7], "def f("], SamplingParams(max_new_tokens=2))
+        lines = [r.getMessage() for r in caplog.records]
+        loads = [line for line in lines if line.startswith("loading ")]
+        batch = [line for line in lines if line.startswith("prompts: 2 prompts in ")]
+        if progress:
+            assert [line.split(":")[0] for line in loads] == ["loading base weights", "loading draft weights"]
+            assert all(" tensors in " in line for line in loads) and len(batch) == 1
+        else:
+            assert loads == batch == []

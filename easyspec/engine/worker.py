@@ -84,8 +84,9 @@ class Worker:
         self.base_config = load_config(options.model)
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
         scratch = max(64, options.draft_room)
-        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1),
-                                options.max_context, options.cuda_graphs, scratch=scratch)
+        label = "base" if options.progress and state.is_driver else None  # progress bars and lines on rank 0
+        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1, progress=label),
+                                options.max_context, options.cuda_graphs, scratch=scratch, label=label)
         self.eos = set(self.base_config.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token:
             eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from easyspec.model.config import ConfigError, ModelConfig
+from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer
 from easyspec.options import GENERATION_CONFIG_FIELDS
 
@@ -162,8 +163,10 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     slicer: TensorSlicer | None = None,
+    progress: str | None = None,
 ) -> Transformer:
-    """Fill `model` (typically built on the meta device) from the folder's safetensors."""
+    """Fill `model` (typically built on the meta device) from the folder's safetensors; with a
+    `progress` label, a bar (a line off a terminal) counts the tensors."""
     folder = Path(folder)
     cfg = model.config
     files = _weight_files(folder)
@@ -193,6 +196,8 @@ def load_weights(
                 raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {tensor.dtype}")
             return tensor.to(device=device, dtype=dtype)
 
+        bar = stack.enter_context(progress_bar(len(sources), f"loading {progress} weights", "tensor",
+                                               progress is not None))
         for param, names in sources.items():
             pieces = [read(param, n) for n in names]
             tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
@@ -203,6 +208,7 @@ def load_weights(
                     f"but config.json implies {expected}"
                 )
             state[param] = tensor
+            bar.update()
     if tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from easyspec.model.checkpoint import CheckpointError, TensorSlicer, checkpoint_sources
 from easyspec.model.config import ConfigError, ModelConfig, RopeScaling
+from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer, rope_inverse_frequencies
 
 # general.architecture -> easyspec model_type. llama.cpp writes Mistral 7B as "llama".
@@ -289,8 +290,10 @@ def load_gguf_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     slicer: TensorSlicer | None = None,
+    progress: str | None = None,
 ) -> Transformer:
-    """Fill `model` (typically built on the meta device) from the GGUF file's tensors."""
+    """Fill `model` (typically built on the meta device) from the GGUF file's tensors; with a
+    `progress` label, a bar (a line off a terminal) counts the tensors."""
     f = open_gguf(path)
     cfg = model.config
     sources = checkpoint_sources(cfg)
@@ -309,14 +312,16 @@ def load_gguf_weights(
         return tensor
 
     state: dict[str, Tensor] = {}
-    for param, names in sources.items():
-        pieces = [read(param, n) for n in names]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        expected = tuple(model.get_parameter(param).shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{f.path}: {' + '.join(gguf_name(n) for n in names)} has shape "
-                                  f"{tuple(tensor.shape)}, but the metadata implies {expected}")
-        state[param] = tensor
+    with progress_bar(len(sources), f"loading {progress} weights", "tensor", progress is not None) as bar:
+        for param, names in sources.items():
+            pieces = [read(param, n) for n in names]
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+            expected = tuple(model.get_parameter(param).shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{f.path}: {' + '.join(gguf_name(n) for n in names)} has shape "
+                                      f"{tuple(tensor.shape)}, but the metadata implies {expected}")
+            state[param] = tensor
+            bar.update()
     shared = tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape
     if shared:
         state["lm_head.weight"] = state["embed_tokens.weight"]

@@ -51,13 +51,14 @@ def generation_defaults(path: str | Path) -> dict[str, float | int]:
 
 
 def load_weights(model: Transformer, path: str | Path, dtype: torch.dtype, device: torch.device | str,
-                 slicer: TensorSlicer | None = None) -> Transformer:
-    """Fill `model` (built on the meta device, sharded or not) from the checkpoint."""
+                 slicer: TensorSlicer | None = None, progress: str | None = None) -> Transformer:
+    """Fill `model` (built on the meta device, sharded or not) from the checkpoint; `progress`
+    labels a progress bar over its tensors (None: none)."""
     if is_gguf(path):
         from easyspec.model.gguf_file import load_gguf_weights
 
-        return load_gguf_weights(model, path, dtype, device, slicer)
-    return checkpoint.load_weights(model, path, dtype, device, slicer)
+        return load_gguf_weights(model, path, dtype, device, slicer, progress)
+    return checkpoint.load_weights(model, path, dtype, device, slicer, progress)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
