@@ -91,7 +91,14 @@ def test_chat_template_flag(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "easyspec", "generate", "--prompt", "x", "--chat-template",
                               str(tmp_path / "nope.jinja")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "--chat-template" in missing.stderr.strip().splitlines()[-1]
+    from hf_models import make_hf_checkpoint
+
     from easyspec.cli.main import build_parser
+    from easyspec.options import OptionsError
+
+    make_hf_checkpoint("llama2", tmp_path / "no-tokenizer")
+    with pytest.raises(OptionsError, match="--chat-template needs a tokenizer"):
+        Engine(EngineOptions(model=str(tmp_path / "no-tokenizer"), chat_template=str(template)))
 
     for command in ("generate", "serve", "bench"):
         args = build_parser().parse_args([command, "--chat-template", str(template)])

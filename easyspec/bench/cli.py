@@ -17,7 +17,7 @@ from easyspec.cli.args import (
     torchrun_world_size,
 )
 from easyspec.model.config import PRESETS
-from easyspec.options import AUTO_DTYPE, Method, SamplingParams, auto_dtype
+from easyspec.options import AUTO_DTYPE, GenerationConfig, Method, SamplingParams, auto_dtype
 
 DEFAULT_METHODS = "vanilla,sd-tp1,sd-tpN,ngram,easyspec"
 SWEEP_HELP = ("EasySpec settings to sweep, each an easyspec row after the --methods rows: the cartesian product "
@@ -131,7 +131,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                            seed=1))
     # The rows pick their methods; the shared options only need one that fits the models given.
     args.method = (Method.SD if args.draft or args.model is None else Method.VANILLA).value
-    base = options_from_args(args).replace(progress=False)  # the bench draws its own bar
+    # The bench draws its own bar, and its requests set every sampling field themselves.
+    base = options_from_args(args).replace(progress=False, generation_config=GenerationConfig.NONE.value)
     if base.dtype == AUTO_DTYPE:
         from easyspec.model.loader import stored_dtype
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from easyspec.draft.setup import check_draft
 from easyspec.engine.capacity import settle_context
 from easyspec.engine.worker import Chunk, Worker
-from easyspec.model.loader import generation_defaults, load_config, stored_dtype
+from easyspec.model.loader import generation_defaults, is_gguf, load_config, stored_dtype
 from easyspec.model.progress import bar
 from easyspec.model.tokenizer import Tokenizer
 from easyspec.options import (
@@ -65,6 +65,9 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
     options.validate()
     base = load_config(options.model)
     draft = load_config(options.draft) if options.draft else None
+    if options.chat_template is not None and not is_gguf(options.model) \
+            and not (Path(options.model) / "tokenizer.json").is_file():
+        raise OptionsError(f"--chat-template needs a tokenizer, and {options.model} has no tokenizer.json")
     if options.dtype == AUTO_DTYPE:
         options = options.replace(dtype=auto_dtype(options.device, stored_dtype(options.model)))
     if options.devices > 1:
@@ -168,7 +171,7 @@ class Engine:
             for note in notes:
                 log.warning("%s", note)
         self.worker = Worker(options, state)
-        if options.chat_template is not None and self.tokenizer is not None:
+        if options.chat_template is not None:
             self.tokenizer.chat_template = Path(options.chat_template).read_text()
 
     @property

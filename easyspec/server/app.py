@@ -127,7 +127,8 @@ def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> 
                                         ignore_eos=req.ignore_eos, **given)
         engine.worker.check_request(prompt_ids, params)
     except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
-        code = "context_length_exceeded" if req.max_tokens is not None and req.max_tokens > room else None
+        wanted = req.max_tokens if req.max_tokens is not None else 1  # an absent max_tokens asks for at least one
+        code = "context_length_exceeded" if wanted > room else None
         raise ApiError(400, str(err), code=code) from None
     return params
 
