@@ -54,7 +54,12 @@ def test_forward_matches_transformers_past_the_window(mistral):
         assert not torch.allclose(ours(tokens[0], torch.arange(40))[WINDOW:], ref[WINDOW:], atol=1e-3)
 
 
-def test_generation_matches_transformers_on_every_path(mistral):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_generation_matches_transformers_on_every_path(mistral, device):
+    """On CUDA the fused kernels (decode attention reading the windowed mask) and CUDA graphs run."""
     root, hf = mistral
     prompt = [3, 17, 5, 99, 42, 8, 1, 64, 23, 77, 12, 9, 30, 2, 50, 6, 71, 11, 4, 88]  # longer than the window
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
@@ -65,7 +70,7 @@ def test_generation_matches_transformers_on_every_path(mistral):
                                                             "tree_depth": 3}):
         if "draft" in config:
             config = {**config, "draft": str(root / config["draft"])}
-        with Engine(EngineOptions(model=str(root / "base"), **config)) as engine:
+        with Engine(EngineOptions(model=str(root / "base"), device=device, dtype="float32", **config)) as engine:
             assert run(engine, prompt, params)[0] == expected, config
 
 
