@@ -8,16 +8,17 @@ from typing import TYPE_CHECKING
 from easyspec.options import EngineOptions, SamplingParams
 
 if TYPE_CHECKING:
+    from easyspec.engine.decision import RequestFailed
     from easyspec.engine.engine import Engine, GenerationResult
     from easyspec.engine.worker import Chunk
 
-__all__ = ["Chunk", "Engine", "EngineOptions", "GenerationResult", "SamplingParams"]
+__all__ = ["Chunk", "Engine", "EngineOptions", "GenerationResult", "RequestFailed", "SamplingParams"]
 __version__ = "0.1.0"
 
-# Engine and Chunk bring torch with them: loaded on first use, so that `easyspec --help` and
-# option parsing (easyspec.options) stay light.
+# Engine, Chunk, GenerationResult and RequestFailed bring torch with them: loaded on first use, so that
+# `easyspec --help` and option parsing (easyspec.options) stay light.
 _LAZY = {"Engine": "easyspec.engine.engine", "GenerationResult": "easyspec.engine.engine",
-         "Chunk": "easyspec.engine.worker"}
+         "Chunk": "easyspec.engine.worker", "RequestFailed": "easyspec.engine.decision"}
 
 
 def __getattr__(name: str) -> object:

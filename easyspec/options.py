@@ -27,9 +27,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 ACTIVATION_RESERVE_BYTES = 2 << 30  # CUDA: activations, captured graphs' pools, the CUDA context
 CPU_KV_CACHE_BYTES = 4 << 30
-MIN_CONTEXT = 16
+MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+# Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class Name(str, Enum):
@@ -220,15 +222,15 @@ class EngineOptions:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < MIN_CONTEXT:
             fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if not 0 < self.gpu_memory_utilization <= 1:  # NaN fails too
             fail(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.generation_config not in GenerationConfig.names() and not Path(self.generation_config).is_dir():
             fail(f"--generation-config {self.generation_config!r} is neither {', '.join(GenerationConfig.names())} "
                  "nor a folder; pass a folder holding a generation_config.json or one of those names")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             fail(f"--chat-template {self.chat_template}: no such file; pass a Jinja template file")
-        if self.timeout_s <= 0:
-            fail(f"--timeout must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s < float("inf"):  # written so that NaN fails too
+            fail(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
 
     def _validate_tree(self, fail: Callable[[str], None]) -> None:
         if not 1 <= self.tree_width <= 64:
@@ -268,17 +270,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # NaN fails every comparison, so each check is written to reject it.
-        if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
@@ -286,3 +290,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -97,9 +97,11 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, model, vocab: Vocab | Path, *, arch: str = "llama", pre: str = "gpt-2",
-               types: Callable[[str], Q] = lambda name: Q.F32, seed: int = 0, skip: tuple[str, ...] = ()) -> Path:
+               types: Callable[[str], Q] = lambda name: Q.F32, seed: int = 0, skip: tuple[str, ...] = (),
+               extra: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     """Write `model` (a transformers causal LM) as `path`, with `vocab` (or the byte-level vocabulary of a
-    tokenizer.json); `skip` names tensors, metadata keys or "tokenizer" (all tokenizer metadata) to leave out."""
+    tokenizer.json); `skip` names tensors, metadata keys or "tokenizer" (all tokenizer metadata) to leave out,
+    and `extra` writes metadata of its own (say, a skipped key with a value of the wrong type)."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -132,7 +134,10 @@ def write_gguf(path: Path, model, vocab: Vocab | Path, *, arch: str = "llama", p
         w.add_bos_token_id(vocab.bos)
         w.add_eos_token_id(vocab.eos)
         w.add_add_bos_token(True)
-        w.add_chat_template(CHAT_TEMPLATE)
+        if "tokenizer.chat_template" not in skip:
+            w.add_chat_template(CHAT_TEMPLATE)
+    if extra is not None:
+        extra(w)
 
     scaling = rope if rope.get("rope_type") == "llama3" else None
     if scaling is not None:  # llama.cpp writes Llama-3 scaling as per-frequency divisors

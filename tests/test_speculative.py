@@ -41,11 +41,14 @@ def test_one_process_greedy_equals_plain(pair_dir, reference, config):
 
 
 def test_acceptance_tracks_draft_quality(pair_dir):
+    # 21 = the prefill's token + 4 rounds of 4 draft tokens and a bonus: no round is cut short by
+    # max_new_tokens, where draft tokens accepted but not emitted would not count as accepted.
+    params = SamplingParams(max_new_tokens=21, ignore_eos=True)
     rates = {}
     for name in ("base", "near", "far"):
         opts = EngineOptions(model=str(pair_dir / "base"), draft=str(pair_dir / name), method="sd")
         with Engine(opts) as engine:
-            rates[name] = run(engine, PROMPTS[1])[1].stats.acceptance_rate
+            rates[name] = run(engine, PROMPTS[1], params)[1].stats.acceptance_rate
     assert rates["base"] == 1.0
     assert rates["near"] > rates["far"]
 

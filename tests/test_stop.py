@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from hf_models import make_hf_checkpoint
-from test_server import SPREAD, write_tokenizer
+from server_utils import SPREAD, write_tokenizer
 
 from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.engine.stop import StopWatcher

@@ -84,6 +84,9 @@ def settle_context(options: EngineOptions, base: ModelConfig, draft: ModelConfig
         limits["the draft"] = draft.max_position_embeddings
     model_limit = min(limits.values())
     shortest = min(limits, key=limits.get)
+    if options.max_context is None and model_limit < MIN_CONTEXT:
+        raise OptionsError(f"the models support {model_limit} positions (max_position_embeddings), fewer than the "
+                           f"{MIN_CONTEXT} easyspec needs; check their config.json")
     capacity = Capacity.of(options, base, draft)
     budget, why = kv_budget(options, capacity)
     fits = max(0, budget // (capacity.base_kv + capacity.draft_kv) - SCRATCH_SLOTS)

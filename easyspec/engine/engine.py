@@ -21,9 +21,10 @@ from pathlib import Path
 from easyspec.draft.setup import check_draft
 from easyspec.engine.capacity import settle_context
 from easyspec.engine.worker import Chunk, Worker
+from easyspec.model.checkpoint import read_text
 from easyspec.model.loader import generation_defaults, is_gguf, load_config, stored_dtype
 from easyspec.model.progress import bar
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.tokenizer import Tokenizer, check_chat_template
 from easyspec.options import (
     AUTO_DTYPE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -68,6 +69,8 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
     if options.chat_template is not None and not is_gguf(options.model) \
             and not (Path(options.model) / "tokenizer.json").is_file():
         raise OptionsError(f"--chat-template needs a tokenizer, and {options.model} has no tokenizer.json")
+    if options.chat_template is not None:
+        check_chat_template(read_text(Path(options.chat_template)), options.chat_template)
     if options.dtype == AUTO_DTYPE:
         options = options.replace(dtype=auto_dtype(options.device, stored_dtype(options.model)))
     if options.devices > 1:
@@ -172,7 +175,7 @@ class Engine:
                 log.warning("%s", note)
         self.worker = Worker(options, state)
         if options.chat_template is not None:
-            self.tokenizer.chat_template = Path(options.chat_template).read_text()
+            self.tokenizer.chat_template = read_text(Path(options.chat_template))
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -196,13 +199,13 @@ class Engine:
         return self.tokenizer
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """A prompt as token ids: a string encoded as raw text, token ids as they are."""
+        """A prompt as token ids: a string encoded as raw text, token ids as they are (the worker's
+        check_request says which one is not an integer or not in the vocabulary)."""
         if isinstance(prompt, str):
             return self._text_tokenizer().encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, (list, tuple)):
             return list(prompt)
-        raise TypeError(f"a prompt is a str or a list of token ids (ints), got {type(prompt).__name__}"
-                        + (" of other things" if isinstance(prompt, (list, tuple)) else ""))
+        raise TypeError(f"a prompt is a str or a list of token ids (ints), got {type(prompt).__name__}")
 
     def sampling_params(self, prompt_len: int | None = None, defaults: dict[str, object] | None = None,
                         **settings: object) -> SamplingParams:
@@ -236,10 +239,11 @@ class Engine:
                 self.followers.send(("generate", prompt_ids, params))
             yield from self.worker.generate(prompt_ids, params)
         except RuntimeError as err:
-            # A collective that fails usually means a peer died: name it rather than the transport error.
-            dead = self.followers.failure() if self.followers is not None else None
-            if dead is not None:
-                raise WorkerFailure(dead) from err
+            # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
+            culprit = self.followers.diagnose(err, self.options.timeout_s) if self.followers is not None else None
+            if culprit is not None:
+                self.followers.kill()  # out of step for good; a stopped one would hold up close() too
+                raise WorkerFailure(culprit) from err
             raise
         finally:
             self._busy = False

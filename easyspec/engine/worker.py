@@ -12,21 +12,24 @@ returns the round's Decision:
         in one forward with a tree mask, after which every rank moves the
         accepted path's base KV into place.
 Everything about drafting (which ranks draft, the draft model, the request's
-Drafter, sharing proposals with ranks that do not draft) is easyspec.draft.setup's.
+Drafter, sharing proposals with ranks that do not draft) is easyspec.draft.setup's;
+the decision and its broadcast are easyspec.engine.decision's.
 """
 
 from __future__ import annotations
 
-import os
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from easyspec.draft.base import Drafter
 from easyspec.draft.setup import Drafting
+from easyspec.engine.decision import Decision, RequestFailed, seed_box, settle, share
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
@@ -49,7 +52,7 @@ from easyspec.verify.tree import (
 )
 from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
-FINISH_REASONS = (None, "stop", "length", "cancelled")
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Chunk:
     token_ids: list[int]
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -99,10 +102,15 @@ class Worker:
         # Tree order: the root then W nodes per depth; positions are root + depth, slots root + index.
         self.tree_depths = tree_depths(options.tree_width, options.initial_num_draft, state.device)  # [1 + N]
         self.tree_order = torch.arange(self.tree_depths.shape[0], device=state.device)  # [1 + N]
+        self._cancel = False
+        self._failure: Exception | None = None  # what a step of rank 0's raised in this request
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise OptionsError("the prompt is empty; give at least one token")
+        odd = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if odd is not None:
+            raise OptionsError(f"prompt token ids must be integers, got {odd!r}")
         vocab = self.base_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -115,19 +123,21 @@ class Worker:
                 "shorten the prompt, lower max_new_tokens or raise --max-context"
             )
 
-    def _agree_seed(self, seed: int | None) -> int:
-        if seed is None:
-            seed = int.from_bytes(os.urandom(6), "little")
-        if not self.state.distributed:
-            return seed
-        box = torch.tensor([seed], dtype=torch.long, device=self.state.device)
-        return int(comm.broadcast(box, 0, self.state.group).item())
+    def _agree_seed(self, seed: int | None) -> int | None:
+        """The request's seed on every rank (drawn by rank 0 when not given), or None on every rank
+        when rank 0 could not settle it: the request then ends before its first step."""
+        box = self._on_driver(seed_box, seed)  # [2]: seed, settled; None on the other ranks
+        if box is None:
+            box = torch.zeros(2, dtype=torch.long)
+        if self.state.distributed:
+            box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
+        return int(box[0]) if box[1] else None
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
         """Yield a Chunk per step; closing the iterator early cancels the request
         (the ranks finish the round in progress, then stop together)."""
         self.check_request(prompt_ids, params)
-        self._cancel = False
+        self._cancel, self._failure = False, None
         rounds = self._rounds(prompt_ids, params)
         try:
             # A plain loop, not `yield from`: closing would close `rounds` before we could drain it.
@@ -145,6 +155,10 @@ class Worker:
         device = self.state.device
         stats = SpecStats()
         seed = self._agree_seed(params.seed)
+        if seed is None:
+            if self.state.is_driver:
+                raise self._request_failed()
+            return
         req = Request(
             params,
             torch.Generator(device).manual_seed(seed) if self.state.is_driver else None,
@@ -157,7 +171,7 @@ class Worker:
 
         with req.timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
-            first = self._pick(logits[None], params, req.generator)
+            first = self._on_driver(self._pick, logits[None], params, req.generator) or []
         decision = self._decide(first, 0, req)
         chunk = self._chunk(decision, stats, req.text, begin)
         yield chunk
@@ -179,7 +193,8 @@ class Worker:
     def _plain_round(self, req: Request, last: Tensor, position: int) -> Decision:
         """One base step after `last` [1] (at `position`): one token."""
         with req.timer.stage("verify"):
-            picked = self._pick(self.base.forward(last, position), req.params, req.generator)
+            logits = self.base.forward(last, position)  # [1, V]
+            picked = self._on_driver(self._pick, logits, req.params, req.generator) or []
         decision = self._decide(picked, 0, req)
         req.stats.rounds += 1
         return decision
@@ -189,7 +204,7 @@ class Worker:
         proposal = req.drafter.propose(self.num_draft, req.timer)
         with req.timer.stage("verify"):
             logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [n + 1, V]
-            verdict = self._verify(proposal, logits, req)
+            verdict = self._on_driver(self._verify, proposal, logits, req.params, req.generator)
         decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0, req)
         drafted = proposal.num_tokens
         req.stats.record_round(drafted, decision.accepted)
@@ -211,7 +226,7 @@ class Worker:
             mask = tree_mask(anc, position, self.base.kv_len_for(end))
             logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
                                               position + self.tree_order, mask)  # [1 + N, V]
-            verdict = self._verify(tree, logits, req)
+            verdict = self._on_driver(self._verify, tree, logits, req.params, req.generator)
         decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
                                 req, verdict.nodes if verdict else ())
         req.stats.record_round(depth, decision.accepted)
@@ -222,23 +237,39 @@ class Worker:
             req.drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
         return decision
 
-    def _pick(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
-        """Rank 0 chooses the next token from the base logits [1, V]; others wait for the decision."""
-        if not self.state.is_driver:
-            return []
+    def _on_driver(self, step: Callable[..., T], *args: object) -> T | None:
+        """Run a step only rank 0 takes (sampling, verification, settling). If it raises, the error is kept
+        and the next decision stops the request on every rank, rather than raised here, which would leave
+        the other ranks waiting in a collective for good. None on the other ranks and after a failure."""
+        if not self.state.is_driver or self._failure is not None:
+            return None
+        try:
+            return step(*args)
+        except Exception as err:
+            self._failure = err
+            return None
+
+    def _request_failed(self) -> RequestFailed:
+        failed = RequestFailed(f"{type(self._failure).__name__}: {self._failure}")
+        failed.__cause__ = self._failure
+        return failed
+
+    @staticmethod
+    def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+        """Rank 0 (through _on_driver) chooses the next token from the base logits [1, V]."""
         if params.greedy:
             return [int(logits[-1].argmax())]
         return [int(sample(process_logits(logits[-1:], params), generator)[0])]
 
-    def _verify(self, proposal: Proposal | TreeProposal, logits: Tensor, req: Request) -> Verdict | None:
-        """Rank 0's verdict from the base logits (chain [n + 1, V], tree [1 + N, V]); None on the other ranks."""
-        if not self.state.is_driver:
-            return None
+    @staticmethod
+    def _verify(proposal: Proposal | TreeProposal, logits: Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> Verdict:
+        """Rank 0's verdict (through _on_driver) from the base logits (chain [n + 1, V], tree [1 + N, V])."""
         tree = isinstance(proposal, TreeProposal)
-        if req.params.greedy:
+        if params.greedy:
             return (verify_tree_greedy if tree else verify_greedy)(proposal, logits)
-        probs = process_logits(logits, req.params)
-        return (verify_tree_stochastic if tree else verify_stochastic)(proposal, probs, req.generator)
+        probs = process_logits(logits, params)
+        return (verify_tree_stochastic if tree else verify_stochastic)(proposal, probs, generator)
 
     def _adapt(self, verdict: Verdict) -> None:
         """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
@@ -251,58 +282,24 @@ class Worker:
             self.num_draft = max(self.num_draft - 1, 1)
 
     def _decide(self, candidates: list[int], accepted: int, req: Request, nodes: tuple[int, ...] = ()) -> Decision:
-        """Rank 0 applies EOS / length / stop strings / cancellation to the candidate
-        tokens and broadcasts the result; every rank returns the same Decision.
-        `nodes` (trees only) are the accepted tree nodes, shared so every rank can move their KV.
+        """Rank 0 settles the candidate tokens (EOS / length / stop strings / cancellation) and broadcasts
+        the result; every rank returns the same Decision. `nodes` (trees only) are the accepted tree nodes,
+        shared so every rank can move their KV. After a failure on rank 0 the decision says "error" and
+        rank 0 raises RequestFailed, once every rank has it.
 
         The decision is the only verification result the other ranks see: the rounds rebuild
         the Verdict their drafters observe from it (accepted count and committed tokens)."""
-        params, text, max_num_draft = req.params, req.text, self.options.max_num_draft
+        decision = None
         if self.state.is_driver:
-            tokens, reason = [], 0
-            budget = params.max_new_tokens - req.stats.generated
-            for token in candidates:
-                tokens.append(token)
-                if token in self.eos and not params.ignore_eos:
-                    reason = FINISH_REASONS.index("stop")
-                    break
-                if len(tokens) >= budget:
-                    reason = FINISH_REASONS.index("length")
-                    break
-            # Checked even after EOS or length: a stop string completed before them ends it first.
-            stop_at = text.push(tokens) if text is not None else None
-            if stop_at is not None:
-                tokens, reason = tokens[:stop_at], FINISH_REASONS.index("stop")
-            if reason == 0 and self._cancel:
-                reason = FINISH_REASONS.index("cancelled")
-            # [count, accepted, reason, nodes padded to max_num_draft, tokens]
-            message = [len(tokens), accepted, reason, *nodes, *[0] * (max_num_draft - len(nodes)), *tokens]
-        if self.state.distributed:
-            box = torch.zeros(3 + 2 * max_num_draft + 1, dtype=torch.long)
-            if self.state.is_driver:
-                box[: len(message)] = torch.tensor(message)
-            box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
-            message = box.tolist()
-        count, accepted, reason = message[:3]
-        nodes = tuple(message[3 : 3 + accepted]) if self.options.tree else ()
-        tokens = message[3 + max_num_draft : 3 + max_num_draft + count]
-        decision = Decision(tokens, accepted, FINISH_REASONS[reason], nodes)
-        req.stats.generated += count
+            decision = self._on_driver(settle, candidates, accepted, nodes, req.params, req.stats.generated,
+                                       self.eos, req.text, self._cancel) or Decision([], 0, "error")
+        decision = share(decision, self.state, self.options.max_num_draft, self.options.tree)
+        req.stats.generated += len(decision.tokens)
+        if decision.reason == "error" and self.state.is_driver:
+            raise self._request_failed()
         return decision
 
     def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
         piece = text.take(decision.finished) if text is not None else ""
         return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
-
-
-@dataclass
-class Decision:
-    tokens: list[int]
-    accepted: int
-    reason: str | None
-    nodes: tuple[int, ...] = ()  # trees: the accepted nodes, root side first
-
-    @property
-    def finished(self) -> bool:
-        return self.reason is not None

@@ -8,6 +8,11 @@ Weights are read tensor by tensor from memory-mapped safetensors files straight
 into the target dtype and device. An optional `slicer` names, per checkpoint
 tensor, the slice of it that this process needs; sharded loading (tensor
 parallelism) uses it so that each process reads only its own bytes.
+
+Every failure names the file it comes from. Shard names in an index must stay
+inside the folder, and every loaded tensor must be finite (checked with one
+reduction per tensor and one device sync for the whole model): a NaN or inf
+weight, or one that overflows the target dtype, would only show as garbage.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from easyspec.model.config import ConfigError, ModelConfig
+from easyspec.model.config import ConfigError, ModelConfig, as_id_tuple
 from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer
 from easyspec.options import GENERATION_CONFIG_FIELDS
@@ -46,15 +52,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _read_json(path: Path) -> dict:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file of a checkpoint folder; errors name the file."""
     try:
-        data = json.loads(path.read_text())
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a checkpoint folder; errors name the file."""
+    try:
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -64,20 +83,23 @@ def load_config(folder: str | Path) -> ModelConfig:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder (directory not found)")
     try:
-        cfg = ModelConfig.from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+        cfg = ModelConfig.from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     gen_path = folder / "generation_config.json"
     if gen_path.exists():
-        eos = _read_json(gen_path).get("eos_token_id")
+        eos = read_json(gen_path).get("eos_token_id")
         if eos is not None:
-            cfg = cfg.replace(eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos))
+            try:
+                cfg = cfg.replace(eos_token_ids=as_id_tuple(eos))
+            except ConfigError as err:
+                raise CheckpointError(f"{gen_path}: {err}") from None
     return cfg
 
 
 def stored_dtype(folder: str | Path) -> str | None:
     """config.json's torch_dtype (newer transformers write "dtype"), or None when absent."""
-    hf = _read_json(Path(folder) / "config.json")
+    hf = read_json(Path(folder) / "config.json")
     value = hf.get("torch_dtype", hf.get("dtype"))
     return value if isinstance(value, str) else None
 
@@ -91,7 +113,7 @@ def generation_defaults(folder: str | Path) -> dict[str, float | int]:
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return {}
-    config = _read_json(path)
+    config = read_json(path)
     if config.get("do_sample") is False:
         defaults: dict[str, float | int] = {"temperature": 0.0}
         names: tuple[str, ...] = ("max_new_tokens",)
@@ -135,10 +157,10 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file that holds it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: missing 'weight_map'")
-        files = {name: folder / file for name, file in weight_map.items()}
+        files = {name: _shard_path(folder, index, file) for name, file in weight_map.items()}
         for file in set(files.values()):
             if not file.exists():
                 raise CheckpointError(f"{file}: listed in {index.name} but not found")
@@ -149,8 +171,37 @@ def _weight_files(folder: Path) -> dict[str, Path]:
             f"{folder}: no model.safetensors or model.safetensors.index.json "
             "(only safetensors checkpoints are supported)"
         )
-    with safe_open(single, framework="pt") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+def _shard_path(folder: Path, index: Path, name: Any) -> Path:
+    """The folder's file an index entry names. Names are checked as written, not resolved, so that a
+    shard may still be a symlink (as in the Hugging Face cache) but no entry reaches outside the folder."""
+    shard = PurePosixPath(name) if isinstance(name, str) else None
+    if shard is None or not name or shard.is_absolute() or ".." in shard.parts or "\\" in name:
+        raise CheckpointError(f"{index}: weight_map entry {name!r} is not a file name inside the folder")
+    return folder / shard
+
+
+def _open_safetensors(path: Path):  # -> safetensors' handle, usable as a context manager
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); download it again") from None
+
+
+def check_finite(sums: dict[tuple[Path, str], Tensor]) -> None:
+    """`sums` maps (file, tensor name) to the loaded tensor's float32 sum, all on one device. A sum is
+    finite exactly when every element is (finite weights summing past 3e38 do not exist), so one
+    reduction per tensor and one sync here check the whole model."""
+    if not sums:
+        return
+    finite = torch.isfinite(torch.stack(list(sums.values())))
+    if not bool(finite.all()):
+        path, name = list(sums)[int((~finite).nonzero()[0])]
+        raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf values (or overflows the chosen "
+                              "--dtype); the checkpoint is damaged, or needs a wider --dtype")
 
 
 def _expected_shape(model: Transformer, param: str) -> tuple[int, ...]:
@@ -175,6 +226,7 @@ def load_weights(
     if tied:
         sources["lm_head.weight"] = sources["embed_tokens.weight"]
     state: dict[str, Tensor] = {}
+    sums: dict[tuple[Path, str], Tensor] = {}  # for check_finite
     with ExitStack() as stack:
         handles = {}
 
@@ -183,18 +235,23 @@ def load_weights(
                 raise CheckpointError(f"{folder}: checkpoint has no tensor {name!r}")
             path = files[name]
             if path not in handles:
-                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-            part = handles[path].get_slice(name)
-            shape = tuple(part.get_shape())
-            cut = slicer(param, name, shape) if slicer else None
-            if cut is None:
-                tensor = part[:]
-            else:
-                dim, start, stop = cut
-                tensor = part[start:stop] if dim == 0 else part[:, start:stop]
+                handles[path] = stack.enter_context(_open_safetensors(path))
+            try:
+                part = handles[path].get_slice(name)
+                shape = tuple(part.get_shape())
+                cut = slicer(param, name, shape) if slicer else None
+                if cut is None:
+                    tensor = part[:]
+                else:
+                    dim, start, stop = cut
+                    tensor = part[start:stop] if dim == 0 else part[:, start:stop]
+            except SafetensorError as err:  # e.g. an index that names the wrong shard
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from None
             if tensor.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {tensor.dtype}")
-            return tensor.to(device=device, dtype=dtype)
+            tensor = tensor.to(device=device, dtype=dtype)
+            sums[path, name] = tensor.sum(dtype=torch.float32)
+            return tensor
 
         bar = stack.enter_context(progress_bar(len(sources), f"loading {progress} weights", "tensor",
                                                progress is not None))
@@ -209,6 +266,7 @@ def load_weights(
                 )
             state[param] = tensor
             bar.update()
+    check_finite(sums)
     if tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)

@@ -9,6 +9,7 @@ switches beyond the flags stored here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +58,20 @@ class ModelConfig:
                 f"easyspec supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            # Written so that NaN fails too: eps <= 0 divides by zero on a zero row, theta <= 0 breaks RoPE.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                          ("eos_token_id", self.eos_token_ids)):
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ConfigError(f"{name} {bad[0]!r} is not a token id of the vocabulary [0, {self.vocab_size})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -103,28 +115,29 @@ class ModelConfig:
                 f"easyspec supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
+            hidden = _integer(hf, "hidden_size")
+            heads = _integer(hf, "num_attention_heads")
             cfg = cls(
                 model_type=model_type,
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_integer(hf, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                intermediate_size=_integer(hf, "intermediate_size"),
+                num_layers=_integer(hf, "num_hidden_layers"),
                 num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rope_theta=float(hf.get("rope_theta", _rope_parameters(hf).get("rope_theta", 10000.0))),
+                num_kv_heads=_integer(hf, "num_key_value_heads", heads),
+                head_dim=_integer(hf, "head_dim", hidden // heads if heads > 0 else 0),
+                rope_theta=_number(hf if hf.get("rope_theta") is not None else _rope_parameters(hf), "rope_theta",
+                                   10000.0),
                 rope_scaling=_parse_rope_scaling(hf, source),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
+                tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
                 # Qwen2 checkpoints always carry a q/k/v bias; others say so explicitly.
-                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                attention_bias=model_type == "qwen2" or _flag(hf, "attention_bias"),
                 qk_norm=model_type == "qwen3",
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                max_position_embeddings=_integer(hf, "max_position_embeddings", 4096),
                 sliding_window=_sliding_window(hf, model_type, source),
                 bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+                eos_token_ids=as_id_tuple(hf.get("eos_token_id")),
             )
         except KeyError as missing:
             raise ConfigError(f"{source}: missing required key {missing}") from None
@@ -132,7 +145,7 @@ class ModelConfig:
             if isinstance(bad, ConfigError):
                 raise ConfigError(f"{source}: {bad}") from None
             raise ConfigError(f"{source}: malformed value ({bad})") from None
-        if hf.get("mlp_bias"):
+        if _flag(hf, "mlp_bias"):
             raise ConfigError(f"{source}: mlp_bias=true is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -180,8 +193,7 @@ class ModelConfig:
 def _sliding_window(hf: dict[str, Any], model_type: str, source: str) -> int | None:
     """Mistral's window (every layer); Qwen2/3 windows, which differ from layer to layer, are refused."""
     if model_type == "mistral":
-        window = hf.get("sliding_window")
-        return None if window is None else int(window)
+        return _integer(hf, "sliding_window", None)
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true (a window on some layers only) is not supported; "
                           "use the checkpoint with use_sliding_window=false, as it is published")
@@ -203,20 +215,61 @@ def _parse_rope_scaling(hf: dict[str, Any], source: str) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-    return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+    try:
+        factors = [_number(scaling, name) for name in ("factor", "low_freq_factor", "high_freq_factor")]
+        return RopeScaling(*factors, _integer(scaling, "original_max_position_embeddings"))
+    except KeyError as missing:
+        raise ConfigError(f"{source}: rope_scaling is missing {missing}") from None
+    except ConfigError as bad:
+        raise ConfigError(f"{source}: rope_scaling: {bad}") from None
 
 
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
+_REQUIRED = object()
+
+
+def _integer(hf: dict[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    """hf[key] as a positive integer (null or absent: `default`); 64.5 or "64" is an error, not 64."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(hf: dict[str, Any], key: str, default: Any = _REQUIRED) -> float:
+    """hf[key] as a positive finite number (null or absent: `default`)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(hf: dict[str, Any], key: str) -> bool:
+    """hf[key] as true/false (absent or null: false); the string "false" is an error, not true."""
+    value = hf.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def as_id_tuple(value: Any) -> tuple[int, ...]:
+    """A token id or a list of them (null: none), as a tuple; the range is checked by ModelConfig."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = value if isinstance(value, list) else [value]
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise ConfigError(f"token ids must be integers, got {bad[0]!r}")
+    return tuple(ids)
 
 
 _LLAMA3_ROPE = RopeScaling(8.0, 1.0, 4.0, 8192)

@@ -8,6 +8,9 @@ ever exists. The tensors are then named and checked exactly as a safetensors
 checkpoint's (easyspec.model.checkpoint), and the same slicer makes a
 tensor-parallel rank read only its rows (whole quantization blocks: a block
 never crosses a row) or, for column splits, dequantize and cut its columns.
+As for safetensors, every tensor read must be finite (a NaN or inf weight, or
+one that overflows the target dtype, would only show as garbage), and the
+metadata goes through the same ModelConfig checks as a config.json.
 
 llama.cpp stores a Llama model's q and k projections with the rows of every
 head interleaved (its rotary embedding pairs neighbouring rows, Hugging Face's
@@ -32,7 +35,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from torch import Tensor
 
-from easyspec.model.checkpoint import CheckpointError, TensorSlicer, checkpoint_sources
+from easyspec.model.checkpoint import CheckpointError, TensorSlicer, check_finite, checkpoint_sources
 from easyspec.model.config import ConfigError, ModelConfig, RopeScaling
 from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer, rope_inverse_frequencies
@@ -176,43 +179,55 @@ def gguf_config(path: str | Path) -> ModelConfig:
 
 
 def _config(f: GGUFFile, arch: str) -> ModelConfig:
-    def key(name: str, default: Any = _REQUIRED) -> Any:
-        return f.scalar(f"{arch}.{name}", default)
+    """The values are taken as stored, not converted: 64.5 or "64" where a count belongs is an error,
+    not 64, and ModelConfig checks the rest (ranges, token ids inside the vocabulary), as for folders."""
+    def integer(name: str, default: Any = _REQUIRED) -> int:
+        value = f.scalar(f"{arch}.{name}", default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"metadata key '{arch}.{name}' must be a positive integer, got {value!r}")
+        return value
 
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", 0) or hidden // max(heads, 1))
-    if int(key("attention.value_length", head_dim)) != head_dim:
+    def number(name: str, default: Any = _REQUIRED) -> float:
+        value = f.scalar(f"{arch}.{name}", default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f"metadata key '{arch}.{name}' must be a positive finite number, got {value!r}")
+        return float(value)
+
+    hidden, heads = integer("embedding_length"), integer("attention.head_count")
+    head_dim = integer("attention.key_length", hidden // heads)
+    if integer("attention.value_length", head_dim) != head_dim:
         raise CheckpointError(f"{f.path}: key and value heads of different sizes are not supported")
-    if int(key("rope.dimension_count", head_dim)) != head_dim:
+    rotary = integer("rope.dimension_count", head_dim)
+    if rotary != head_dim:
         raise CheckpointError(f"{f.path}: rotary embedding over part of a head "
-                              f"({key('rope.dimension_count')} of {head_dim} dims) is not supported")
-    scaling_type = key("rope.scaling.type", "none")
+                              f"({rotary} of {head_dim} dims) is not supported")
+    scaling_type = f.scalar(f"{arch}.rope.scaling.type", "none")
     if scaling_type != "none":
         raise CheckpointError(f"{f.path}: rope scaling {scaling_type!r} is not supported")
-    theta = float(key("rope.freq_base", 10000.0))
+    theta = number("rope.freq_base", 10000.0)
     eos = [f.scalar(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
     # llama.cpp writes Mistral as llama; a window on every layer makes it Mistral again.
-    window = key("attention.sliding_window", None) if arch == "llama" else None
-    window = None if window is None else int(window)
+    window = f.scalar(f"{arch}.attention.sliding_window", None) if arch == "llama" else None
+    window = None if window is None else integer("attention.sliding_window")
     return ModelConfig(
         model_type="mistral" if window is not None else ARCHITECTURES[arch],
         vocab_size=hf_shape(f.tensor("token_embd.weight"))[0],
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=integer("feed_forward_length"),
+        num_layers=integer("block_count"),
         num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        num_kv_heads=integer("attention.head_count_kv", heads),
         head_dim=head_dim,
         rope_theta=theta,
         rope_scaling=_llama3_scaling(f, head_dim, theta),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
         tie_word_embeddings="output.weight" not in f.tensors,
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors,
         qk_norm=arch == "qwen3",
-        max_position_embeddings=int(key("context_length")),
+        max_position_embeddings=integer("context_length"),
         sliding_window=window,
         bos_token_id=f.scalar("tokenizer.ggml.bos_token_id", None),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
     )
 
 
@@ -303,10 +318,13 @@ def load_gguf_weights(
     check_tensors(f, [gguf_name(n) for names in sources.values() for n in names])
     permuted = f.architecture == "llama"
 
+    sums: dict[tuple[Path, str], Tensor] = {}  # for check_finite
+
     def read(param: str, hf_name: str) -> Tensor:
         t = f.tensors[gguf_name(hf_name)]
         cut = slicer(param, hf_name, hf_shape(t)) if slicer else None
         tensor = read_tensor(t, dtype, device, cut)
+        sums[f.path, t.name] = tensor.sum(dtype=torch.float32)
         if permuted and (".q_proj." in hf_name or ".k_proj." in hf_name):
             tensor = _unpermute_heads(tensor, cfg.head_dim)
         return tensor
@@ -322,6 +340,7 @@ def load_gguf_weights(
                                       f"{tuple(tensor.shape)}, but the metadata implies {expected}")
             state[param] = tensor
             bar.update()
+    check_finite(sums)
     shared = tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape
     if shared:
         state["lm_head.weight"] = state["embed_tokens.weight"]

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from easyspec.model.checkpoint import CheckpointError
 from easyspec.model.gguf_file import GGUFFile, open_gguf
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.tokenizer import Tokenizer, check_chat_template
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL, USER_DEFINED = 3, 4
@@ -75,9 +75,9 @@ def _special(f: GGUFFile, tokens: list[str], name: str) -> tuple[int, str] | Non
     token_id = f.scalar(f"tokenizer.ggml.{name}_token_id", None)
     if token_id is None:
         return None
-    if not 0 <= token_id < len(tokens):
-        raise CheckpointError(f"{f.path}: tokenizer.ggml.{name}_token_id {token_id} is outside the vocabulary "
-                              f"({len(tokens)} tokens)")
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < len(tokens):
+        raise CheckpointError(f"{f.path}: tokenizer.ggml.{name}_token_id {token_id!r} is not a token id of the "
+                              f"vocabulary ({len(tokens)} tokens)")
     return token_id, tokens[token_id]
 
 
@@ -176,8 +176,11 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
             special_tokens=list({s[1]: (s[1], s[0]) for s in (first, last) if s is not None}.values()),
         )
     pad, unk = _special(f, tokens, "padding"), _special(f, tokens, "unknown")
+    template = f.scalar("tokenizer.chat_template", None)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{f.path}: tokenizer.chat_template must be text, got {template!r}")
     settings = TokenizerSettings(
-        chat_template=f.scalar("tokenizer.chat_template", None),
+        chat_template=template,
         bos_token=bos and bos[1], eos_token=eos and eos[1], pad_token=pad and pad[1], unk_token=unk and unk[1],
         add_bos=add_bos, add_eos=add_eos,
     )
@@ -187,6 +190,7 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
 def gguf_tokenizer(path: str | Path) -> Tokenizer:
     f = open_gguf(path)
     tok, settings = build_tokenizer(f)
+    check_chat_template(settings.chat_template, f"{f.path}: tokenizer.chat_template")
     return Tokenizer(tok, settings.chat_template, settings.bos_token, settings.eos_token, str(f.path),
                      {"pad_token": settings.pad_token, "unk_token": settings.unk_token})
 

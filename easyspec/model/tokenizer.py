@@ -7,10 +7,12 @@ import json
 from functools import cached_property
 from pathlib import Path
 
+import jinja2
 from tokenizers import Tokenizer as _HFTokenizer
 
+from easyspec.model.chat_template import compile_template
 from easyspec.model.chat_template import render as render_template
-from easyspec.model.checkpoint import CheckpointError
+from easyspec.model.checkpoint import CheckpointError, read_json, read_text
 
 
 def _special_text(value: object) -> str | None:
@@ -18,6 +20,31 @@ def _special_text(value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _chat_template(value: object, source: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or named templates [{"name", "template"}] of
+    which the default one is used."""
+    if value is None or isinstance(value, str):
+        return value
+    named = isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value)
+    if not named:
+        raise CheckpointError(f"{source}: chat_template must be a string or a list of "
+                              '{"name": ..., "template": ...} objects')
+    return next((t["template"] for t in value if t["name"] == "default"), None)
+
+
+def check_chat_template(template: str | None, source: str) -> None:
+    """Compile a chat template now, so that a broken one fails at load and names `source`, where it
+    was read from, rather than failing the first chat request."""
+    if template is None:
+        return
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise CheckpointError(f"{source}: the chat template does not parse "
+                              f"(line {err.lineno}: {err.message})") from None
 
 
 # The named special tokens a chat template sees, as transformers passes them.
@@ -49,20 +76,14 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises a bare Exception
             raise CheckpointError(f"{path}: cannot be read by the tokenizers library ({err})") from None
-        config: dict = {}
         config_path = folder / "tokenizer_config.json"
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        config = read_json(config_path) if config_path.exists() else {}
+        template, template_path = _chat_template(config.get("chat_template"), config_path), config_path
         jinja_path = folder / "chat_template.jinja"
         if template is None and jinja_path.exists():
-            template = jinja_path.read_text()
+            template, template_path = read_text(jinja_path), jinja_path
         special = {name: _special_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        check_chat_template(template, str(template_path))
         return cls(tok, template, special["bos_token"], special["eos_token"], str(folder),
                    {name: value for name, value in special.items() if value is not None})
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -89,6 +90,21 @@ class Followers:
                 return None
             time.sleep(0.05)
 
+    def diagnose(self, error: Exception, timeout_s: float) -> str | None:
+        """After a collective raised `error` on rank 0: a line naming the follower to blame (dead,
+        stopped, or silent past the timeout), or None when no follower is to blame."""
+        for rank, proc in enumerate(self.procs, start=1):
+            if _process_state(proc.pid) in ("T", "t"):
+                return (f"worker rank {rank} is stopped (process {proc.pid} got SIGSTOP or sits in a debugger) "
+                        f"and did not answer within --timeout {timeout_s:g} s")
+        dead = self.failure()
+        if dead is not None:
+            return dead
+        if "timed out" in str(error).lower():
+            ranks = "rank 1" if len(self.procs) == 1 else f"one of ranks 1-{len(self.procs)}"
+            return f"worker {ranks} did not answer within --timeout {timeout_s:g} s (alive, but stuck)"
+        return None
+
     @staticmethod
     def _last_words(pipe: Connection, proc: mp.Process) -> str:
         try:
@@ -119,6 +135,15 @@ class Followers:
                 proc.kill()
         for proc in self.procs:
             proc.join(5.0)
+
+
+def _process_state(pid: int) -> str | None:
+    """The one-letter state of a process from /proc (R, S, D, T, Z, ...), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0]  # the name in parentheses may hold spaces
 
 
 def watch_parent(parent_pid: int) -> None:

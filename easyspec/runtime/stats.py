@@ -1,8 +1,10 @@
 """Speculative-decoding metrics with vLLM's definitions, and per-stage timers.
 
 - rounds: verification steps (plain decoding: one per generated token).
-- drafted / accepted: draft tokens proposed / kept by verification (a tree
-  counts its depth as drafted: the most one round can accept).
+- drafted / accepted: draft tokens proposed / kept by verification and
+  committed (a tree counts its depth as drafted: the most one round can
+  accept). An accepted token that max_new_tokens, EOS or a stop string cuts
+  off is never emitted, so it is not counted, as in vLLM's num_accepted_tokens.
 - mean_accepted_length = 1 + accepted / rounds (the bonus or recovered token
   counted; 1.00 for plain decoding).
 - acceptance_rate = accepted / drafted.

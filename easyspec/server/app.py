@@ -1,4 +1,13 @@
-"""HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics."""
+"""HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics.
+
+Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
+token of context and must arrive within --read-timeout; a text prompt may
+hold MAX_CHARS_PER_TOKEN characters per token of context, checked before it is
+tokenized, and tokenizing runs off the event loop. Error bodies never carry
+internal exception text: an unexpected error is logged under an incident id
+that the body names. Text that comes from a request is escaped before it is
+logged, so a request cannot forge log lines.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,13 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import jinja2
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
 from easyspec.engine.engine import Engine
 from easyspec.options import SamplingParams
@@ -20,6 +32,7 @@ from easyspec.server.protocol import (
     ApiError,
     GenerationRequest,
     ResponseShape,
+    parse_body,
     parse_chat,
     parse_completion,
 )
@@ -27,8 +40,27 @@ from easyspec.server.scheduler import Delta, Job, Scheduler
 
 log = logging.getLogger("easyspec.server")
 
-# Long prompts sent as token-id arrays run to megabytes of JSON.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# Real text averages 3 to 6 characters per token; 32 leaves room for long runs of spaces or symbols. A text
+# prompt longer than this per token of context cannot fit, and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+# Room for such a prompt with every character escaped in JSON (\uXXXX, 6 bytes; pairs for emoji).
+BODY_BYTES_PER_TOKEN = 256
+BODY_BASE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send, set from the context length; a client that has not sent its whole
+    body within read_timeout_s is answered 408 and its connection closed."""
+
+    prompt_chars: int
+    body_bytes: int
+    read_timeout_s: float
+
+    @classmethod
+    def for_context(cls, max_context: int, read_timeout_s: float) -> Limits:
+        return cls(max_context * MAX_CHARS_PER_TOKEN, BODY_BASE_BYTES + max_context * BODY_BYTES_PER_TOKEN,
+                   read_timeout_s)
 
 
 @dataclass
@@ -37,6 +69,7 @@ class ServerState:
     metrics: Metrics
     model_name: str
     api_key: str | None
+    limits: Limits
 
     @property
     def engine(self) -> Engine:
@@ -46,6 +79,20 @@ class ServerState:
 
 STATE = web.AppKey("state", ServerState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Behind the key when one is set; /health stays open for load balancers and supervisors.
+PUBLIC_PATHS = ("/health",)
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """Request-derived text as it may appear in a log line: quoted, control characters, newlines and
+    lone surrogates escaped (repr), and cut at `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _authorized(request: web.Request, api_key: str) -> bool:
+    # aiohttp keeps bytes that are not UTF-8 as surrogate escapes; this gets the bytes back.
+    sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(sent, f"Bearer {api_key}".encode())
 
 
 def _error_response(err: ApiError) -> web.Response:
@@ -63,40 +110,43 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication, OpenAI-shaped errors for everything that fails, and request counting."""
     state = request.app[STATE]
     try:
-        if state.api_key and request.path.startswith("/v1/"):
-            sent = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(sent, f"Bearer {state.api_key}".encode()):
-                raise ApiError(401, "invalid or missing API key; send the header 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
+        if state.api_key and request.path not in PUBLIC_PATHS and not _authorized(request, state.api_key):
+            raise ApiError(401, "invalid or missing API key; send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
         response = await handler(request)
     except ApiError as err:
         response = _error_response(err)
-    except web.HTTPException as err:  # the router's 404 / 405, or a body over the size limit
-        message = f"{err.reason}: {request.method} {request.path}"
+        if err.status == 408:
+            response.force_close()  # no keep-alive: the rest of the half-sent body may still come
+    except web.HTTPRequestEntityTooLarge:
+        response = _error_response(ApiError(
+            413, f"the request body is larger than this server's limit of {state.limits.body_bytes} bytes "
+                 "(set from the context length)", code="body_too_large"))
+    except web.HTTPException as err:  # the router's 404 / 405
+        message = f"{err.reason}: {request.method} {ascii(request.path)[1:-1]}"
         response = _error_response(ApiError(err.status, message, code=err.reason.lower().replace(" ", "_")))
     except asyncio.CancelledError:
         state.metrics.count_request(_endpoint(request), 499)  # nginx's "client closed request"
         raise
-    except Exception as err:  # a bug: answer 500 and keep serving
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        response = _error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+    except Exception:  # a bug: log it, answer 500 without its text, keep serving
+        incident = uuid.uuid4().hex[:12]
+        log.exception("incident %s: unhandled error in %s %s", incident, request.method, loggable(request.path))
+        response = _error_response(ApiError(500, f"internal error (incident {incident} in the server log)"))
     state.metrics.count_request(_endpoint(request), response.status)
     return response
 
 
 async def _read_json(request: web.Request) -> dict:
+    timeout_s = request.app[STATE].limits.read_timeout_s
     try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        detail = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) \
-            else "it is not UTF-8"
-        raise ApiError(400, f"the request body is not valid JSON: {detail}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    return body
+        raw = await asyncio.wait_for(request.read(), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+    return parse_body(raw)
 
 
 def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
+    """Token ids of the prompt; run in a worker thread, tokenizing and templating take CPU time."""
     tok = engine.tokenizer
     if isinstance(req.prompt, list):
         return req.prompt
@@ -110,8 +160,13 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
                             "chat_template.jinja); use /v1/completions with a plain prompt", code="no_chat_template")
     try:
         return tok.encode_chat(req.messages)
-    except Exception as err:  # jinja errors and raise_exception() calls in the template are the caller's input
+    except jinja2.TemplateError as err:  # raise_exception() calls in the template speak to the caller
         raise ApiError(400, f"the chat template could not render these messages: {err}", param="messages",
+                       code="chat_template_error") from None
+    except Exception as err:  # the template choked on the messages' shape: say so, the details go to the log
+        log.info("the chat template failed on a request's messages: %s", loggable(f"{type(err).__name__}: {err}"))
+        raise ApiError(400, "the chat template could not render these messages; check that their fields "
+                            "are what a chat template expects (role and content strings)", param="messages",
                        code="chat_template_error") from None
 
 
@@ -138,11 +193,17 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     body = await _read_json(request)
     req = parse_chat(body) if chat else parse_completion(body)
     if req.ignored:
-        log.info("ignored unknown request fields: %s", ", ".join(req.ignored))
+        names = ", ".join(loggable(name, 64) for name in req.ignored[:10])
+        more = f" and {len(req.ignored) - 10} more" if len(req.ignored) > 10 else ""
+        log.info("ignored unknown request fields: %s%s", names, more)
     if not state.scheduler.healthy:
-        raise ApiError(503, f"the engine is down: {state.scheduler.failure}", code="engine_down")
+        raise state.scheduler.down_error()
     engine = state.engine
-    prompt_ids = _prompt_ids(engine, req)
+    if req.text_chars > state.limits.prompt_chars:
+        raise ApiError(400, f"the prompt has {req.text_chars} characters; this server takes at most "
+                            f"{state.limits.prompt_chars} ({MAX_CHARS_PER_TOKEN} per token of its "
+                            f"{engine.options.max_context}-token context)", code="context_length_exceeded")
+    prompt_ids = await asyncio.to_thread(_prompt_ids, engine, req)
     params = _sampling(engine, req, prompt_ids)
     job = Job(prompt_ids, params, asyncio.get_running_loop())
     state.scheduler.submit(job)
@@ -152,7 +213,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             return await _stream(request, job, shape, req.include_usage)
         return await _collect(job, shape)
     finally:
-        job.cancel()  # a no-op once finished; stops generation if the client went away
+        # A no-op once finished; frees the queue slot or stops generation if the client went away.
+        state.scheduler.withdraw(job)
 
 
 async def _collect(job: Job, shape: ResponseShape) -> web.Response:
@@ -216,7 +278,7 @@ async def models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     scheduler = request.app[STATE].scheduler
     if not scheduler.healthy:
-        raise ApiError(503, f"the engine is down: {scheduler.failure}", code="engine_down")
+        raise scheduler.down_error()
     return web.json_response({"status": "ok"})
 
 
@@ -227,18 +289,34 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def _exit_on_engine_failure(app: web.Application) -> None:
+    """After an engine failure the server shuts down (answering what is in flight with 503) and
+    `easyspec serve` exits non-zero, so that a supervisor starts a fresh one: an engine whose
+    ranks fell out of step cannot be repaired in place."""
+    loop = asyncio.get_running_loop()
+
+    def begin_exit() -> None:
+        raise GracefulExit  # what aiohttp's own SIGTERM handler raises
+
+    scheduler = app[STATE].scheduler
+    scheduler.on_failure = lambda: loop.call_soon_threadsafe(begin_exit)
+    if not scheduler.healthy:  # failed before the server was up
+        scheduler.on_failure()
+
+
 async def _shutdown(app: web.Application) -> None:
     # Blocking joins belong off the event loop, which must keep delivering the final errors.
     await asyncio.to_thread(app[STATE].scheduler.stop)
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_guard], client_max_size=state.limits.body_bytes)
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_exit_on_engine_failure)
     app.on_shutdown.append(_shutdown)
     return app

@@ -82,18 +82,25 @@ class Metrics:
         with self._lock:
             self.queue_wait.observe(queue_wait_s)
 
-    def record_finish(self, finish_reason: str, prompt_tokens: int, stats: dict,
+    def record_withdrawn(self) -> None:
+        """A request whose client went away while it waited: it ends cancelled without running."""
+        with self._lock:
+            self.finished["cancelled"] += 1
+
+    def record_finish(self, finish_reason: str, prompt_tokens: int, stats: dict | None,
                       ttft_s: float | None, e2e_s: float, decode_s: float) -> None:
-        """One finished (or cancelled) request; `stats` is SpecStats.to_dict()."""
+        """One request that ran, to its end, to cancellation or to an engine error; `stats` is
+        SpecStats.to_dict(), None when the engine raised before its first token."""
+        stats = stats or {}
         with self._lock:
             self.finished[finish_reason] += 1
             self.prompt_tokens += prompt_tokens
-            generated = stats["generated"]
+            generated = stats.get("generated", 0)
             self.generation_tokens += generated
-            self.drafts += stats["rounds"]
-            self.draft_tokens += stats["drafted"]
-            self.accepted_tokens += stats["accepted"]
-            per_position = stats["accepted_per_position"]
+            self.drafts += stats.get("rounds", 0)
+            self.draft_tokens += stats.get("drafted", 0)
+            self.accepted_tokens += stats.get("accepted", 0)
+            per_position = stats.get("accepted_per_position", [])
             missing = len(per_position) - len(self.accepted_per_position)
             self.accepted_per_position.extend([0] * max(0, missing))
             for i, count in enumerate(per_position):
@@ -121,7 +128,8 @@ class Metrics:
             family("requests_total", "counter", "HTTP requests by endpoint and status code.",
                    [sample("requests_total", n, key) for key, n in sorted(self.requests.items())])
             family("request_finished_total", "counter",
-                   "Generations ended, by finish reason (cancelled: the client went away; error: the engine raised).",
+                   "Requests ended, by finish reason (cancelled: the client went away, waiting or running; "
+                   "error: the request failed in the engine).",
                    [sample("request_finished_total", n, (("finish_reason", reason),))
                     for reason, n in sorted(self.finished.items())])
             family("prompt_tokens_total", "counter", "Prompt tokens processed.",
@@ -142,7 +150,7 @@ class Metrics:
                    [sample("spec_decode_num_drafts_total", self.drafts)])
             family("spec_decode_num_draft_tokens_total", "counter", "Draft tokens proposed.",
                    [sample("spec_decode_num_draft_tokens_total", self.draft_tokens)])
-            family("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+            family("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted and emitted.",
                    [sample("spec_decode_num_accepted_tokens_total", self.accepted_tokens)])
             family("spec_decode_num_accepted_tokens_per_pos_total", "counter",
                    "Rounds whose draft token at this position (0-based) was accepted.",

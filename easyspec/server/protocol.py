@@ -11,20 +11,34 @@ Field policy (documented in the README):
   and a response_format other than text. `user` is ignored.
 - Extensions (as in vLLM): top_k (-1 or 0 = off) and ignore_eos.
 - `model` may be any string: one model is served, and the response names it.
+- Numbers are range-checked here, before anything reaches the engine: a
+  non-finite number (1e999, NaN, Infinity), a seed outside the signed 64-bit
+  range or a count below its minimum is a 400 naming the field.
+- The body must be valid JSON text: no NaN / Infinity constants, no lone
+  UTF-16 surrogates in any string, nesting at most MAX_JSON_DEPTH deep.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from easyspec.options import SEED_RANGE
+
+MAX_JSON_DEPTH = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
@@ -60,21 +74,96 @@ def _json_type(value: object) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None) -> Any:
-    """body[name] if it has one of `types` (null counts as absent); a 400 naming the field otherwise."""
+def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
+         param: str | None = None) -> Any:
+    """body[name] if it has one of `types` (null counts as absent); a 400 naming the field (as `param`,
+    when it is nested) otherwise."""
     value = body.get(name)
     if value is None:
         return default
     # JSON true/false arrive as bool, which Python also counts as int.
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        raise ApiError(400, f"'{name}' must be {expected}, got {_json_type(value)}", param=name,
+        param = param or name
+        raise ApiError(400, f"'{param}' must be {expected}, got {_json_type(value)}", param=param,
                        code="invalid_type")
     return value
 
 
 def _number(body: dict, name: str) -> float | None:
     value = _get(body, name, (int, float), "a number")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    # JSON has no inf, but 1e999 parses to it; an int too large for a float fails to convert.
+    number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(number):
+        raise ApiError(400, f"'{name}' must be a finite number", param=name)
+    return number
+
+
+def _count(body: dict, name: str, default: int, minimum: int) -> int:
+    """An integer field that counts something, at least `minimum`."""
+    value = _get(body, name, (int,), "an integer", default)
+    if value < minimum:
+        raise ApiError(400, f"'{name}' must be at least {minimum}, got {value}", param=name)
+    return value
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object; a 400 saying what is wrong with it otherwise."""
+
+    def no_constant(name: str) -> None:
+        raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON value; send a number "
+                            "or null", code="invalid_json")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
+                       code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON: it is not UTF-8", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    except ValueError:  # an integer literal longer than Python converts (4300 digits)
+        raise ApiError(400, "the request body holds a number too long to read", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: dict) -> None:
+    """Every string in the body is valid Unicode and the nesting is at most MAX_JSON_DEPTH deep."""
+    stack: list[tuple[object, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else key
+                _check_text(key, name)
+                stack.append((item, name, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)
+                         if isinstance(item, (dict, list, str)))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, param: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ascii(text[err.start])
+        shown = ascii(param)[1:-1]
+        raise ApiError(400, f"'{shown}' holds a lone UTF-16 surrogate ({bad} at character {err.start}), which is "
+                            "not Unicode text; send the character's full surrogate pair or drop it",
+                       param=shown, code="invalid_unicode") from None
 
 
 def _unsupported(name: str, what: str) -> ApiError:
@@ -98,6 +187,13 @@ class GenerationRequest:
     include_usage: bool
     ignored: tuple[str, ...]  # unknown fields, reported in the log
 
+    @property
+    def text_chars(self) -> int:
+        """Characters of prompt text to tokenize (messages: their contents); 0 for token ids."""
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
+
 
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                   "stream_options", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -107,24 +203,22 @@ CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logpro
                                 "parallel_tool_calls", "response_format"}
 
 
-def _common(body: dict, known: set[str], max_tokens: int | None) -> dict:
+def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     _get(body, "model", (str,), "a string")
     _get(body, "user", (str,), "a string")
-    n = _get(body, "n", (int,), "an integer", 1)
-    if n > 1:
+    if _count(body, "n", 1, 1) > 1:
         raise ApiError(400, "n > 1 is not supported yet; send one request per completion", param="n",
                        code="unsupported")
-    if n < 1:
-        raise ApiError(400, f"'n' must be at least 1, got {n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name):
             raise _unsupported(name, f"a non-zero {name}")
     if _get(body, "logit_bias", (dict,), "an object"):
         raise _unsupported("logit_bias", "logit_bias")
+    max_tokens = _get(body, max_tokens_field, (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
+        raise ApiError(400, f"'{max_tokens_field}' must be at least 1, got {max_tokens}", param=max_tokens_field)
     temperature = _number(body, "temperature")
-    if temperature is not None and not temperature >= 0:  # written so that NaN fails too
+    if temperature is not None and temperature < 0:
         raise ApiError(400, f"'temperature' must be >= 0, got {temperature}", param="temperature")
     top_p = _number(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
@@ -137,15 +231,23 @@ def _common(body: dict, known: set[str], max_tokens: int | None) -> dict:
     if not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a string or an array of non-empty strings", param="stop",
                        code="invalid_type")
+    # Every stop string is looked for after every token, on the engine's one thread.
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                            "characters each", param="stop")
+    seed = _get(body, "seed", (int,), "an integer")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed' must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {seed}",
+                       param="seed")
     stream = _get(body, "stream", (bool,), "a boolean", False)
     options = _get(body, "stream_options", (dict,), "an object", {})
-    include_usage = _get(options, "include_usage", (bool,), "a boolean", False)
+    include_usage = _get(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
     return dict(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=None if top_k is None else max(top_k, 0),
-        seed=_get(body, "seed", (int,), "an integer"),
+        seed=seed,
         stop=tuple(stops),
         ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
         stream=stream,
@@ -172,7 +274,7 @@ def _parse_prompt(body: dict) -> str | list[int]:
 
 
 def parse_completion(body: dict) -> GenerationRequest:
-    if _get(body, "best_of", (int,), "an integer", 1) > 1:
+    if _count(body, "best_of", 1, 1) > 1:
         raise _unsupported("best_of", "best_of > 1")
     if _get(body, "echo", (bool,), "a boolean", False):
         raise _unsupported("echo", "echo")
@@ -180,8 +282,7 @@ def parse_completion(body: dict) -> GenerationRequest:
         raise _unsupported("suffix", "suffix")
     if _get(body, "logprobs", (int,), "an integer") is not None:
         raise _unsupported("logprobs", "logprobs")
-    max_tokens = _get(body, "max_tokens", (int,), "an integer")
-    fields = _common(body, COMPLETION_FIELDS, max_tokens)
+    fields = _common(body, COMPLETION_FIELDS, "max_tokens")
     return GenerationRequest(prompt=_parse_prompt(body), messages=None, **fields)
 
 
@@ -223,10 +324,9 @@ def parse_chat(body: dict) -> GenerationRequest:
     response_format = _get(body, "response_format", (dict,), "an object", {})
     if response_format.get("type", "text") != "text":
         raise _unsupported("response_format", f"response_format {response_format.get('type')!r}")
-    max_tokens = _get(body, "max_completion_tokens", (int,), "an integer")
-    if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", (int,), "an integer")
-    fields = _common(body, CHAT_FIELDS, max_tokens)
+    # The newer name wins when a client sends both.
+    max_tokens_field = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+    fields = _common(body, CHAT_FIELDS, max_tokens_field)
     return GenerationRequest(prompt=None, messages=_parse_messages(body), **fields)
 
 

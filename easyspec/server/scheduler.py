@@ -8,9 +8,16 @@ the engine was set up.
 
 Each Job carries an asyncio.Queue that the engine thread fills through
 loop.call_soon_threadsafe with Deltas (text released since the last one) and
-ends with a final Delta or an ApiError. Cancelling a Job (the client went
-away) is noticed between engine steps; closing the generator then stops the
-request cleanly on every rank.
+ends with a final Delta or an ApiError. A client that goes away withdraws its
+Job: a waiting one leaves the queue at once (its slot is free for the next
+client), a running one is noticed between engine steps; closing the generator
+then stops the request cleanly on every rank.
+
+Failures: a request that fails on its own (RequestFailed, or any error with
+one device) is answered 500 and serving goes on. An error that may have left
+the ranks out of step, or a worker process that dies, marks the engine failed:
+every waiting request gets 503 and `on_failure` is called, which makes the
+server exit non-zero so that its supervisor starts a fresh one.
 
 The text of each Delta is the engine's Chunk.text: the engine ends generation
 at stop strings and never releases any part of one, so streamed pieces add up
@@ -21,14 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from easyspec.engine.engine import Engine
+from easyspec.engine.decision import RequestFailed
+from easyspec.engine.engine import Engine, WorkerFailure
 from easyspec.options import SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import ApiError
@@ -68,14 +77,23 @@ class Job:
             self.cancel()
 
 
+def headline(message: str) -> str:
+    """A failure message without its detail: "worker rank 1 failed: <transport error>" -> "worker rank 1
+    failed". The detail can hold internal text, so it goes to the log, not into error bodies."""
+    return message.split(": ", 1)[0]
+
+
 class Scheduler:
     def __init__(self, build_engine: Callable[[Callable[[str], None]], Engine], max_queue: int,
                  metrics: Metrics) -> None:
         self._build_engine = build_engine
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()  # guards _waiting and _closing
         self.metrics = metrics
         self.engine: Engine | None = None
         self.failure: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # set by the server: begin shutting down
         self.current: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -94,51 +112,73 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return len(self._waiting)
+
+    def down_error(self) -> ApiError:
+        return ApiError(503, f"the engine is down ({headline(self.failure or '')}); the server is exiting so "
+                             "that its supervisor can restart it", code="engine_down")
 
     def mark_failed(self, message: str) -> None:
-        """Called by the engine's failure watchdog: refuse new work and fail what is queued."""
-        if self.failure is None:
+        """The engine cannot go on (called by the worker watchdog, or by the engine thread): refuse
+        new work, fail what is queued, and have the server exit."""
+        first = self.failure is None
+        if first:
             self.failure = message
-            log.error("engine failed: %s; /health now answers 503", message)
-        self._drain(ApiError(503, f"the engine is down: {self.failure}", code="engine_down"))
+            log.error("engine failed: %s; exiting so that a supervisor can restart the server", message)
+        self._drain(self.down_error())
+        if first and self.on_failure is not None:
+            self.on_failure()
 
     def submit(self, job: Job) -> None:
-        if self._closing:
-            raise ApiError(503, "the server is shutting down", code="shutting_down")
-        if self.failure is not None:
-            raise ApiError(503, f"the engine is down: {self.failure}", code="engine_down")
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"the request queue is full ({self._jobs.maxsize} waiting); retry later",
-                           code="queue_full") from None
+        with self._wake:
+            if self._closing:
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
+            if self.failure is not None:
+                raise self.down_error()
+            if len(self._waiting) >= self.max_queue:
+                raise ApiError(429, f"the request queue is full ({self.max_queue} waiting); retry later",
+                               code="queue_full")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """The request's client is gone or its answer is complete: stop the job, and give its queue
+        slot back at once if it has not started."""
+        job.cancel()
+        with self._wake:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return  # running or done
+        self.metrics.record_withdrawn()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Fail outstanding requests, let the engine thread finish, close the engine."""
-        self._closing = True
-        error = ApiError(503, "the server is shutting down", code="shutting_down")
+        error = self.down_error() if self.failure else ApiError(503, "the server is shutting down",
+                                                                  code="shutting_down")
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
         running = self.current
         if running is not None:
             running.cancel()
             running.push(error)
         self._drain(error)
-        if self._thread is None:
-            return
-        try:
-            self._jobs.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
-        self._thread.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _drain(self, error: ApiError) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.push(error)
+        with self._wake:
+            jobs, self._waiting = list(self._waiting), deque()
+        for job in jobs:
+            job.push(error)
+
+    def _next(self) -> Job | None:
+        """The next job to run, waiting for one; None once the server is closing."""
+        with self._wake:
+            while not self._waiting and not self._closing:
+                self._wake.wait()
+            return None if self._closing else self._waiting.popleft()
 
     def _main(self, ready: Future[Engine]) -> None:
         try:
@@ -153,28 +193,32 @@ class Scheduler:
             engine.close()
 
     def _serve(self, engine: Engine) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+        while (job := self._next()) is not None:
             if job.cancelled:
                 continue
             if self.failure is not None:
-                job.push(ApiError(503, f"the engine is down: {self.failure}", code="engine_down"))
+                job.push(self.down_error())
                 continue
             self.current = job
             try:
                 self._run(engine, job)
-            except Exception as err:  # the request fails; the server goes on serving
-                log.exception("generation failed")
-                if engine.options.devices > 1 and self.failure is None:
-                    # Ranks may no longer be in lockstep; only a restart is safe.
-                    self.mark_failed(f"{type(err).__name__}: {err}")
-                status = 503 if self.failure else 500
-                job.push(ApiError(status, f"generation failed: {type(err).__name__}: {err}",
-                                  code="generation_failed"))
+            except Exception as err:
+                self._fail(engine, job, err)
             finally:
                 self.current = None
+
+    def _fail(self, engine: Engine, job: Job, err: Exception) -> None:
+        """A request raised in the engine: answer it without internal detail, which goes to the log."""
+        incident = uuid.uuid4().hex[:12]
+        log.error("request %s failed in the engine", incident, exc_info=err)
+        if engine.options.devices > 1 and not isinstance(err, RequestFailed) and self.failure is None:
+            # The ranks may be out of step: only a fresh engine is safe.
+            self.mark_failed(str(err) if isinstance(err, WorkerFailure) else f"{type(err).__name__}: {err}")
+        if self.failure is not None:
+            job.push(self.down_error())
+        else:
+            job.push(ApiError(500, f"generation failed (incident {incident} in the server log)",
+                              code="generation_failed"))
 
     def _run(self, engine: Engine, job: Job) -> None:
         started = time.perf_counter()
@@ -185,7 +229,7 @@ class Scheduler:
 
         def record() -> None:
             end = time.perf_counter()
-            self.metrics.record_finish(reason, len(job.prompt_ids), stats.to_dict(),
+            self.metrics.record_finish(reason, len(job.prompt_ids), None if stats is None else stats.to_dict(),
                                        None if first_token is None else first_token - job.arrived,
                                        end - job.arrived, end - (first_token or end))
 
@@ -211,5 +255,5 @@ class Scheduler:
         finally:
             # Stops the engine between steps (on every rank) if it is not done yet.
             generation.close()
-            if stats is not None and not recorded:
+            if not recorded:  # cancelled, or the engine raised (before its first chunk too)
                 record()

@@ -9,6 +9,12 @@ intermediate has a shape known ahead of time.
 temperature, then top-k, then top-p, then softmax. The draft model and the
 target model must be processed with the same parameters, otherwise rejection
 sampling would correct towards the wrong distribution.
+
+Any temperature > 0 samples. The logits are shifted so that the largest is 0
+before they are divided by the temperature, which leaves the distribution
+unchanged but means no temperature, however small, can overflow to inf and
+turn the softmax into NaN: as the temperature goes to 0 the distribution goes
+to the argmax (split evenly between exact ties), as the limit says it should.
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.greedy:
         return torch.nn.functional.one_hot(greedy(logits), vocab).to(torch.float32)  # [..., V]
 
-    # Work in float32: half-precision cumulative sums would move the top-p cut.
-    scores = logits.to(torch.float32) / params.temperature  # [..., V]
+    # Work in float32: half-precision cumulative sums would move the top-p cut. Shifting the
+    # largest logit to 0 first keeps a tiny temperature from dividing its way to inf (see above).
+    scores = logits.to(torch.float32)  # [..., V]
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature  # [..., V], max 0
 
     # Both filters work on a candidate list sorted ascending, then scatter the
     # survivors into a -inf canvas. Scattering the top-k indices (rather than

@@ -1,0 +1,90 @@
+"""Rank 0's decision after each base step, and the broadcast that makes it every rank's.
+
+Rank 0 alone samples and verifies. What it decides (the committed tokens, how many
+of them are accepted draft tokens, why the request ends, and for trees the accepted
+nodes) is the only verification result the other ranks see, so they stay in step
+and stop together. A step of rank 0's that raises ends the request with the reason
+"error" on every rank (the worker then raises RequestFailed on rank 0): the other
+ranks are never left waiting in a collective, and the engine takes the next request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from easyspec.engine.stop import StopText
+from easyspec.options import SamplingParams
+from easyspec.parallel import comm
+from easyspec.parallel.state import ParallelState
+
+FINISH_REASONS = (None, "stop", "length", "cancelled", "error")
+
+
+class RequestFailed(Exception):
+    """A step only rank 0 takes raised; every rank stopped the request at the next decision,
+    so the ranks are still in step and the engine can take the next request."""
+
+
+@dataclass
+class Decision:
+    tokens: list[int]
+    accepted: int  # committed draft tokens (the tokens are these, then the bonus or recovered one)
+    reason: str | None  # one of FINISH_REASONS; None: the request goes on
+    nodes: tuple[int, ...] = ()  # trees: the accepted nodes, root side first
+
+    @property
+    def finished(self) -> bool:
+        return self.reason is not None
+
+
+def settle(candidates: list[int], accepted: int, nodes: tuple[int, ...], params: SamplingParams, generated: int,
+           eos: set[int], text: StopText | None, cancelled: bool) -> Decision:
+    """Rank 0: the candidates (accepted draft tokens, then the bonus or recovered one) that are committed
+    after EOS / length / stop strings / cancellation, `generated` tokens into the request."""
+    tokens, reason = [], None
+    budget = params.max_new_tokens - generated
+    for token in candidates:
+        tokens.append(token)
+        if token in eos and not params.ignore_eos:
+            reason = "stop"
+            break
+        if len(tokens) >= budget:
+            reason = "length"
+            break
+    # Checked even after EOS or length: a stop string completed before them ends it first.
+    stop_at = text.push(tokens) if text is not None else None
+    if stop_at is not None:
+        tokens, reason = tokens[:stop_at], "stop"
+    if reason is None and cancelled:
+        reason = "cancelled"
+    # Accepted draft tokens cut off by the end of the request were never committed: not counted (vLLM's
+    # num_accepted_tokens).
+    accepted = min(accepted, len(tokens))
+    return Decision(tokens, accepted, reason, nodes[:accepted])
+
+
+def share(decision: Decision | None, state: ParallelState, max_num_draft: int, tree: bool) -> Decision:
+    """Rank 0's `decision` (None on the other ranks) on every rank, in one broadcast of
+    [count, accepted, reason, nodes padded to max_num_draft, tokens]; a tree's decision has
+    one accepted node per accepted token."""
+    if not state.distributed:
+        return decision
+    box = torch.zeros(3 + 2 * max_num_draft + 1, dtype=torch.long)  # [3 + 2 * max_num_draft + 1]
+    if state.is_driver:
+        d = decision
+        padding = [0] * (max_num_draft - len(d.nodes))
+        message = [len(d.tokens), d.accepted, FINISH_REASONS.index(d.reason), *d.nodes, *padding, *d.tokens]
+        box[: len(message)] = torch.tensor(message)
+    message = comm.broadcast(box.to(state.device), 0, state.group).tolist()
+    count, accepted, reason = message[:3]
+    nodes = tuple(message[3 : 3 + accepted]) if tree else ()
+    return Decision(message[3 + max_num_draft : 3 + max_num_draft + count], accepted, FINISH_REASONS[reason], nodes)
+
+
+def seed_box(seed: int | None) -> Tensor:
+    """Rank 0: [seed, 1] as int64, the seed drawn when not given; raises for a seed int64 cannot hold."""
+    return torch.tensor([int.from_bytes(os.urandom(6), "little") if seed is None else seed, 1], dtype=torch.long)
