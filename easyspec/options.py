@@ -112,7 +112,7 @@ class EngineOptions:
     ngram_max: int = 4
     max_context: int | None = None  # None: the smaller of DEFAULT_CONTEXT and what the models support
     cuda_graphs: bool = True
-    fused_kernels: bool = True  # CUDA: a decoder layer as six fused Triton kernels (easyspec.model.kernels)
+    fused_kernels: bool = True  # CUDA: a decoder layer as a few fused Triton kernels (easyspec.model.kernels)
     p2p_collectives: bool = True  # CUDA: small all-reduces/all-gathers over symmetric memory, not NCCL
     profile_stages: bool = True  # synchronise the device at stage boundaries for exact stage times
     timeout_s: float = DEFAULT_TIMEOUT_S

@@ -44,13 +44,13 @@ def _cases(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype, dev:
     def qkv(fn: Callable) -> Callable:
         return lambda: fn(x, norm, 1e-5, qkv_w, None, None, None, 0.0, cos, sin, heads, kv_heads, keys, values, slots)
 
-    def blocks(outputs: int, inputs: int) -> str:
-        block_n, block_k = fused_linear.block_sizes(outputs, inputs, dtype, dev)
-        return f"BLOCK_N={block_n} BLOCK_K={block_k}"
+    def blocks(outputs: int, inputs: int, gated: bool = False) -> str:
+        cut = fused_linear.blocks(outputs, inputs, dtype, dev, gated, fused_linear.normalise_first(dtype))
+        return f"BLOCK_N={cut.n} BLOCK_K={cut.k} SPLIT={cut.split}"
 
     return [
         ("norm+qkv+rotary+cache", qkv_w.numel() * size, qkv(lambda *args: kernels.attention_inputs(*args)),
-         qkv(kernels.attention_inputs_reference), "PAIRS=16"),
+         qkv(kernels.attention_inputs_reference), blocks(cfg.q_size + 2 * cfg.kv_size, dim)),
         (f"attention ctx {context}", 2 * keys[:, :context].numel() * size,
          lambda: kernels.cached_attention(q, keys, values, mask, context),
          lambda: kernels.cached_attention_reference(q, keys, values, mask, context),
@@ -58,7 +58,7 @@ def _cases(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype, dev:
         ("o_proj+residual", o_w.numel() * size, lambda: kernels.linear(attn_out, o_w, residual=x),
          lambda: kernels.linear_reference(attn_out, o_w, residual=x), blocks(dim, cfg.q_size)),
         ("norm+gate_up+silu", gate_up_w.numel() * size, lambda: kernels.gate_up_silu(x, norm, 1e-5, gate_up_w),
-         lambda: kernels.gate_up_silu_reference(x, norm, 1e-5, gate_up_w), blocks(inter, dim)),
+         lambda: kernels.gate_up_silu_reference(x, norm, 1e-5, gate_up_w), blocks(inter, dim, gated=True)),
         ("down+residual", down_w.numel() * size, lambda: kernels.linear(hidden, down_w, residual=x),
          lambda: kernels.linear_reference(hidden, down_w, residual=x), blocks(dim, inter)),
         ("norm+lm_head", head_w.numel() * size,
