@@ -148,7 +148,7 @@ class EngineOptions:
     chat_template: str | None = None  # a Jinja file that replaces the tokenizer's chat template
     progress: bool = True  # progress bars (a line each in logs) while loading weights and capturing graphs
     cuda_graphs: bool = True
-    fused_kernels: bool = True  # CUDA: a decoder layer as six fused Triton kernels (easyspec.model.kernels)
+    fused_kernels: bool = True  # CUDA: a decoder layer as a few fused Triton kernels (easyspec.model.kernels)
     p2p_collectives: bool = True  # CUDA: small all-reduces/all-gathers over symmetric memory, not NCCL
     profile_stages: bool = True  # synchronise the device at stage boundaries for exact stage times
     timeout_s: float = DEFAULT_TIMEOUT_S

@@ -14,8 +14,12 @@ or adds a residual. So RMSNorm + qkv/gate_up + SiLU, and o_proj/down_proj + the 
 one kernel each, and the final norm + LM head another.
 
 Each program owns BLOCK_N output columns of ROW_BLOCK (16) rows and streams its weight rows once,
-in BLOCK_K slices, through tl.dot (past 16 tokens a second row tile reads the same weights, mostly
-from L2). The row tile is 16 whatever T is (rows past T are masked), so a
+in BLOCK_K slices read as stored (each row contiguous along K), through tl.dot (past 16 tokens a
+second row tile reads the same weights, mostly from L2). Where the outputs give too few programs
+to keep every multiprocessor streaming (o_proj and down_proj: few outputs, many inputs), the
+inputs are split over up to 8 programs per column tile and a second small kernel adds their float32
+sums in a fixed order and applies the epilogue. The cut depends on the weight's shape only, and
+the row tile is 16 whatever T is (rows past T are masked), so a
 token's arithmetic is the same whether it is alone or among k+1 others: decode and verification
 give bitwise-equal results for the same token, which speculative greedy decoding needs to equal
 plain greedy decoding exactly. Rounding otherwise follows the reference formulas (the product is
@@ -23,6 +27,8 @@ rounded to the activation type before the residual add, SiLU's output before the
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,9 +40,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_rows"])
     def _linear_kernel(
-        x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, part_ptr, squares_ptr,
         num_rows, stride_x, stride_res, stride_out, eps,
-        N: tl.constexpr, K: tl.constexpr,
+        N: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr,
         NORM: tl.constexpr, NORM_FIRST: tl.constexpr, BIAS: tl.constexpr, GATED: tl.constexpr,
         RESIDUAL: tl.constexpr,
         ACT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
@@ -45,11 +51,15 @@ if triton is not None:
         # N is the number of outputs; a GATED weight has 2N rows (gate rows, then up rows).
         # Row tiles are the grid's fastest axis: the programs that share a weight tile run side by
         # side, so beyond 16 tokens the second tile's weight reads come from L2, not memory.
+        # With SPLIT > 1, program_id(2) picks a slice of K; the sums go to part_ptr and _split_sum_kernel
+        # finishes them.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
+        K_SLICE: tl.constexpr = K // SPLIT
+        k_first = tl.program_id(2) * K_SLICE
         # Rows past T read the last real row instead of a masked load: finite values that are never
         # stored, and an unmasked load that the compiler pipelines like the weights' loads.
         x_rows = x_ptr + tl.minimum(rows, num_rows - 1)[:, None] * stride_x
@@ -60,10 +70,13 @@ if triton is not None:
                 xk = tl.load(x_rows + (k0 + ks)[None, :]).to(tl.float32)
                 squares += xk * xk
             rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_M]
+        # Weight tiles are read as stored, [BLOCK_N, BLOCK_K] rows contiguous along K (coalesced),
+        # and transposed for the product in shared memory.
+        w_rows = w_ptr + cols[:, None] * K
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
+        for k0 in range(0, K_SLICE, BLOCK_K):
+            kk = k_first + k0 + ks
             a = tl.load(x_rows + kk[None, :])  # [BLOCK_M, BLOCK_K]
             if NORM:
                 scale = tl.load(norm_ptr + kk).to(tl.float32)[None, :]
@@ -74,32 +87,71 @@ if triton is not None:
                     squares += a.to(tl.float32) * a.to(tl.float32)
                     a = (a.to(tl.float32) * scale).to(ACT)
             a = a.to(DOT)
-            w = tl.load(w_ptr + cols[None, :] * K + kk[:, None], mask=col_ok[None, :], other=0.0).to(DOT)
+            w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None], other=0.0).to(DOT)  # [BLOCK_N, BLOCK_K]
             if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, w, acc)  # [BLOCK_M, BLOCK_N]
+                acc = tl.dot(a, tl.trans(w), acc)  # [BLOCK_M, BLOCK_N]
             if GATED:
-                wu = tl.load(w_ptr + (cols[None, :] + N) * K + kk[:, None], mask=col_ok[None, :], other=0.0)
+                wu = tl.load(w_rows + N * K + kk[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
                 if IEEE:
-                    up = tl.dot(a, wu.to(DOT), up, input_precision="ieee")
+                    up = tl.dot(a, tl.trans(wu), up, input_precision="ieee")
                 else:
-                    up = tl.dot(a, wu.to(DOT), up)
-        if NORM and not NORM_FIRST:
-            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # [BLOCK_M, 1]
-            acc = acc * rstd
-            up = up * rstd
+                    up = tl.dot(a, tl.trans(wu), up)
+        if SPLIT > 1:
+            # Partial sums (and, for a norm, each row's partial sum of squares) in float32: [SPLIT, rows, N].
+            plane = tl.program_id(2) * num_rows
+            part_mask = row_ok[:, None] & col_ok[None, :]
+            tl.store(part_ptr + (plane + rows)[:, None] * N + cols[None, :], acc, mask=part_mask)
+            if NORM and not NORM_FIRST:
+                tl.store(squares_ptr + plane + rows, tl.sum(squares, axis=1), mask=row_ok & (tl.program_id(1) == 0))
+        else:
+            if NORM and not NORM_FIRST:
+                rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # [BLOCK_M, 1]
+                acc = acc * rstd
+                up = up * rstd
+            if BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            y = acc.to(ACT).to(tl.float32)  # the projection as the reference rounds it
+            if GATED:
+                gate_act = (y / (1.0 + tl.exp(-y))).to(ACT).to(tl.float32)
+                y = (gate_act * up.to(ACT).to(tl.float32)).to(ACT).to(tl.float32)
+            out_mask = row_ok[:, None] & col_ok[None, :]
+            if RESIDUAL:
+                res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
+                y = (y + res.to(tl.float32)).to(ACT).to(tl.float32)
+            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=out_mask)
+
+    @triton.jit(do_not_specialize=["num_rows"])
+    def _split_sum_kernel(
+        part_ptr, squares_ptr, bias_ptr, res_ptr, out_ptr,
+        num_rows, stride_res, stride_out, eps,
+        N: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr,
+        RESIDUAL: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # The slices' sums added in a fixed order (the same result for a token however many share the
+        # step), then the epilogue of _linear_kernel.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_rows
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        sums = tl.zeros([BLOCK_M], tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(part_ptr + (s * num_rows + rows)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+            if NORM:
+                sums += tl.load(squares_ptr + s * num_rows + rows, mask=row_ok, other=0.0)
+        if NORM:
+            acc = acc * tl.math.rsqrt(sums / K + eps)[:, None]
         if BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y = acc.to(ACT).to(tl.float32)  # the projection as the reference rounds it
-        if GATED:
-            gate_act = (y / (1.0 + tl.exp(-y))).to(ACT).to(tl.float32)
-            y = (gate_act * up.to(ACT).to(tl.float32)).to(ACT).to(tl.float32)
-        out_mask = row_ok[:, None] & col_ok[None, :]
+        y = acc.to(ACT).to(tl.float32)
         if RESIDUAL:
-            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
+            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
             y = (y + res.to(tl.float32)).to(ACT).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def normalise_first(dtype: torch.dtype) -> bool:
@@ -109,16 +161,30 @@ def normalise_first(dtype: torch.dtype) -> bool:
     return dtype == torch.float16
 
 
-def block_sizes(outputs: int, inputs: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for a product with `outputs` columns over `inputs`: the widest column
-    tile that still leaves >= 4 programs per multiprocessor (at least 16 columns), and 512-byte
-    weight-row slices (or the largest power of two that divides the inputs)."""
-    target = 4 * ts.multiprocessors(device)
-    block_n = next((b for b in (64, 32) if triton.cdiv(outputs, b) >= target), 16)
-    block_k = 512 // (torch.finfo(dtype).bits // 8)
+class Blocks(NamedTuple):
+    """How a product is cut: BLOCK_N outputs per program, BLOCK_K inputs per loop step, and the
+    inputs split over SPLIT programs (whose sums a second kernel adds) when the outputs alone give
+    too few programs to keep every multiprocessor streaming."""
+
+    n: int
+    k: int
+    split: int
+
+
+def blocks(outputs: int, inputs: int, dtype: torch.dtype, device: torch.device, gated: bool = False,
+           norm_first: bool = False) -> Blocks:
+    """The cut of a product with `outputs` columns over `inputs`. It depends on the shapes, never on
+    the number of tokens, so a token's sums are added in the same order in every step."""
+    block_n = 64
+    block_k = (256 if gated else 512) // torch.finfo(dtype).bits * 8  # 256 or 512 bytes of each weight row
     while inputs % block_k:
         block_k //= 2
-    return block_n, block_k
+    split, target = 1, 2 * ts.multiprocessors(device)
+    if not (gated or norm_first):
+        while (split < 8 and triton.cdiv(outputs, block_n) * split < target
+               and inputs % (2 * split * block_k) == 0):
+            split *= 2
+    return Blocks(block_n, block_k, split)
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
@@ -144,18 +210,25 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: T
     outputs = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty(rows, outputs, dtype=out_dtype or x.dtype, device=x.device)
     res = residual.reshape(rows, outputs).contiguous() if residual is not None else out
-    block_n, block_k = block_sizes(outputs, inputs, x.dtype, x.device)
-    grid = (triton.cdiv(rows, ROW_BLOCK), triton.cdiv(outputs, block_n))
-    stage_bytes = (ROW_BLOCK + (2 if gated else 1) * block_n) * block_k * x.element_size()  # x and weight slices
+    norm_first = normalise_first(x.dtype)
+    cut = blocks(outputs, inputs, x.dtype, x.device, gated, norm_first and norm_weight is not None)
+    parts = torch.empty(cut.split, rows, outputs, dtype=torch.float32, device=x.device) if cut.split > 1 else out
+    squares = torch.empty(cut.split, rows, dtype=torch.float32, device=x.device) if cut.split > 1 else out
+    stage_bytes = (ROW_BLOCK + (2 if gated else 1) * cut.n) * cut.k * x.element_size()  # x and weight slices
     name = "gated linear" if gated else "linear"
+    flags = dict(N=outputs, K=inputs, SPLIT=cut.split, NORM=norm_weight is not None, BIAS=bias is not None,
+                 RESIDUAL=residual is not None, ACT=ts.tl_type(x.dtype), BLOCK_M=ROW_BLOCK, BLOCK_N=cut.n)
+    bias_arg = bias if bias is not None else weight
     ok = ts.launch(
-        name, _linear_kernel, grid,
-        x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        res, out, rows, x2.stride(0), res.stride(0), out.stride(0), eps,
-        N=outputs, K=inputs, NORM=norm_weight is not None, NORM_FIRST=normalise_first(x.dtype),
-        BIAS=bias is not None, GATED=gated,
-        RESIDUAL=residual is not None, ACT=ts.tl_type(x.dtype), DOT=ts.dot_type(x.dtype),
-        IEEE=x.dtype == torch.float32, BLOCK_M=ROW_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=ts.pipeline_stages(stage_bytes),
+        name, _linear_kernel, (triton.cdiv(rows, ROW_BLOCK), triton.cdiv(outputs, cut.n), cut.split),
+        x2, weight, bias_arg, norm_weight if norm_weight is not None else weight,
+        res, out, parts, squares, rows, x2.stride(0), res.stride(0), out.stride(0), eps,
+        NORM_FIRST=norm_first, GATED=gated, DOT=ts.dot_type(x.dtype), IEEE=x.dtype == torch.float32,
+        BLOCK_K=cut.k, **flags, num_warps=4, num_stages=ts.pipeline_stages(stage_bytes),
     )
+    if ok and cut.split > 1:
+        ok = ts.launch(
+            "linear split sum", _split_sum_kernel, (triton.cdiv(rows, ROW_BLOCK), triton.cdiv(outputs, cut.n)),
+            parts, squares, bias_arg, res, out, rows, res.stride(0), out.stride(0), eps, **flags, num_warps=4,
+        )
     return out.view(*x.shape[:-1], outputs) if ok else None

@@ -6,13 +6,15 @@ weights. The functions below are the reference formulas; `use_fused(True)`
 swaps in fused forms of the same formulas (float32 inside, rounded to the
 activation type where the reference rounds, except that a fused RMSNorm scales
 the product by 1/RMS instead of normalising its input first), so that a decoder
-layer is six kernels:
+layer is six to nine kernels:
 
-- `attention_inputs`: input RMSNorm, the q/k/v projection (+ bias), q/k norms,
-  rotary embedding and the KV-cache write (easyspec.model.fused_qkv);
+- `attention_inputs`: input RMSNorm and the q/k/v projection (+ bias) as one
+  product, then q/k norms, rotary embedding and the KV-cache write as one small
+  kernel (easyspec.model.fused_qkv);
 - `cached_attention`: split-KV attention and its merge (easyspec.model.decode_attention);
 - `linear` with a residual: o_proj and down_proj adding their result to the
-  residual stream in the epilogue (easyspec.model.fused_linear);
+  residual stream in the epilogue (easyspec.model.fused_linear; where the
+  outputs are few, the inputs are split and a second small kernel adds the sums);
 - `gate_up_silu`: post-attention RMSNorm, gate/up projection and SiLU gating;
 - and `linear` with a norm: the final norm and LM head.
 
