@@ -91,6 +91,12 @@ def test_chat_template_flag(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "easyspec", "generate", "--prompt", "x", "--chat-template",
                               str(tmp_path / "nope.jinja")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "--chat-template" in missing.stderr.strip().splitlines()[-1]
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    out = subprocess.run([sys.executable, "-m", "easyspec", "generate", "--prompt", "x", "--chat-template",
+                          str(broken)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"{broken}: the chat template does not parse (line 1" in out.stderr.strip().splitlines()[-1]
     from hf_models import make_hf_checkpoint
 
     from easyspec.cli.main import build_parser
