@@ -80,6 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "token_ids": token_ids,
                 "text": text,
                 "finish_reason": chunk.finish_reason,
+                "stop_reason": chunk.stop_reason,
                 "prompt_tokens": len(prompt_ids),
                 "method": options.method,
                 "devices": options.devices,

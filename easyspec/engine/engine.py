@@ -131,6 +131,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    stop_reason: str | None  # the stop string that ended it (vLLM's stop_reason); None for EOS, length, ...
     stats: SpecStats
 
 
@@ -278,7 +279,7 @@ class Engine:
                     tokens += chunk.token_ids
                     pieces.append(chunk.text)
                 results.append(GenerationResult(prompt_ids, tokens, "".join(pieces), chunk.finish_reason,
-                                                chunk.stats))
+                                                chunk.stop_reason, chunk.stats))
                 counter.update(1)
         return results
 

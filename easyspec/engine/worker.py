@@ -63,6 +63,7 @@ class Chunk:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    stop_reason: str | None = None  # the stop string that ended the request (vLLM's stop_reason); else None
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -302,4 +303,5 @@ class Worker:
     def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
         piece = text.take(decision.finished) if text is not None else ""
-        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
+        stop_reason = text.watcher.matched if text is not None and decision.reason == "stop" else None
+        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stop_reason, stats)
