@@ -1,5 +1,6 @@
-"""What a vLLM user reaches for: --tensor-parallel-size / --max-model-len, --speculative-config, and
-stop_reason in generate --json."""
+"""What a vLLM user reaches for: --tensor-parallel-size / --max-model-len, --speculative-config,
+/tokenize, /detokenize, /version, system_fingerprint and stop_reason.
+Server tests run a real `easyspec serve` started with vLLM's flags (tests/server_utils.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from hf_models import make_hf_checkpoint
+from server_utils import API_KEY, CHAT_TEMPLATE, PROMPTS, SPREAD, WORDS, Server, complete, error_of, start
+from server_utils import write_tokenizer as write_word_tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
-from easyspec import EngineOptions
+from easyspec import EngineOptions, __version__
 from easyspec.cli.args import options_from_args
 from easyspec.cli.main import build_parser
 from easyspec.options import OptionsError, speculative_options
+from easyspec.server.app import system_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "easyspec" / "models" / "demo"
+BOS = 1  # "<s>" in the word tokenizer
+# The word-level chat template, plus a template variable (chat_template_kwargs) and the tools' names.
+TEMPLATE = ("{% if greeting is defined %}{{ greeting }} {% endif %}"
+            "{% for tool in tools or [] %}{{ tool['function']['name'] }} {% endfor %}" + CHAT_TEMPLATE)
+CONTEXT = 128  # --max-model-len
 
 
 def _options(*flags: str, command: str = "generate") -> EngineOptions:
@@ -110,3 +122,160 @@ def test_cli_runs_with_vllm_flags_and_reports_stop_reason():
                           '{"method": "eagle"}'], capture_output=True, text=True, cwd=ROOT)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --speculative-config: method")
+
+
+# --- server ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model whose word tokenizer adds <s> to text (so add_special_tokens shows), with TEMPLATE."""
+    root = tmp_path_factory.mktemp("vllm")
+    folder = root / "model"
+    make_hf_checkpoint("llama3", folder, seed=0, **SPREAD)
+    write_word_tokenizer(folder, TEMPLATE)
+    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tok.save(str(folder / "tokenizer.json"))
+    return {"model": folder, "root": root}
+
+
+@pytest.fixture(scope="module")
+def server(request, model_dirs) -> Server:
+    """Started as a vLLM user would: the model drafting for itself through --speculative-config."""
+    model = str(model_dirs["model"])
+    config = json.dumps({"method": "draft_model", "model": model, "num_speculative_tokens": 3})
+    return start(request, model_dirs, "--model", model, "--speculative-config", config, "--tensor-parallel-size", "1",
+                 "--max-model-len", str(CONTEXT), "--served-model-name", "tiny", api_key=API_KEY)
+
+
+def _post(server: Server, path: str, body: dict) -> dict:
+    reply = server.post(path, json.dumps(body))
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
+def _word_ids(text: str) -> list[int]:
+    vocab = ["<unk>", "<s>", "</s>", "user", "assistant", "system", ":", *WORDS]  # as write_tokenizer numbers them
+    return [vocab.index(w) for w in text.split()]
+
+
+def test_vllm_flags_reach_the_engine(server):
+    assert server.get("/v1/models").json()["data"][0]["max_model_len"] == CONTEXT
+    stats = complete(server.client(), PROMPTS[0], extra_body={"ignore_eos": True}).model_extra["easyspec"]
+    assert stats["drafted"] > 0 and stats["accepted"] > 0  # the model drafts for itself
+
+
+def test_version(server):
+    assert server.get("/version").json() == {"version": __version__}
+    status, error = error_of(server.post("/tokenize", '{"prompt": "the"}', api_key="wrong"))
+    assert status == 401 and error["code"] == "invalid_api_key"
+
+
+def test_tokenize_a_prompt_as_completions_count_it(server):
+    prompt = PROMPTS[3]
+    out = _post(server, "/tokenize", {"model": "tiny", "prompt": prompt})
+    assert out == {"count": len(out["tokens"]), "max_model_len": CONTEXT, "tokens": [BOS, *_word_ids(prompt)],
+                   "token_strs": None}
+    usage = complete(server.client(), prompt, max_tokens=1).usage
+    assert usage.prompt_tokens == out["count"]
+    bare = _post(server, "/tokenize", {"prompt": prompt, "add_special_tokens": False, "return_token_strs": True})
+    assert bare["tokens"] == _word_ids(prompt) and bare["token_strs"] == prompt.split()
+
+
+def test_tokenize_messages_as_chat_renders_them(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "far away"}, {"role": "user", "content": PROMPTS[1]}]
+    chat = _post(server, "/tokenize", {"messages": messages, "return_token_strs": True})
+    rendered = f"system : far away user : {PROMPTS[1]} assistant :"
+    assert chat["tokens"] == _word_ids(rendered) and chat["token_strs"] == rendered.split()
+    usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
+    assert usage.prompt_tokens == chat["count"]
+
+    no_prompt = _post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert no_prompt["tokens"] == chat["tokens"][:-2]  # without "assistant :"
+    assert _post(server, "/tokenize", {"messages": messages, "add_special_tokens": True})["tokens"] == \
+        [BOS, *chat["tokens"]]
+    # chat_template_kwargs reach the template, on /tokenize and on chat requests alike.
+    kwargs = {"greeting": "hills"}
+    greeted = _post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": kwargs})
+    assert greeted["tokens"] == _word_ids("hills") + chat["tokens"]
+    usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                           extra_body={"chat_template_kwargs": kwargs}).usage
+    assert usage.prompt_tokens == greeted["count"]
+    tools = [{"type": "function", "function": {"name": "fox", "parameters": {"type": "object"}}}]
+    assert _post(server, "/tokenize", {"messages": messages, "tools": tools})["tokens"] == \
+        _word_ids("fox") + chat["tokens"]
+
+
+REFUSED = [
+    ("/tokenize", {"prompt": "the", "messages": [{"role": "user", "content": "the"}]}, "prompt"),
+    ("/tokenize", {"model": "tiny"}, "prompt"),
+    ("/tokenize", {"prompt": ["the"]}, "prompt"),
+    ("/tokenize", {"prompt": "the", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "chat_template": "{{ messages }}"},
+     "chat_template"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "continue_final_message": True},
+     "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "tools": ["fox"]}, "tools"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "chat_template_kwargs": {"messages": []}},
+     "chat_template_kwargs"),
+    ("/tokenize", {"messages": "the"}, "messages"),
+    ("/tokenize", {"prompt": "the " * 1100}, None),  # over the 32 characters per token of context, not tokenized
+    ("/detokenize", {"tokens": [3, 128]}, "tokens"),
+    ("/detokenize", {"tokens": [3, -1]}, "tokens"),
+    ("/detokenize", {"tokens": [3, 4.0]}, "tokens"),
+    ("/detokenize", {"tokens": [True]}, "tokens"),
+    ("/detokenize", {"prompt": "the"}, "tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}], "chat_template_kwargs": []},
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}],
+                              "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), REFUSED, ids=[f"{p}-{json.dumps(b)[:40]}" for p, b, _ in REFUSED])
+def test_refused_with_a_400_naming_the_field(server, path, body, param):
+    status, error = error_of(server.post(path, json.dumps(body)))
+    assert status == 400 and error["param"] == param, error
+    if param is None:
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_detokenize_keeps_special_tokens(server):
+    ids = _post(server, "/tokenize", {"prompt": PROMPTS[2]})["tokens"] + [2]
+    assert _post(server, "/detokenize", {"model": "tiny", "tokens": ids}) == {"prompt": f"<s> {PROMPTS[2]} </s>"}
+    assert _post(server, "/detokenize", {"tokens": []}) == {"prompt": ""}
+
+
+def test_responses_carry_system_fingerprint_and_stop_reason(server):
+    client = server.client()
+    plain = complete(client, PROMPTS[2], extra_body={"ignore_eos": True})
+    fingerprint = plain.system_fingerprint
+    assert re.fullmatch(r"fp_[0-9a-f]{12}", fingerprint)
+    assert plain.choices[0].finish_reason == "length" and plain.choices[0].model_extra["stop_reason"] is None
+    stop = plain.choices[0].text.split()[3]
+    cut = complete(client, PROMPTS[2], stop=["never here", stop], extra_body={"ignore_eos": True})
+    assert cut.system_fingerprint == fingerprint
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].model_extra["stop_reason"] == stop
+    assert cut.choices[0].text == plain.choices[0].text[: plain.choices[0].text.index(stop)]
+
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    stop = whole.choices[0].message.content.split()[2]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                 stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert whole.system_fingerprint == fingerprint and {c.system_fingerprint for c in chunks} == {fingerprint}
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [stop]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_system_fingerprint_follows_settings_that_change_outputs():
+    base = EngineOptions(model="M", draft="D", method="sd", dtype="float32", max_context=256)
+    assert system_fingerprint(base) == system_fingerprint(EngineOptions(**vars(base)))
+    for change in (dict(num_draft=5), dict(method="easyspec"), dict(dtype="bfloat16"), dict(model="N"),
+                   dict(max_context=512), dict(tree_width=2), dict(generation_config="none")):
+        assert system_fingerprint(base.replace(**change)) != system_fingerprint(base), change
+    for change in (dict(timeout_s=30.0), dict(progress=False), dict(profile_stages=False)):
+        assert system_fingerprint(base.replace(**change)) == system_fingerprint(base), change
