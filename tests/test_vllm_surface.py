@@ -1,5 +1,5 @@
 """What a vLLM user reaches for: --tensor-parallel-size / --max-model-len, --speculative-config,
-/tokenize, /detokenize, /version, system_fingerprint and stop_reason.
+/tokenize, /detokenize, /version, system_fingerprint and stop_reason, and the metrics' vLLM names.
 Server tests run a real `easyspec serve` started with vLLM's flags (tests/server_utils.py)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from easyspec.cli.args import options_from_args
 from easyspec.cli.main import build_parser
 from easyspec.options import OptionsError, speculative_options
 from easyspec.server.app import system_fingerprint
+from easyspec.server.metrics import PREFIX, VLLM_NAMES, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "easyspec" / "models" / "demo"
@@ -279,3 +280,21 @@ def test_system_fingerprint_follows_settings_that_change_outputs():
         assert system_fingerprint(base.replace(**change)) != system_fingerprint(base), change
     for change in (dict(timeout_s=30.0), dict(progress=False), dict(profile_stages=False)):
         assert system_fingerprint(base.replace(**change)) == system_fingerprint(base), change
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+
+def test_every_metric_names_its_vllm_equivalent_in_help_and_readme():
+    text = Metrics("m").render(0, 0, True)
+    families = re.findall(rf"^# TYPE {PREFIX}(\w+) ", text, re.M)
+    assert families == list(VLLM_NAMES)  # every family has an entry, in order, and no entry is stale
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(rf"^\| `{PREFIX}(\w+)(?:\{{[^}}]*\}})?` \| (.+) \|$", readme, re.M))
+    assert list(rows) == families
+    for name, vllm in VLLM_NAMES.items():
+        help_line = next(line for line in text.splitlines() if line.startswith(f"# HELP {PREFIX}{name} "))
+        if vllm is None:
+            assert "vLLM:" not in help_line and rows[name].startswith("none")
+        else:
+            assert help_line.endswith(f" vLLM: {vllm}.") and rows[name].startswith(f"`{vllm}")
