@@ -16,12 +16,18 @@ from enum import Enum
 from pathlib import Path
 
 MAX_TREE_NODES = 256
-DEFAULT_CONTEXT = 2048  # KV cache length when --max-context is not given (and the models allow it)
-MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight/activation dtypes a model runs in
-# The most tokens a request generates when it does not say: the Python API, `generate` and the
-# server's requests all read this one constant.
+AUTO_DTYPE = "auto"  # --dtype auto: the rule of `auto_dtype`
+# The most tokens a request generates when neither it nor the model's generation_config.json
+# says: the Python API, `generate` and the server's requests all read this one constant.
 DEFAULT_MAX_NEW_TOKENS = 128
+# The context length defaults to the models' max_position_embeddings, capped so that the KV
+# caches fit: on CUDA, weights + caches + ACTIVATION_RESERVE_BYTES within --gpu-memory-utilization
+# of the GPU's memory; on the CPU, caches of at most CPU_KV_CACHE_BYTES.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+ACTIVATION_RESERVE_BYTES = 2 << 30  # CUDA: activations, captured graphs' pools, the CUDA context
+CPU_KV_CACHE_BYTES = 4 << 30
+MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 # Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
@@ -81,6 +87,32 @@ class TreeSampling(Name):
     WITH_REPLACEMENT = "with-replacement"
 
 
+class GenerationConfig(Name):
+    """Where a request's sampling defaults come from (--generation-config; also a folder holding a
+    generation_config.json). A request's own settings always win."""
+
+    AUTO = "auto"  # the model's generation_config.json over easyspec's defaults
+    VLLM = "vllm"  # vLLM's defaults (VLLM_SAMPLING_DEFAULTS); no file read
+    NONE = "none"  # easyspec's defaults (SamplingParams()); no file read
+
+
+# What vLLM's SamplingParams() gives a request that sets nothing (--generation-config vllm).
+VLLM_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16}
+# The sampling fields a generation_config.json may set that are read as request defaults, and the
+# values at which those that change the distribution leave it as it is.
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+NEUTRAL_VALUES = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def auto_dtype(device: str, stored: str | None) -> str:
+    """--dtype auto: float32 on the CPU; on CUDA the checkpoint's own dtype when it is 16-bit
+    (bfloat16 or float16; a GGUF file of quantized or 16-bit tensors counts as bfloat16), else
+    float32 (a float32 checkpoint, or one that does not say)."""
+    if device == "cuda" and stored in ("bfloat16", "float16"):
+        return stored
+    return "float32"
+
+
 class OptionsError(ValueError):
     """Engine options are inconsistent; the message says what to change."""
 
@@ -94,7 +126,7 @@ class EngineOptions:
     method: str = Method.VANILLA.value
     devices: int = 1
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE  # settled by the engine's preflight (auto_dtype)
     num_draft: int = 4  # draft tokens along one path per round (a tree's depth unless tree_depth is set)
     adaptive_draft: bool = False  # raise num_draft after full acceptance, lower it after rejections
     max_draft: int = 8  # upper bound of the adaptive schedule
@@ -110,7 +142,11 @@ class EngineOptions:
     calibrate: str = Calibration.EVERY_ROUND.value
     ngram_min: int = 1
     ngram_max: int = 4
-    max_context: int | None = None  # None: the smaller of DEFAULT_CONTEXT and what the models support
+    max_context: int | None = None  # None: the models' max_position_embeddings, capped by memory (see above)
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: share of each GPU easyspec may use
+    generation_config: str = GenerationConfig.AUTO.value  # or a folder holding a generation_config.json
+    chat_template: str | None = None  # a Jinja file that replaces the tokenizer's chat template
+    progress: bool = True  # progress bars (a line each in logs) while loading weights and capturing graphs
     cuda_graphs: bool = True
     fused_kernels: bool = True  # CUDA: a decoder layer as a few fused Triton kernels (easyspec.model.kernels)
     p2p_collectives: bool = True  # CUDA: small all-reduces/all-gathers over symmetric memory, not NCCL
@@ -160,8 +196,8 @@ class EngineOptions:
             fail(f"unknown --method {self.method!r}; choose one of {', '.join(Method.names())}")
         if self.device not in ("cpu", "cuda"):
             fail(f"unknown --device {self.device!r}; choose cpu or cuda")
-        if self.dtype not in DTYPE_NAMES:
-            fail(f"unknown --dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")
+        if self.dtype not in (AUTO_DTYPE, *DTYPE_NAMES):
+            fail(f"unknown --dtype {self.dtype!r}; choose {', '.join((AUTO_DTYPE, *DTYPE_NAMES))}")
         if self.devices < 1:
             fail(f"--devices must be >= 1, got {self.devices}")
         if self.uses_draft_model and not self.draft:
@@ -186,6 +222,13 @@ class EngineOptions:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < MIN_CONTEXT:
             fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
+        if not 0 < self.gpu_memory_utilization <= 1:  # NaN fails too
+            fail(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.generation_config not in GenerationConfig.names() and not Path(self.generation_config).is_dir():
+            fail(f"--generation-config {self.generation_config!r} is neither {', '.join(GenerationConfig.names())} "
+                 "nor a folder; pass a folder holding a generation_config.json or one of those names")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            fail(f"--chat-template {self.chat_template}: no such file; pass a Jinja template file")
         if not 0 < self.timeout_s < float("inf"):  # written so that NaN fails too
             fail(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
 

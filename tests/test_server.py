@@ -11,9 +11,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from hf_models import make_hf_checkpoint
 from server_utils import (
     API_KEY,
+    CHAT_TEMPLATE,
     PROMPTS,
+    SPREAD,
     WORDS,
     Server,
     complete,
@@ -22,6 +25,7 @@ from server_utils import (
     http,
     make_model_dirs,
     start,
+    write_tokenizer,
 )
 
 
@@ -270,3 +274,22 @@ def test_two_devices_cancel_then_worker_failure_exits(request, model_dirs, queue
     assert server.wait_exit() == 3
     log = server.log.read_text()
     assert "engine failed: worker rank 1 failed" in log, log
+
+
+def test_generation_config_defaults_reach_requests(request, model_dirs, tmp_path):
+    """Fields a request leaves out come from the model's generation_config.json (--generation-config auto):
+    do_sample false makes greedy the default, max_new_tokens bounds an absent max_tokens; a request's own win."""
+    folder = tmp_path / "greedy"
+    make_hf_checkpoint("llama3", folder, seed=0, **SPREAD)
+    write_tokenizer(folder, CHAT_TEMPLATE)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 6}))
+    client = start(request, model_dirs, "--model", str(folder)).client()
+
+    def complete(**kw):
+        return client.completions.create(model="m", prompt=PROMPTS[2], extra_body={"ignore_eos": True}, **kw)
+
+    greedy = complete(max_tokens=6, temperature=0).choices[0].text
+    defaults = [complete() for _ in range(3)]
+    assert [d.choices[0].text for d in defaults] == [greedy] * 3  # no temperature sent: greedy, as the file says
+    assert all(d.usage.completion_tokens == 6 for d in defaults)
+    assert complete(max_tokens=9).usage.completion_tokens == 9

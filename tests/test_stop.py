@@ -31,6 +31,12 @@ def test_earliest_of_several_stops_wins():
     watcher = StopWatcher(("xyz", "b d", "c"))
     assert watcher.feed("a b") == ("a ", False)  # "b" could begin "b d"
     assert watcher.feed(" c d xyz") == ("b ", True)
+    assert watcher.matched == "c"  # vLLM's stop_reason
+
+
+def test_stops_starting_at_one_place_the_first_listed_is_matched():
+    watcher = StopWatcher(("ab", "a", "abc"))
+    assert watcher.feed("xabc") == ("x", True) and watcher.matched == "ab"
 
 
 def test_shorter_stop_inside_a_longer_partial_match():
@@ -65,9 +71,13 @@ PROMPT = [7, 8, 9, 10]
 
 
 def stream(engine: Engine, stop: tuple[str, ...]) -> tuple[list[str], list[int], str | None]:
-    """Each chunk's text, all token ids and the finish reason of a greedy 16-token request."""
+    """Each chunk's text, all token ids and the finish reason of a greedy 16-token request; the stop
+    string that ended it is the last chunk's stop_reason (None on every other chunk)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True, stop=stop)
     chunks = list(engine.generate(PROMPT, params))
+    assert all(c.stop_reason is None for c in chunks[:-1])
+    stop_reason = chunks[-1].stop_reason
+    assert (stop_reason in stop) if chunks[-1].finish_reason == "stop" else stop_reason is None
     return [c.text for c in chunks], [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
 
 
@@ -84,8 +94,10 @@ def test_streamed_chunks_add_up_to_the_cut_text(word_model, method):
         for first in (2, 4):
             stop = " ".join(words[first : first + 2])  # two tokens: its first word streams before the second
             expected = full[: full.index(stop)]
-            pieces, ids, reason = stream(engine, (stop, "never appears"))
+            pieces, ids, reason = stream(engine, ("never appears", stop))
             assert "".join(pieces) == expected and reason == "stop"
+            assert engine.generate_many([PROMPT], SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True,
+                                        stop=("never appears", stop)), progress=False)[0].stop_reason == stop
             text = engine.tokenizer.decode(ids)
             assert stop in text and stop not in engine.tokenizer.decode(ids[:-1])  # ends at the completing token
         # A stop string that begins at the very end but never completes: the held-back word comes out at the end.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from easyspec.options import (
-    DEFAULT_CONTEXT,
+    AUTO_DTYPE,
+    CPU_KV_CACHE_BYTES,
     DEFAULT_MODEL_DIR,
+    DTYPE_NAMES,
     Calibration,
     EngineOptions,
     Method,
@@ -20,24 +23,66 @@ ENGINE_DEFAULTS = EngineOptions()
 SAMPLING_DEFAULTS = SamplingParams()
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after a flag's help where X says something: flags whose default is
+    None or False describe it in their own words (or have none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when started by torchrun (which sets TORCHELASTIC_RUN_ID), else None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_defaults: bool = True,
+                    progress: bool = True) -> None:
+    """The engine's flags. `bench` leaves out what it sets itself: --method (each row has its own),
+    --generation-config (its requests set every sampling field), --no-progress (its own bar)."""
     g = p.add_argument_group("models and placement")
     g.add_argument("--model", help="base model: a Hugging Face folder or a GGUF file; default: the bundled demo base")
     g.add_argument("--draft", help="draft model (folder or GGUF file); default with no --model: the bundled demo draft")
-    g.add_argument("--method", choices=Method.names(),
-                   help="decoding method; default: easyspec when a draft is given, else vanilla")
-    g.add_argument("--devices", type=int, default=ENGINE_DEFAULTS.devices,
-                   help="processes/GPUs: the base is tensor-parallel over all")
+    if method:
+        g.add_argument("--method", choices=Method.names(),
+                       help="decoding method; default: easyspec when a draft is given, else vanilla")
+    g.add_argument("--devices", type=int,
+                   help="processes (GPUs with --device cuda): the base model is tensor-parallel over all; "
+                        "default: torchrun's world size under torchrun, else 1")
     g.add_argument("--device", default=ENGINE_DEFAULTS.device, help="cpu (gloo between processes) or cuda (NCCL)")
-    g.add_argument("--dtype", default=ENGINE_DEFAULTS.dtype, help="float32, bfloat16 or float16")
-    g.add_argument("--max-context", type=int, help=f"KV cache length in tokens (default: up to {DEFAULT_CONTEXT})")
-    g.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
+    g.add_argument("--dtype", default=ENGINE_DEFAULTS.dtype,
+                   help=f"weights and activations: {', '.join((AUTO_DTYPE, *DTYPE_NAMES))}; auto: float32 on the "
+                        "CPU, on CUDA the checkpoint's dtype when it is 16-bit (bfloat16 for a quantized GGUF file), "
+                        "else float32")
+    g.add_argument("--max-context", type=int,
+                   help="KV cache length in tokens (prompt + generated + draft room); default: the models' "
+                        "max_position_embeddings, capped so the cache fits in memory (on CUDA by "
+                        f"--gpu-memory-utilization, on the CPU at {CPU_KV_CACHE_BYTES >> 30} GiB); the engine logs "
+                        "what it chose")
+    g.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS.gpu_memory_utilization,
+                   help="CUDA: share of each GPU's memory that weights, KV cache and activations may take")
+    if request_defaults:
+        g.add_argument("--generation-config", default=ENGINE_DEFAULTS.generation_config,
+                       help="sampling defaults of requests that do not set them: auto = the model's "
+                            "generation_config.json (temperature, top_p, top_k, max_new_tokens; do_sample false "
+                            "means greedy), vllm = vLLM's defaults (temperature 1, 16 new tokens), none = "
+                            "easyspec's (greedy, 128 new tokens), or a folder holding a generation_config.json")
+    g.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template to use instead of the tokenizer's own (as in transformers)")
+    if progress:
+        g.add_argument("--no-progress", action="store_true",
+                       help="no progress bars or lines on stderr while loading weights and capturing CUDA graphs")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run every step eagerly")
     g.add_argument("--no-fused-kernels", action="store_true",
                    help="CUDA: run the reference formulas as PyTorch ops instead of the fused Triton kernels")
     g.add_argument("--no-p2p-collectives", action="store_true",
                    help="CUDA: send every collective through NCCL instead of the peer-to-peer path for small ones")
     g.add_argument("--timeout", type=float, default=ENGINE_DEFAULTS.timeout_s,
-                   help="seconds before a stuck collective fails")
+                   help="seconds before a collective that has not finished fails (a peer is dead or stuck)")
     s = p.add_argument_group("speculation")
     s.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft, help="draft tokens per round")
     s.add_argument("--adaptive-draft", action="store_true",
@@ -46,48 +91,61 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="largest --num-draft of the adaptive schedule")
     s.add_argument("--tree-width", type=int, default=ENGINE_DEFAULTS.tree_width,
                    help="sd/easyspec: draft a tree of this many nodes per level (1 = a chain)")
-    s.add_argument("--tree-depth", type=int, help="draft tokens along each path of the tree (default: --num-draft)")
+    s.add_argument("--tree-depth", type=int,
+                   help="draft tokens along each path of the tree; default: --num-draft")
     s.add_argument("--tree-sampling", default=ENGINE_DEFAULTS.tree_sampling, choices=TreeSampling.names(),
                    help="temperature > 0: how a tree node's children are drawn from the draft distribution")
     s.add_argument("--draft-tp", type=int, default=ENGINE_DEFAULTS.draft_tp,
                    help="sd: 1 = draft on one device, N = sharded over all")
-    s.add_argument("--layer-parallel", type=int, help="easyspec: drafting devices (default: --devices)")
+    s.add_argument("--layer-parallel", type=int, help="easyspec: drafting devices; default: --devices")
     s.add_argument("--keep-first", type=int, default=ENGINE_DEFAULTS.keep_first,
                    help="easyspec: leading draft layers kept sequential")
     s.add_argument("--keep-last", type=int, default=ENGINE_DEFAULTS.keep_last,
                    help="easyspec: trailing draft layers kept sequential")
-    s.add_argument("--groups", help="easyspec: explicit layer groups, e.g. 0,1,2-3,4-5,6-7,8,9")
+    s.add_argument("--groups", help="easyspec: explicit layer groups, e.g. 0,1,2-3,4-5,6-7,8,9; "
+                                    "default: built from --keep-first/--keep-last")
     s.add_argument("--parallel-policy", default=ENGINE_DEFAULTS.parallel_policy, choices=ParallelPolicy.names(),
-                   help="easyspec: what runs in parallel")
+                   help="easyspec: what the ranks of a layer group compute in parallel")
     s.add_argument("--calibrate", default=ENGINE_DEFAULTS.calibrate, choices=Calibration.names(),
                    help="easyspec: when to rewrite the layer-parallel draft KV exactly")
     s.add_argument("--ngram-min", type=int, default=ENGINE_DEFAULTS.ngram_min, help="ngram: shortest suffix to match")
     s.add_argument("--ngram-max", type=int, default=ENGINE_DEFAULTS.ngram_max, help="ngram: longest suffix to match")
 
 
+# Sampling flags whose default is the engine's (the model's generation_config.json, see
+# --generation-config), so they have no argparse default: None means "not given".
+GENERATION_DEFAULT_HELP = "; default: the model's generation_config.json, else {}"
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS.temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS.top_p)
-    g.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS.top_k)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS.max_new_tokens)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--temperature", type=float,
+                   help="0 = greedy" + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.temperature))
+    g.add_argument("--top-p", type=float, help="nucleus sampling: keep the smallest set of tokens whose probability "
+                   "reaches this (1 = off)" + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.top_p))
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)"
+                   + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.top_k))
+    g.add_argument("--seed", type=int, help="seed of the request's sampling; default: a random one")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens to generate"
+                   + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.max_new_tokens))
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
     model, draft = args.model, args.draft
+    method = getattr(args, "method", None)
     if model is None:
         model = str(DEFAULT_MODEL_DIR / "base")
-        if draft is None and (args.method is None or Method(args.method).uses_draft_model):
+        if draft is None and (method is None or Method(method).uses_draft_model):
             draft = str(DEFAULT_MODEL_DIR / "draft")
-    method = args.method or (Method.EASYSPEC if draft else Method.VANILLA).value
+    method = method or (Method.EASYSPEC if draft else Method.VANILLA).value
+    devices = args.devices or torchrun_world_size() or ENGINE_DEFAULTS.devices
     return EngineOptions(
         model=model,
         draft=draft,
         method=method,
-        devices=args.devices,
+        devices=devices,
         device=args.device,
         dtype=args.dtype,
         num_draft=args.num_draft,
@@ -97,7 +155,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         tree_depth=args.tree_depth,
         tree_sampling=args.tree_sampling,
         draft_tp=args.draft_tp,
-        layer_parallel=args.layer_parallel or args.devices,
+        layer_parallel=args.layer_parallel or devices,
         keep_first=args.keep_first,
         keep_last=args.keep_last,
         groups=args.groups,
@@ -106,6 +164,10 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         ngram_min=args.ngram_min,
         ngram_max=args.ngram_max,
         max_context=args.max_context,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        generation_config=getattr(args, "generation_config", ENGINE_DEFAULTS.generation_config),
+        chat_template=args.chat_template,
+        progress=not getattr(args, "no_progress", False),
         cuda_graphs=not args.no_cuda_graphs,
         fused_kernels=not args.no_fused_kernels,
         p2p_collectives=not args.no_p2p_collectives,
@@ -113,13 +175,18 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
     )
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
+def sampling_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling settings given on the command line, as SamplingParams fields: the rest come
+    from the engine's request defaults (Engine.sampling_params)."""
+    given = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": tuple(args.stop),
+        "ignore_eos": args.ignore_eos,
+    }
+    given = {name: value for name, value in given.items() if value not in (None, (), False)}
+    SamplingParams(**given)  # its checks, before any model loads
+    return given

@@ -74,16 +74,17 @@ class Drafting:
 
     def _load(self, dtype: torch.dtype, scratch: int) -> ModelRunner:
         opts, state = self.options, self.state
+        label = "draft" if opts.progress and state.is_driver else None  # progress bars and lines on rank 0
         if not opts.is_layer_parallel:
-            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1)
-            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=scratch)
-        model = load_sharded(opts.draft, dtype, state, tp=False)
+            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1, progress=label)
+            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=scratch, label=label)
+        model = load_sharded(opts.draft, dtype, state, tp=False, progress=label)
         size = len(self.ranks)
         layout = LayerLayout.choose(opts.groups, model.config.num_layers, size, opts.keep_first, opts.keep_last)
         forward = LayerParallelForward(model, layout, state.rank, size, state.subgroup(self.ranks),
                                        opts.parallel_policy)
         return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={LAYER_PARALLEL: forward},
-                           scratch=scratch)
+                           scratch=scratch, label=label)
 
     def drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
         """The request's Drafter on this rank, or None when the method drafts nothing (vanilla)."""

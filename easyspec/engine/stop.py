@@ -18,11 +18,19 @@ class StopWatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
-        self.stopped = False
+        self.matched: str | None = None  # the stop string found (vLLM's stop_reason)
 
-    def _earliest(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
+
+    def _earliest(self, text: str) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in `text`, and which one (at one place, the first listed)."""
+        found = [(i, n) for n, s in enumerate(self.stops) if (i := text.find(s)) >= 0]
+        if not found:
+            return None
+        start, which = min(found)
+        return start, self.stops[which]
 
     def would_stop(self, text: str) -> bool:
         """Whether feeding `text` next would complete a stop string; changes nothing."""
@@ -34,9 +42,10 @@ class StopWatcher:
         if self.stopped:
             return "", True
         buffer = self.held + text
-        cut = self._earliest(buffer)
-        if cut is not None:
-            self.held, self.stopped = "", True
+        found = self._earliest(buffer)
+        if found is not None:
+            cut, self.matched = found
+            self.held = ""
             return buffer[:cut], True
         keep = 0 if final else self._partial(buffer)
         self.held = buffer[len(buffer) - keep:] if keep else ""

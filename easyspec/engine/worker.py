@@ -63,6 +63,7 @@ class Chunk:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    stop_reason: str | None = None  # the stop string that ended the request (vLLM's stop_reason); else None
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -87,8 +88,9 @@ class Worker:
         self.base_config = load_config(options.model)
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
         scratch = max(64, options.draft_room)
-        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1),
-                                options.max_context, options.cuda_graphs, scratch=scratch)
+        label = "base" if options.progress and state.is_driver else None  # progress bars and lines on rank 0
+        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1, progress=label),
+                                options.max_context, options.cuda_graphs, scratch=scratch, label=label)
         self.eos = set(self.base_config.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token:
             eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)
@@ -301,4 +303,5 @@ class Worker:
     def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
         stats.total_s = time.perf_counter() - begin
         piece = text.take(decision.finished) if text is not None else ""
-        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
+        stop_reason = text.watcher.matched if text is not None and decision.reason == "stop" else None
+        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stop_reason, stats)

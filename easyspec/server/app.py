@@ -25,9 +25,10 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from easyspec.engine.engine import Engine
-from easyspec.options import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from easyspec.options import SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
+    OPENAI_DEFAULTS,
     ApiError,
     GenerationRequest,
     ResponseShape,
@@ -170,15 +171,19 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
 
 
 def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
+    """The request's settings, then the engine's defaults (--generation-config), then OpenAI's; an
+    absent max_tokens is bounded by the context left."""
     options = engine.options
     room = options.max_context - len(prompt_ids) - options.draft_room
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": req.max_tokens}
+    given = {name: value for name, value in given.items() if value is not None}
     try:
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                                max_new_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
+        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, seed=req.seed, stop=req.stop,
+                                        ignore_eos=req.ignore_eos, **given)
         engine.worker.check_request(prompt_ids, params)
     except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
-        code = "context_length_exceeded" if max_tokens > room else None
+        wanted = req.max_tokens if req.max_tokens is not None else 1  # an absent max_tokens asks for at least one
+        code = "context_length_exceeded" if wanted > room else None
         raise ApiError(400, str(err), code=code) from None
     return params
 

@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from easyspec.cli.args import add_engine_args, options_from_args
+from easyspec.cli.args import HelpFormatter, add_engine_args, options_from_args
 from easyspec.options import EngineOptions
 
 log = logging.getLogger("easyspec.server")
@@ -30,11 +30,15 @@ class EscapingFormatter(logging.Formatter):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` command; called by easyspec.cli.main while it builds the parser."""
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (streaming) over the engine")
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (streaming) over the engine",
+                              description="Loads the model (and draft) and answers /v1/completions, "
+                                          "/v1/chat/completions, /v1/models, /health and /metrics; needs the "
+                                          "[serve] extra (aiohttp): pip install 'easyspec[serve]'.",
+                              formatter_class=HelpFormatter)
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV}, "
                         f"which is preferred: a flag is visible to every user in `ps`)")

@@ -46,6 +46,11 @@ ERROR_TYPES = {
 }
 
 
+# What a request that sets neither the field nor has it set by the model's generation_config.json
+# gets (OpenAI's API reference); other fields default to SamplingParams'.
+OPENAI_DEFAULTS = {"temperature": 1.0}
+
+
 class ApiError(Exception):
     """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
 
@@ -172,9 +177,9 @@ class GenerationRequest:
     prompt: str | list[int] | None  # completions: text or token ids
     messages: list[dict] | None  # chat: messages for the chat template
     max_tokens: int | None  # None: the default, bounded by the context left
-    temperature: float
-    top_p: float
-    top_k: int
+    temperature: float | None  # None (absent): the engine's default (--generation-config), else OPENAI_DEFAULTS
+    top_p: float | None
+    top_k: int | None
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool
@@ -213,15 +218,13 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{max_tokens_field}' must be at least 1, got {max_tokens}", param=max_tokens_field)
     temperature = _number(body, "temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if temperature < 0:
+    if temperature is not None and temperature < 0:
         raise ApiError(400, f"'temperature' must be >= 0, got {temperature}", param="temperature")
     top_p = _number(body, "top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    top_k = _get(body, "top_k", (int,), "an integer", 0)
-    if top_k < -1:
+    top_k = _get(body, "top_k", (int,), "an integer")
+    if top_k is not None and top_k < -1:
         raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}", param="top_k")
     stop = _get(body, "stop", (str, list), "a string or an array of strings", [])
     stops = [stop] if isinstance(stop, str) else stop
@@ -243,7 +246,7 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
-        top_k=max(top_k, 0),
+        top_k=None if top_k is None else max(top_k, 0),
         seed=seed,
         stop=tuple(stops),
         ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
