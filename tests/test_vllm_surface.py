@@ -243,6 +243,17 @@ def test_refused_with_a_400_naming_the_field(server, path, body, param):
         assert error["code"] == "context_length_exceeded"
 
 
+def test_without_a_tokenizer_text_is_refused_and_ids_work(request, model_dirs):
+    folder = model_dirs["root"] / "no-tokenizer"
+    make_hf_checkpoint("llama3", folder, seed=1)
+    bare = start(request, model_dirs, "--model", str(folder), "--max-model-len", "64")
+    for path, body in (("/tokenize", {"prompt": "the"}), ("/detokenize", {"tokens": [3, 4]})):
+        status, error = error_of(bare.post(path, json.dumps(body)))
+        assert status == 400 and error["code"] == "no_tokenizer" and "tokenizer.json" in error["message"]
+    out = complete(bare.client(), [3, 4, 5], max_tokens=4, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4 and out.choices[0].model_extra["stop_reason"] is None
+
+
 def test_detokenize_keeps_special_tokens(server):
     ids = _post(server, "/tokenize", {"prompt": PROMPTS[2]})["tokens"] + [2]
     assert _post(server, "/detokenize", {"model": "tiny", "tokens": ids}) == {"prompt": f"<s> {PROMPTS[2]} </s>"}

@@ -166,8 +166,9 @@ async def _read_json(request: web.Request) -> dict:
 
 def _tokenizer(engine: Engine) -> Tokenizer:
     if engine.tokenizer is None:
-        raise ApiError(400, f"the model {engine.options.model} has no tokenizer.json; send the prompt as token ids "
-                            "to /v1/completions", code="no_tokenizer")
+        raise ApiError(400, f"the model {engine.options.model} has no tokenizer.json, so this server cannot turn "
+                            "text into tokens or back; send the prompt as token ids to /v1/completions",
+                       code="no_tokenizer")
     return engine.tokenizer
 
 

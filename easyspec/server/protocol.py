@@ -77,7 +77,7 @@ def _json_type(value: object) -> str:
 
 
 def get_field(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
-         param: str | None = None) -> Any:
+              param: str | None = None) -> Any:
     """body[name] if it has one of `types` (null counts as absent); a 400 naming the field (as `param`,
     when it is nested) otherwise."""
     value = body.get(name)
