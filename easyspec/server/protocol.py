@@ -9,7 +9,9 @@ Field policy (documented in the README):
   would change the output without telling: n / best_of > 1, echo, suffix,
   logprobs / top_logprobs, logit_bias, presence / frequency penalties, tools,
   and a response_format other than text. `user` is ignored.
-- Extensions (as in vLLM): top_k (-1 or 0 = off) and ignore_eos.
+- Extensions (as in vLLM): top_k (-1 or 0 = off), ignore_eos, and on chat
+  requests chat_template_kwargs (extra chat template variables).
+- Responses carry system_fingerprint and, on each choice, vLLM's stop_reason.
 - `model` may be any string: one model is served, and the response names it.
 - Numbers are range-checked here, before anything reaches the engine: a
   non-finite number (1e999, NaN, Infinity), a seed outside the signed 64-bit
@@ -24,7 +26,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from easyspec.options import SEED_RANGE
@@ -74,8 +76,8 @@ def _json_type(value: object) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
-         param: str | None = None) -> Any:
+def get_field(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
+              param: str | None = None) -> Any:
     """body[name] if it has one of `types` (null counts as absent); a 400 naming the field (as `param`,
     when it is nested) otherwise."""
     value = body.get(name)
@@ -90,7 +92,7 @@ def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default:
 
 
 def _number(body: dict, name: str) -> float | None:
-    value = _get(body, name, (int, float), "a number")
+    value = get_field(body, name, (int, float), "a number")
     if value is None:
         return None
     # JSON has no inf, but 1e999 parses to it; an int too large for a float fails to convert.
@@ -102,7 +104,7 @@ def _number(body: dict, name: str) -> float | None:
 
 def _count(body: dict, name: str, default: int, minimum: int) -> int:
     """An integer field that counts something, at least `minimum`."""
-    value = _get(body, name, (int,), "an integer", default)
+    value = get_field(body, name, (int,), "an integer", default)
     if value < minimum:
         raise ApiError(400, f"'{name}' must be at least {minimum}, got {value}", param=name)
     return value
@@ -166,7 +168,7 @@ def _check_text(text: str, param: str) -> None:
                        param=shown, code="invalid_unicode") from None
 
 
-def _unsupported(name: str, what: str) -> ApiError:
+def unsupported(name: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported by this server", param=name, code="unsupported")
 
 
@@ -186,6 +188,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     ignored: tuple[str, ...]  # unknown fields, reported in the log
+    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs, extra template variables
 
     @property
     def text_chars(self) -> int:
@@ -200,21 +203,23 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed"
                   "ignore_eos"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                                "parallel_tool_calls", "response_format"}
+                                "parallel_tool_calls", "response_format", "chat_template_kwargs"}
+# Variables a chat template gets from the request itself, which chat_template_kwargs cannot replace.
+TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")
 
 
 def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
-    _get(body, "model", (str,), "a string")
-    _get(body, "user", (str,), "a string")
+    get_field(body, "model", (str,), "a string")
+    get_field(body, "user", (str,), "a string")
     if _count(body, "n", 1, 1) > 1:
         raise ApiError(400, "n > 1 is not supported yet; send one request per completion", param="n",
                        code="unsupported")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name):
-            raise _unsupported(name, f"a non-zero {name}")
-    if _get(body, "logit_bias", (dict,), "an object"):
-        raise _unsupported("logit_bias", "logit_bias")
-    max_tokens = _get(body, max_tokens_field, (int,), "an integer")
+            raise unsupported(name, f"a non-zero {name}")
+    if get_field(body, "logit_bias", (dict,), "an object"):
+        raise unsupported("logit_bias", "logit_bias")
+    max_tokens = get_field(body, max_tokens_field, (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{max_tokens_field}' must be at least 1, got {max_tokens}", param=max_tokens_field)
     temperature = _number(body, "temperature")
@@ -223,10 +228,10 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     top_p = _number(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    top_k = _get(body, "top_k", (int,), "an integer")
+    top_k = get_field(body, "top_k", (int,), "an integer")
     if top_k is not None and top_k < -1:
         raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}", param="top_k")
-    stop = _get(body, "stop", (str, list), "a string or an array of strings", [])
+    stop = get_field(body, "stop", (str, list), "a string or an array of strings", [])
     stops = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a string or an array of non-empty strings", param="stop",
@@ -235,13 +240,13 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
                             "characters each", param="stop")
-    seed = _get(body, "seed", (int,), "an integer")
+    seed = get_field(body, "seed", (int,), "an integer")
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ApiError(400, f"'seed' must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {seed}",
                        param="seed")
-    stream = _get(body, "stream", (bool,), "a boolean", False)
-    options = _get(body, "stream_options", (dict,), "an object", {})
-    include_usage = _get(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
+    stream = get_field(body, "stream", (bool,), "a boolean", False)
+    options = get_field(body, "stream_options", (dict,), "an object", {})
+    include_usage = get_field(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
     return dict(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -249,7 +254,7 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
         top_k=None if top_k is None else max(top_k, 0),
         seed=seed,
         stop=tuple(stops),
-        ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
+        ignore_eos=get_field(body, "ignore_eos", (bool,), "a boolean", False),
         stream=stream,
         include_usage=stream and include_usage,
         ignored=tuple(sorted(set(body) - known)),
@@ -275,19 +280,19 @@ def _parse_prompt(body: dict) -> str | list[int]:
 
 def parse_completion(body: dict) -> GenerationRequest:
     if _count(body, "best_of", 1, 1) > 1:
-        raise _unsupported("best_of", "best_of > 1")
-    if _get(body, "echo", (bool,), "a boolean", False):
-        raise _unsupported("echo", "echo")
-    if _get(body, "suffix", (str,), "a string"):
-        raise _unsupported("suffix", "suffix")
-    if _get(body, "logprobs", (int,), "an integer") is not None:
-        raise _unsupported("logprobs", "logprobs")
+        raise unsupported("best_of", "best_of > 1")
+    if get_field(body, "echo", (bool,), "a boolean", False):
+        raise unsupported("echo", "echo")
+    if get_field(body, "suffix", (str,), "a string"):
+        raise unsupported("suffix", "suffix")
+    if get_field(body, "logprobs", (int,), "an integer") is not None:
+        raise unsupported("logprobs", "logprobs")
     fields = _common(body, COMPLETION_FIELDS, "max_tokens")
     return GenerationRequest(prompt=_parse_prompt(body), messages=None, **fields)
 
 
-def _parse_messages(body: dict) -> list[dict]:
-    messages = _get(body, "messages", (list,), "an array")
+def parse_messages(body: dict) -> list[dict]:
+    messages = get_field(body, "messages", (list,), "an array")
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     out = []
@@ -314,28 +319,40 @@ def _parse_messages(body: dict) -> list[dict]:
     return out
 
 
+def chat_template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs: extra variables for the chat template (e.g. Qwen3's enable_thinking)."""
+    kwargs = get_field(body, "chat_template_kwargs", (dict,), "an object", {})
+    taken = next((name for name in TEMPLATE_ARGUMENTS if name in kwargs), None)
+    if taken is not None:
+        raise ApiError(400, f"'chat_template_kwargs' cannot set {taken!r}, which the request itself gives the "
+                            "template", param="chat_template_kwargs")
+    return kwargs
+
+
 def parse_chat(body: dict) -> GenerationRequest:
-    if _get(body, "logprobs", (bool,), "a boolean", False):
-        raise _unsupported("logprobs", "logprobs")
-    if _get(body, "top_logprobs", (int,), "an integer", 0):
-        raise _unsupported("top_logprobs", "top_logprobs")
-    if _get(body, "tools", (list,), "an array"):
-        raise _unsupported("tools", "tool calling")
-    response_format = _get(body, "response_format", (dict,), "an object", {})
+    if get_field(body, "logprobs", (bool,), "a boolean", False):
+        raise unsupported("logprobs", "logprobs")
+    if get_field(body, "top_logprobs", (int,), "an integer", 0):
+        raise unsupported("top_logprobs", "top_logprobs")
+    if get_field(body, "tools", (list,), "an array"):
+        raise unsupported("tools", "tool calling")
+    response_format = get_field(body, "response_format", (dict,), "an object", {})
     if response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"response_format {response_format.get('type')!r}")
+        raise unsupported("response_format", f"response_format {response_format.get('type')!r}")
     # The newer name wins when a client sends both.
     max_tokens_field = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     fields = _common(body, CHAT_FIELDS, max_tokens_field)
-    return GenerationRequest(prompt=None, messages=_parse_messages(body), **fields)
+    return GenerationRequest(prompt=None, messages=parse_messages(body), template_kwargs=chat_template_kwargs(body),
+                             **fields)
 
 
 class ResponseShape:
     """Builds the JSON bodies of one completion or chat response, streamed or not."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, fingerprint: str) -> None:
         self.chat = chat
         self.model = model
+        self.fingerprint = fingerprint  # system_fingerprint: the server's configuration (app.system_fingerprint)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -344,30 +361,34 @@ class ResponseShape:
             kind = "chat.completion.chunk" if chunk else "chat.completion"
         else:
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    def full(self, text: str, finish_reason: str | None, usage: dict, stats: dict) -> dict:
+    def full(self, text: str, finish_reason: str | None, stop_reason: str | None, usage: dict, stats: dict) -> dict:
+        """The whole response; `stop_reason` is the stop string that ended the text (vLLM's field)."""
+        ending = {"logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, **ending}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, **ending}
         return {**self._envelope(False), "choices": [choice], "usage": usage, "easyspec": stats}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None = None, stop_reason: str | None = None,
+              role: bool = False) -> dict:
         """A streamed chunk of one choice; chat deltas carry the role on the first chunk only."""
+        ending = {"logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}
         if self.chat:
             delta: dict = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, **ending}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", **ending}
         return {**self._envelope(True), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:

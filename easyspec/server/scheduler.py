@@ -49,6 +49,7 @@ log = logging.getLogger("easyspec.server")
 class Delta:
     text: str
     finish_reason: str | None = None
+    stop_reason: str | None = None  # on the final Delta: the stop string that ended the text
     completion_tokens: int = 0  # on the final Delta: tokens generated in all
     stats: dict = field(default_factory=dict)  # on the final Delta: SpecStats.to_dict()
 
@@ -251,7 +252,7 @@ class Scheduler:
                 # after a response already includes it.
                 record()
                 recorded = True
-                job.push(Delta(chunk.text, reason, stats.generated, stats.to_dict()))
+                job.push(Delta(chunk.text, reason, chunk.stop_reason, stats.generated, stats.to_dict()))
         finally:
             # Stops the engine between steps (on every rank) if it is not done yet.
             generation.close()
