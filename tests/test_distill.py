@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,18 @@ def test_training_lowers_the_kl_to_the_base(chat_base, tmp_path):
             lambda _: None).run()
     after = kl()
     assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_a_time_budget_shorter_than_the_probe_steps_is_kept(chat_base, tmp_path):
+    """Steps slower than the whole budget: training stops after the first step or two rather than
+    finishing the steps that time it."""
+    base = load_model(chat_base / "base")
+    draft, _ = init_draft(base, draft_config(base.config, DraftShape(layers=2)), "base", 0)
+    batches = Batches(Rows.from_lists([[1, 2, 3, 4, 5, 6]] * 4, [1] * 4), None, 2, 0.25, 16, 0)
+    settings = TrainSettings(minutes=0.002, batch_size=2, seq_len=16, warmup_steps=1)
+    trainer = Trainer(draft, base, batches, settings, [], "attention", tmp_path / "ckpt", lambda _: None)
+    record = trainer.run(on_step=lambda _: time.sleep(0.1))  # each step >= 0.1 s of the 0.12 s budget
+    assert 1 <= record["steps"] <= 2 and record["planned_steps"] == record["steps"]
 
 
 def test_exported_draft_loads_in_easyspec_and_transformers(chat_base, tmp_path):

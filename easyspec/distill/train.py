@@ -199,17 +199,25 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _plan(self, deadline: float, on_step: Callable[[int], None] | None) -> int:
-        """Fix the step count from a few timed steps (after two untimed ones); returns their tokens."""
-        tokens = sum(self._counted_step(on_step) for _ in range(2))
+        """Fix the step count from a few timed steps (after two untimed ones), none started past the
+        deadline; returns their tokens."""
+        tokens, begin, timed_from, t0 = 0, self.step, None, 0.0
+        while (self.step - begin < 2 + _PROBE_STEPS and time.monotonic() < deadline
+               and (self.total is None or self.step < self.total)):
+            if self.step - begin == 2:
+                self._sync()
+                timed_from, t0 = self.step, time.monotonic()
+            tokens += self._counted_step(on_step)
         self._sync()
-        t0, first = time.monotonic(), self.step
-        tokens += sum(self._counted_step(on_step) for _ in range(_PROBE_STEPS))
-        self._sync()
-        per_step = (time.monotonic() - t0) / (self.step - first)
-        fit = self.step + max(0, int((deadline - time.monotonic() - _EXPORT_RESERVE_S) / per_step))
+        if timed_from is not None and self.step > timed_from:
+            per_step = (time.monotonic() - t0) / (self.step - timed_from)
+            fit = self.step + max(0, int((deadline - time.monotonic() - _EXPORT_RESERVE_S) / per_step))
+            self.log(f"{per_step * 1e3:.0f} ms per step: {fit} steps fit the time budget")
+        else:
+            fit = self.step
+            self.log(f"the time budget ended after {fit} steps, before a step could be timed")
         self.total = fit if self.total is None else min(self.total, fit)
         self.planned = True
-        self.log(f"{per_step * 1e3:.0f} ms per step: {self.total} steps fit the time budget")
         return tokens
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
