@@ -47,7 +47,7 @@ def _cases(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype, dev:
         return lambda: fn(x, norm, 1e-5, qkv_w, None, None, None, 0.0, cos, sin, heads, kv_heads, keys, values, slots)
 
     def blocks(outputs: int, inputs: int, gated: bool = False) -> str:
-        cut = fused_linear.blocks(outputs, inputs, dtype, dev, gated, fused_linear.normalise_first(dtype))
+        cut = fused_linear.blocks(outputs, inputs, dtype, dev, gated)
         return f"BLOCK_N={cut.n} BLOCK_K={cut.k} SPLIT={cut.split}"
 
     return [
