@@ -12,19 +12,22 @@
 # then `easyspec acceptance` on the held-out chat prompts (greedy, k=4, categories in turn, as many as its
 # time limit allows): each draft sequential and layer-parallel at N=2 and N=4 (emulated on the one GPU:
 # acceptance, not speed), and the ngram drafter. Last, if time is left, `easyspec generate --json` on the
-# first measured prompt checks that the engine reports the rounds the acceptance measurement counted and
-# that sd gives plain decoding's text. The best draft (highest sequential mean accepted length) is named.
+# first measured prompt checks that the engine (on BASE itself) reports the rounds the acceptance
+# measurement counted and that sd gives plain decoding's text. Both run the reference kernels (float32,
+# no Triton compiling inside the budget). The best draft (highest sequential mean accepted length) is named.
 #
 # The drafts stay in WORK (default /tmp/easyspec-distill, emptied first): WORK/distilled, WORK/lp-aware,
-# WORK/corpus-only. Results under $OUT: acceptance.md (the table and the best draft), acceptance.json
-# (every row, per category and per prompt), logs.tgz (each run's log and distill.json, the acceptance log,
-# engine-check.txt). Everything ends by DEADLINE seconds after the start (default 460), training cut short
+# WORK/corpus-only (and WORK/base, a GGUF base converted once). Results under $OUT: acceptance.md (the
+# table and the best draft), acceptance.json (every row, per category and per prompt), logs.tgz (each
+# run's log and distill.json, the acceptance log, engine-check.txt); both acceptance files are rewritten
+# after every prompt. Everything ends by DEADLINE seconds after the start (default 460), training cut short
 # first (a stopped run still writes its draft). A missing piece (base, gguf package, CUDA) stops it at once
 # with one line.
 # Knobs (env): DEVICE (cuda; cpu for a dry run), LAYERS (7), SAMPLES (15), GEN_TOKENS (256), GEN_BATCH
-# (1024), BATCH (64), SEQ_LEN (512), CHAT_PROMPTS / CODE_PROMPTS (training prompt files; default the shipped
-# sets), HELD_OUT (the held-out prompt file), PROMPTS_LIMIT (all), MAX_NEW (128), ACCEPT_S (seconds kept for
-# acceptance, 130), GGUF_WHEEL (a gguf wheel installed first when the package is missing), WORK.
+# (1024), BATCH (64), SEQ_LEN (512), LR (distill's default), CHAT_PROMPTS / CODE_PROMPTS (training prompt
+# files; default the shipped sets), HELD_OUT (the held-out prompt file), PROMPTS_LIMIT (all), MAX_NEW
+# (128), ACCEPT_S (seconds kept for acceptance, 130), GGUF_WHEEL (a gguf wheel installed first when the
+# package is missing), WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -43,18 +46,30 @@ die() { echo "error: $*" >&2; exit 2; }
 [ -n "$base" ] || die "usage: scripts/distill-gpu.sh BASE (a .gguf file or a model folder)"
 [ -e "$base" ] || die "BASE $base does not exist"
 case "$work" in /|"$HOME"|.|"") die "WORK=$work: choose a scratch folder of its own";; esac
+case "$(realpath "$base")/" in
+    "$(realpath -m "$work")"/*) die "BASE $base lies inside WORK=$work, which is emptied first";;
+esac
 mkdir -p "$out" || die "cannot create OUT=$out"
 rm -rf "$work" && mkdir -p "$logs" || die "cannot create WORK=$work"
 pack() { tar -czf "$out/logs.tgz" -C "$work" logs 2>/dev/null; }
 trap pack EXIT
 left() { echo $((deadline - SECONDS)); }
 
-# Fail fast: the packages, the device and the base itself, each in one line.
-if [[ "$base" == *.gguf ]] && ! python3 -c "import gguf" 2>/dev/null; then
-    [ -n "${GGUF_WHEEL:-}" ] && python3 -m pip install --no-deps --no-index --quiet "$GGUF_WHEEL"
-    python3 -c "import gguf" 2>/dev/null || die "python3 cannot import gguf (needed for $base): put it on PYTHONPATH or set GGUF_WHEEL"
+# Fail fast: the packages, the device and the base itself, each in one line. A GGUF base is converted
+# once (float32, the same function and tokenizer) so that each step below loads a folder in a second
+# rather than parsing and dequantizing the file again; the engine check at the end runs the file itself.
+teacher="$base"
+if [[ "$base" == *.gguf ]]; then
+    if ! python3 -c "import gguf" 2>/dev/null; then
+        [ -n "${GGUF_WHEEL:-}" ] && python3 -m pip install --no-deps --no-index --quiet "$GGUF_WHEEL"
+        python3 -c "import gguf" 2>/dev/null \
+            || die "python3 cannot import gguf (needed for $base): put it on PYTHONPATH or set GGUF_WHEEL"
+    fi
+    teacher="$work/base"
+    timeout 180 python3 -m easyspec convert "$base" "$teacher" > "$logs/convert.log" 2>&1 \
+        || die "easyspec convert $base failed: $(tail -n 1 "$logs/convert.log" | sed 's/^error: //')"
 fi
-timeout 120 python3 - "$base" "$device" <<'PY' 2>&1 | tee "$logs/setup.txt"
+timeout 120 python3 - "$teacher" "$device" <<'PY' 2>&1 | tee "$logs/setup.txt"
 import sys
 import torch
 from easyspec.model.loader import load_config, load_tokenizer
@@ -76,11 +91,12 @@ PY
 stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 [ -d "$stdlib" ] || die "no Python standard library at $stdlib for the corpus-only draft"
 
-common=(--model "$base" --device "$device" --layers "${LAYERS:-7}" --batch-size "${BATCH:-64}"
+common=(--model "$teacher" --device "$device" --layers "${LAYERS:-7}" --batch-size "${BATCH:-64}"
         --seq-len "${SEQ_LEN:-512}" --samples "${SAMPLES:-15}" --gen-tokens "${GEN_TOKENS:-256}"
         --gen-batch "${GEN_BATCH:-1024}")
 [ -n "${CHAT_PROMPTS:-}" ] && common+=(--prompts "$CHAT_PROMPTS")
 [ -n "${CODE_PROMPTS:-}" ] && common+=(--code-prompts "$CODE_PROMPTS")
+[ -n "${LR:-}" ] && common+=(--lr "$LR")
 reserve=$((accept_s + check_s + final_s))
 
 # distill NAME LIMIT ARGS...: one `easyspec distill` run, stopped by SIGTERM after LIMIT seconds (a run
@@ -130,43 +146,47 @@ limit=()
 budget=$(( $(left) - check_s - final_s ))
 echo "== acceptance, ${budget}s (t=${SECONDS}s)"
 if [ "$budget" -gt 10 ]; then
-    timeout -s KILL $((budget + 20)) python3 -m easyspec acceptance --model "$base" "${drafts[@]}" --ngram \
+    timeout -s KILL $((budget + 20)) python3 -m easyspec acceptance --model "$teacher" "${drafts[@]}" --ngram \
         --layer-parallel 2,4 --device "$device" --prompts "$held_out" --max-new-tokens "${MAX_NEW:-128}" \
-        --gen-batch 128 --time-limit "$budget" "${limit[@]}" --out "$out/acceptance.json" \
-        2>"$logs/acceptance.log" > "$out/acceptance.md"
+        --gen-batch 128 --no-fused-kernels --time-limit "$budget" "${limit[@]}" --out "$out/acceptance.json" \
+        --table "$out/acceptance.md" > /dev/null 2>"$logs/acceptance.log"
     tail -n 2 "$logs/acceptance.log"
 fi
 if [ ! -s "$out/acceptance.json" ]; then
-    echo "acceptance did not finish in time (t=${SECONDS}s); see logs.tgz" | tee -a "$out/acceptance.md"
+    echo "acceptance measured no prompt in time (t=${SECONDS}s); see logs.tgz" | tee -a "$out/acceptance.md"
     exit 1
 fi
-python3 - "$out/acceptance.json" "$work" <<'PY' | tee -a "$out/acceptance.md"
+python3 - "$out/acceptance.json" "$work" "$base" <<'PY' | tee -a "$out/acceptance.md"
 import json, sys
-acc, work = json.load(open(sys.argv[1])), sys.argv[2]
+acc, work, base = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 rows = [r for r in acc["rows"] if r["method"] == "sd"]
-if rows:
+if rows and acc["settings"]["num_prompts"]:
     best = max(rows, key=lambda r: r["mean_accepted_length"])
     print(f"\nbest draft: {work}/{best['draft']} (sequential mean accepted length {best['mean_accepted_length']}, "
           f"{acc['settings']['num_prompts']} held-out prompts)")
-    print(f"next: GPUS=1 scripts/bench-gpu.sh real {acc['settings']['model']} {work}/{best['draft']} "
+    print(f"next: GPUS=1 scripts/bench-gpu.sh real {base} {work}/{best['draft']} "
           f"{acc['settings']['prompts']}")
 else:
-    print("\nbest draft: none (no draft was written)")
+    print("\nbest draft: none (no draft was written, or no prompt measured in time)")
 PY
 
 # The engine itself on the first measured prompt: plain decoding and sd with the best draft, float32 greedy.
 best=$(sed -n 's/^best draft: \([^ ]*\) .*/\1/p' "$out/acceptance.md")
 if [ -n "$best" ] && [ "$(left)" -gt $((check_s - 5)) ]; then
     echo "== engine check (t=${SECONDS}s)"
-    qid=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['rows'][0]['per_prompt'][0]['question_id'])" \
-        "$out/acceptance.json")
-    prompt=$(python3 -c "import json,sys; print(next(json.loads(l)['turns'][0] for l in open(sys.argv[1]) if json.loads(l)['question_id'] == $qid))" \
-        "$held_out")
+    prompt=$(python3 - "$out/acceptance.json" "$held_out" <<'PY'
+import json, sys
+qid = json.load(open(sys.argv[1]))["rows"][0]["per_prompt"][0]["question_id"]
+print(next(p["turns"][0] for p in map(json.loads, open(sys.argv[2])) if p["question_id"] == qid))
+PY
+)
+    each=$(( ($(left) - final_s) / 2 ))
     for method in vanilla sd; do
         draft=()
         [ $method = sd ] && draft=(--draft "$best")
-        timeout -s KILL $(( ($(left) - final_s) / 2 )) python3 -m easyspec generate --model "$base" "${draft[@]}" \
-            --method $method --device "$device" --max-new-tokens "${MAX_NEW:-128}" --prompt "$prompt" --json \
+        timeout -s KILL "$each" python3 -m easyspec generate --model "$base" "${draft[@]}" \
+            --method $method --device "$device" --no-fused-kernels --max-new-tokens "${MAX_NEW:-128}" \
+            --prompt "$prompt" --json \
             > "$work/$method.json" 2>"$logs/engine-$method.log"
     done
     python3 - "$work" "$out/acceptance.json" "$(basename "$best")" <<'PY' 2>&1 | tee "$logs/engine-check.txt"

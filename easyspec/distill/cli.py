@@ -129,7 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     a.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     a.add_argument("--gen-batch", type=int, default=64, help="prompts the base continues at once")
-    a.add_argument("--out", help="JSON file for the full results")
+    a.add_argument("--no-fused-kernels", action="store_true",
+                   help="CUDA: draft with the reference formulas as PyTorch ops (no Triton compiling first)")
+    a.add_argument("--out", help="JSON file for the full results (rewritten after every prompt)")
+    a.add_argument("--table", help="markdown file for the table (rewritten after every prompt)")
     a.set_defaults(func=cmd_acceptance)
 
 
@@ -170,7 +173,7 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     started = time.monotonic()
     from easyspec.bench.core import spread_over_categories
     from easyspec.distill.data import read_prompt_set
-    from easyspec.distill.evaluate import measure, table
+    from easyspec.distill.evaluate import Row, measure, table
     from easyspec.model.checkpoint import parse_dtype
 
     if not args.draft and not args.ngram:
@@ -185,26 +188,33 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     prompts = [p for _, p in spread_over_categories([(p.category, p) for p in prompts], args.limit or len(prompts))]
     drafts = [_named(d) for d in args.draft]
     device = _device(args.device)
+    settings = {"model": args.model, "prompts": args.prompts, "num_prompts": 0, "prompts_asked": len(prompts),
+                "time_limit_s": args.time_limit, "k": args.num_draft, "max_new_tokens": args.max_new_tokens,
+                "ignore_eos": args.ignore_eos, "calibrate": args.calibrate, "parallel_policy": args.parallel_policy,
+                "keep_first": args.keep_first, "keep_last": args.keep_last, "groups": args.groups, "device": device,
+                "dtype": args.dtype, "fused_kernels": not args.no_fused_kernels,
+                "note": "layer-parallel rows run every group member on one device: the acceptance of N devices, "
+                        "not their speed"}
+
+    def report(rows: list[Row]) -> str:
+        """The table so far; --out and --table rewritten (after every prompt, so a killed run keeps them)."""
+        settings["num_prompts"] = measured = len(rows[0].per_prompt)
+        cut = f" (so far, of {len(prompts)})" if measured < len(prompts) else ""
+        text = (f"greedy, k={args.num_draft}, {measured} prompts of {args.prompts}{cut}, up to "
+                f"{args.max_new_tokens} new tokens\n\n{table(rows)}\n")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"settings": settings, "rows": [r.to_dict() for r in rows]},
+                                                 indent=2) + "\n")
+        if args.table:
+            Path(args.table).write_text(text)
+        return text
+
     rows = measure(args.model, drafts, prompts, k=args.num_draft, max_new=args.max_new_tokens, device=device,
                    dtype=parse_dtype(args.dtype), batch_size=args.gen_batch,
                    log=lambda m: print(f"[acceptance] {m}", file=sys.stderr, flush=True),
                    sizes=args.layer_parallel, keep_first=args.keep_first, keep_last=args.keep_last,
                    groups=args.groups, policy=args.parallel_policy, calibrate=args.calibrate, ngram=args.ngram,
-                   ignore_eos=args.ignore_eos,
+                   ignore_eos=args.ignore_eos, fused=not args.no_fused_kernels, on_prompt=report,
                    deadline=None if args.time_limit is None else started + args.time_limit)
-    measured = len(rows[0].per_prompt)
-    settings = {"model": args.model, "prompts": args.prompts, "num_prompts": measured,
-                "prompts_asked": len(prompts), "time_limit_s": args.time_limit, "k": args.num_draft,
-                "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "calibrate": args.calibrate,
-                "parallel_policy": args.parallel_policy, "keep_first": args.keep_first,
-                "keep_last": args.keep_last, "groups": args.groups, "device": device, "dtype": args.dtype,
-                "note": "layer-parallel rows run every group member on one device: the acceptance of N devices, "
-                        "not their speed"}
-    if args.out:
-        Path(args.out).write_text(json.dumps({"settings": settings, "rows": [r.to_dict() for r in rows]},
-                                             indent=2) + "\n")
-    cut = f" (the time limit stopped it after {measured} of {len(prompts)})" if measured < len(prompts) else ""
-    print(f"greedy, k={args.num_draft}, {measured} prompts of {args.prompts}{cut}, up to {args.max_new_tokens} "
-          "new tokens\n")
-    print(table(rows))
+    print(report(rows), end="")
     return 0

@@ -175,8 +175,8 @@ def corpus_rows(path: str | Path, tokenizer: Tokenizer, eos_id: int, seq_len: in
     if not texts:
         raise DataError(f"--corpus {path}: no UTF-8 text files found")
     stream: list[int] = []
-    for text in texts:
-        stream += tokenizer.encode(text, add_special_tokens=False) + [eos_id]
+    for ids in tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream += ids + [eos_id]
     window = seq_len + 1
     count = len(stream) // window
     if count == 0:

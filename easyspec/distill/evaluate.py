@@ -155,18 +155,20 @@ def measure_cases(cases: Sequence[Case], stops: Sequence[int], vocab: int, draft
                   groups: str | None = None, policy: str = ParallelPolicy.ATTENTION,
                   calibrate: str = Calibration.EVERY_ROUND, ngram: bool = False, max_new: int = 128,
                   ignore_eos: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  deadline: float | None = None, log: Callable[[str], None] = lambda _: None) -> list[Row]:
+                  fused: bool = True, deadline: float | None = None, log: Callable[[str], None] = lambda _: None,
+                  on_prompt: Callable[[list[Row]], None] | None = None) -> list[Row]:
     """Per draft (name, folder) a row drafting sequentially (sd), then one drafting layer-parallel at each
     size in `sizes` (emulated on this device); then the ngram drafter's if asked.
 
-    Prompts are the outer loop: past `deadline` (time.monotonic()) no further prompt starts, and every
-    row has measured the same prompts."""
+    Prompts are the outer loop, and `on_prompt(rows)` sees the rows after each one. Past `deadline`
+    (time.monotonic()) the measurement ends, the prompt in progress dropped, so that every row has
+    measured the same prompts."""
     dev = torch.device(device)
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos)
     eos = set(stops)
     max_len = max(len(c.ids) for c in cases) + max_new + k + 1
     graphs = dev.type == "cuda"
-    kernels.use_fused(graphs)  # as the engine runs drafts on a GPU
+    kernels.use_fused(fused and graphs)  # on a GPU, as the engine runs drafts unless told otherwise
     try:
         rows: list[tuple[Row, Callable[[], Drafter]]] = []  # each row with a new drafter per prompt
         for name, folder in drafts:
@@ -186,11 +188,19 @@ def measure_cases(cases: Sequence[Case], stops: Sequence[int], vocab: int, draft
         if ngram:
             rows.append((Row("ngram", None, "ngram"), partial(NgramDrafter, dev)))
         for done, case in enumerate(cases):
-            if deadline is not None and time.monotonic() > deadline:
+            # A prompt counts once every row has measured it; one the time limit cuts short is dropped.
+            results = []
+            for _, drafter in rows:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                results.append(run_rounds(drafter(), case, k, params, eos, dev))
+            if len(results) < len(rows):
                 log(f"time limit: stopped after {done} of {len(cases)} prompts")
                 break
-            for row, drafter in rows:
-                row.add(case, run_rounds(drafter(), case, k, params, eos, dev))
+            for (row, _), stats in zip(rows, results, strict=True):
+                row.add(case, stats)
+            if on_prompt is not None:
+                on_prompt([row for row, _ in rows])
             if (done + 1) % 10 == 0 or done + 1 == len(cases):
                 log(f"{done + 1}/{len(cases)} prompts: mean accepted length "
                     + ", ".join(f"{row.label} {row.stats.mean_accepted_length:.3f}" for row, _ in rows))
