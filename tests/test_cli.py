@@ -125,22 +125,20 @@ def _with_generation_config(folder: Path, **config) -> Path:
     return folder
 
 
-def test_generation_config_sampling_defaults(tmp_path, caplog):
+def test_generation_config_sampling_defaults(tmp_path):
     folder = tmp_path / "m"
     make_hf_checkpoint("llama2", folder, max_position_embeddings=128)
     _with_generation_config(folder, do_sample=True, temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7,
-                            repetition_penalty=1.05)
-    with caplog.at_level(logging.WARNING, logger="easyspec"), Engine(EngineOptions(model=str(folder))) as engine:
+                            repetition_penalty=1.05, min_p=0.02)
+    with Engine(EngineOptions(model=str(folder))) as engine:
         params = engine.sampling_params()
         assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.6, 0.9, 20, 7)
+        assert (params.repetition_penalty, params.min_p) == (1.05, 0.02)
         # A request's own settings win; an absent max_new_tokens is bounded by the context left.
         assert engine.sampling_params(temperature=0).temperature == 0
         assert engine.sampling_params(prompt_len=120).max_new_tokens == 128 - 120 - engine.options.draft_room
         # generate() without params takes the defaults: 7 tokens at most.
         assert sum(len(c.token_ids) for c in engine.generate([1, 2, 3])) <= 7
-    # repetition_penalty is not applied yet: said in one line, not dropped silently.
-    notes = [r.getMessage() for r in caplog.records if "repetition_penalty" in r.getMessage()]
-    assert len(notes) == 1 and "1.05" in notes[0] and "\n" not in notes[0]
 
     def defaults(mode: str) -> SamplingParams:
         with Engine(EngineOptions(model=str(folder), generation_config=mode)) as engine:
@@ -149,9 +147,10 @@ def test_generation_config_sampling_defaults(tmp_path, caplog):
     assert defaults("none") == SamplingParams()
     vllm = defaults("vllm")
     assert (vllm.temperature, vllm.max_new_tokens) == (1.0, 16)
-    # A folder of its own: do_sample false means greedy whatever its temperature says (as transformers).
-    other = _with_generation_config(tmp_path / "other", do_sample=False, temperature=0.7)
-    assert defaults(str(other)) == SamplingParams(temperature=0.0)
+    # A folder of its own: do_sample false means greedy whatever its temperature says (as transformers),
+    # where repetition_penalty still applies.
+    other = _with_generation_config(tmp_path / "other", do_sample=False, temperature=0.7, repetition_penalty=1.2)
+    assert defaults(str(other)) == SamplingParams(temperature=0.0, repetition_penalty=1.2)
     with pytest.raises(OptionsError, match="--generation-config 'sometimes' is neither"):
         Engine(EngineOptions(model=str(folder), generation_config="sometimes"))
     assert SamplingParams().max_new_tokens == DEFAULT_MAX_NEW_TOKENS
