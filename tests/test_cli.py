@@ -15,7 +15,7 @@ from gguf_files import CHAT_TOKENS, Q, write_gguf
 from hf_models import make_hf_checkpoint
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.cli.args import options_from_args
+from easyspec.cli.args import options_from_args, sampling_from_args
 from easyspec.cli.main import build_parser
 from easyspec.engine.capacity import Capacity, kv_bytes_per_token, settle_context
 from easyspec.engine.engine import preflight
@@ -170,3 +170,39 @@ def test_cli_sampling_flags_override_generation_config(tmp_path):
     assert generated() == 5
     assert generated("--max-new-tokens", "9") == 9
     assert generated("--generation-config", "none") == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_sampling_flags_reach_sampling_params():
+    parser = build_parser()
+
+    def given(*flags: str) -> dict:
+        return sampling_from_args(parser.parse_args(["generate", "--prompt", "x", *flags]))
+
+    assert given() == {}  # nothing given: the engine's defaults (generation_config.json) apply
+    flags = ["--json", "--min-p", "0.1", "--repetition-penalty", "1.2", "--presence-penalty", "0.5",
+             "--frequency-penalty", "-0.5", "--min-tokens", "3", "--stop-token-ids", "5, 7",
+             "--no-skip-special-tokens", "--logprobs", "2", "--temperature", "0"]
+    assert SamplingParams(**given(*flags)) == SamplingParams(
+        min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.5, min_tokens=3,
+        stop_token_ids=(5, 7), skip_special_tokens=False, logprobs=2)
+    with pytest.raises(ValueError, match="--logprobs are printed in the --json output; add --json"):
+        given("--logprobs", "2")
+    with pytest.raises(ValueError, match="--stop-token-ids must be comma-separated integers"):
+        given("--stop-token-ids", "5,x")
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        given("--repetition-penalty", "0")
+
+
+def test_cli_prints_logprobs_in_json(tmp_path):
+    folder = tmp_path / "m"
+    make_hf_checkpoint("llama2", folder, max_position_embeddings=256)
+    out = subprocess.run([sys.executable, "-m", "easyspec", "generate", "--model", str(folder), "--prompt-ids",
+                          "1,2,3", "--ignore-eos", "--max-new-tokens", "4", "--json", "--logprobs", "2",
+                          "--stop-token-ids", "127"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    logprobs = result["logprobs"]
+    assert [entry["token_id"] for entry in logprobs] == result["token_ids"]
+    for entry in logprobs:  # greedy: the chosen token is the most likely one
+        assert len(entry["top"]) == 2 and entry["top"][0] == {"token_id": entry["token_id"],
+                                                                "logprob": entry["logprob"]}
