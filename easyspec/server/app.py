@@ -1,5 +1,8 @@
 """HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics.
 
+A request for n choices runs n generations one after another (seeds seed, seed + 1, ...);
+streamed, each choice's chunks come in turn, with its index.
+
 Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
 token of context and must arrive within --read-timeout; a text prompt may
 hold MAX_CHARS_PER_TOKEN characters per token of context, checked before it is
@@ -12,6 +15,7 @@ logged, so a request cannot forge log lines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -25,17 +29,18 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from easyspec.engine.engine import Engine
-from easyspec.options import SamplingParams
+from easyspec.options import SamplingError, SamplingParams
+from easyspec.runtime.stats import SpecStats
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
     OPENAI_DEFAULTS,
     ApiError,
     GenerationRequest,
-    ResponseShape,
     parse_body,
     parse_chat,
     parse_completion,
 )
+from easyspec.server.responses import Choice, ResponseShape
 from easyspec.server.scheduler import Delta, Job, Scheduler
 
 log = logging.getLogger("easyspec.server")
@@ -158,8 +163,10 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
     if tok.chat_template is None:
         raise ApiError(400, "the model has no chat template (tokenizer_config.json 'chat_template' or "
                             "chat_template.jinja); use /v1/completions with a plain prompt", code="no_chat_template")
+    template = dict(req.template)
+    new_turn, keep_open = template.pop("add_generation_prompt"), template.pop("continue_final_message")
     try:
-        return tok.encode_chat(req.messages)
+        return tok.encode_chat(req.messages, new_turn, continue_final_message=keep_open, **template)
     except jinja2.TemplateError as err:  # raise_exception() calls in the template speak to the caller
         raise ApiError(400, f"the chat template could not render these messages: {err}", param="messages",
                        code="chat_template_error") from None
@@ -170,22 +177,31 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
                        code="chat_template_error") from None
 
 
-def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
-    """The request's settings, then the engine's defaults (--generation-config), then OpenAI's; an
-    absent max_tokens is bounded by the context left."""
+def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> list[SamplingParams]:
+    """Each choice's settings: the request's, then the engine's defaults (--generation-config), then
+    OpenAI's; an absent max_tokens is bounded by the context left. With a seed, choice i takes seed + i."""
     options = engine.options
     room = options.max_context - len(prompt_ids) - options.draft_room
-    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": req.max_tokens}
-    given = {name: value for name, value in given.items() if value is not None}
     try:
-        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, seed=req.seed, stop=req.stop,
-                                        ignore_eos=req.ignore_eos, **given)
+        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, **req.sampling)
         engine.worker.check_request(prompt_ids, params)
-    except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
-        wanted = req.max_tokens if req.max_tokens is not None else 1  # an absent max_tokens asks for at least one
+    except SamplingError as err:
+        raise ApiError(400, str(err), param=req.param(err.field)) from None
+    except ValueError as err:  # the engine's OptionsError says what to change
+        wanted = req.sampling.get("max_new_tokens", 1)  # an absent max_tokens asks for at least one
         code = "context_length_exceeded" if wanted > room else None
         raise ApiError(400, str(err), code=code) from None
-    return params
+    if params.seed is None:
+        return [params] * req.n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(req.n)]
+
+
+def _token_text(engine: Engine) -> Callable[[int], str]:
+    """A token id's text in log-probabilities: its own decoding, special tokens shown."""
+    tok = engine.tokenizer
+    if tok is None:
+        return lambda token: f"token_id:{token}"
+    return lambda token: tok.decode([token], skip_special_tokens=False)
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -204,33 +220,43 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                             f"{state.limits.prompt_chars} ({MAX_CHARS_PER_TOKEN} per token of its "
                             f"{engine.options.max_context}-token context)", code="context_length_exceeded")
     prompt_ids = await asyncio.to_thread(_prompt_ids, engine, req)
-    params = _sampling(engine, req, prompt_ids)
-    job = Job(prompt_ids, params, asyncio.get_running_loop())
-    state.scheduler.submit(job)
-    shape = ResponseShape(chat, state.model_name)
+    loop = asyncio.get_running_loop()
+    jobs = [Job(prompt_ids, params, loop) for params in _sampling(engine, req, prompt_ids)]
+    state.scheduler.submit(jobs)
+    shape = ResponseShape(chat, state.model_name, _token_text(engine))
     try:
         if req.stream:
-            return await _stream(request, job, shape, req.include_usage)
-        return await _collect(job, shape)
+            return await _stream(request, jobs, shape, req.include_usage)
+        return await _collect(jobs, shape)
     finally:
-        # A no-op once finished; frees the queue slot or stops generation if the client went away.
-        state.scheduler.withdraw(job)
+        # A no-op once finished; frees the queue slots or stops generation if the client went away.
+        for job in jobs:
+            state.scheduler.withdraw(job)
 
 
-async def _collect(job: Job, shape: ResponseShape) -> web.Response:
-    pieces = []
-    while True:
-        event = await job.events.get()
-        if isinstance(event, ApiError):
-            raise event
-        pieces.append(event.text)
-        if event.finish_reason is not None:
-            usage = shape.usage(len(job.prompt_ids), event.completion_tokens)
-            return web.json_response(shape.full("".join(pieces), event.finish_reason, usage, event.stats))
+async def _collect(jobs: list[Job], shape: ResponseShape) -> web.Response:
+    choices, stats, generated = [], [], 0
+    for job in jobs:
+        pieces, logprobs = [], []
+        while True:
+            event = await job.events.get()
+            if isinstance(event, ApiError):
+                raise event
+            pieces.append(event.text)
+            logprobs += event.logprobs or ()
+            if event.finish_reason is not None:
+                break
+        asked = job.params.logprobs is not None
+        choices.append(Choice("".join(pieces), event.finish_reason, event.stop_reason, logprobs if asked else None))
+        stats.append(event.stats)
+        generated += event.completion_tokens
+    usage = shape.usage(len(jobs[0].prompt_ids), generated)
+    return web.json_response(shape.full(choices, usage, SpecStats.merged(stats).to_dict()))
 
 
-async def _stream(request: web.Request, job: Job, shape: ResponseShape, include_usage: bool) -> web.StreamResponse:
-    # Headers go out once the job is queued, so a client sees 200 while it waits its turn.
+async def _stream(request: web.Request, jobs: list[Job], shape: ResponseShape,
+                  include_usage: bool) -> web.StreamResponse:
+    # Headers go out once the jobs are queued, so a client sees 200 while it waits its turn.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     # With include_usage every chunk carries "usage": null and a last chunk carries the totals, as OpenAI does.
@@ -240,24 +266,39 @@ async def _stream(request: web.Request, job: Job, shape: ResponseShape, include_
         await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     try:
-        if shape.chat:
-            await send({**shape.chunk("", role=True), **extra})
-        while True:
-            event: Delta | ApiError = await job.events.get()
-            if isinstance(event, ApiError):
-                await send(event.body())
+        generated = 0
+        for index, job in enumerate(jobs):
+            if shape.chat:
+                await send({**shape.chunk(index, "", role=True), **extra})
+            event = await _stream_choice(job, index, shape, send, extra)
+            if event is None:
                 break
-            if event.text:
-                await send({**shape.chunk(event.text), **extra})
-            if event.finish_reason is not None:
-                await send({**shape.chunk(None, event.finish_reason), **extra, "easyspec": event.stats})
-                if include_usage:
-                    await send(shape.usage_chunk(shape.usage(len(job.prompt_ids), event.completion_tokens)))
-                break
+            generated += event.completion_tokens
+        else:
+            if include_usage:
+                await send(shape.usage_chunk(shape.usage(len(jobs[0].prompt_ids), generated)))
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
-        pass  # the client left; the caller cancels the job
+        pass  # the client left; the caller cancels the jobs
     return response
+
+
+async def _stream_choice(job: Job, index: int, shape: ResponseShape, send: Callable[[dict], Awaitable[None]],
+                         extra: dict) -> Delta | None:
+    """Send one choice's chunks; returns its final Delta, or None after sending an error."""
+    while True:
+        event: Delta | ApiError = await job.events.get()
+        if isinstance(event, ApiError):
+            await send(event.body())
+            return None
+        if event.finish_reason is None:
+            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+            continue
+        if event.text or event.logprobs:
+            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+        await send({**shape.chunk(index, None, event.finish_reason, stop_reason=event.stop_reason), **extra,
+                    "easyspec": event.stats.to_dict()})
+        return event
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
