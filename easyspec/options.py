@@ -9,6 +9,7 @@ them, never the reverse, so the CLI can parse its flags before loading anything 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +256,58 @@ class EngineOptions:
         if self.tree_width * self.initial_num_draft > MAX_TREE_NODES:
             fail(f"a tree of --tree-width {self.tree_width} x depth {self.initial_num_draft} has more than "
                  f"{MAX_TREE_NODES} nodes; make it narrower or shallower")
+
+
+# vLLM's --speculative-config (and LLM(speculative_config=...)): each key it may hold here, and
+# the EngineOptions field (the flag) it sets.
+SPECULATIVE_CONFIG_KEYS = {
+    "method": "method",
+    "model": "draft",
+    "num_speculative_tokens": "num_draft",
+    "draft_tensor_parallel_size": "draft_tp",
+    "prompt_lookup_min": "ngram_min",
+    "prompt_lookup_max": "ngram_max",
+}
+# Its "method": vLLM's names of the methods easyspec has, and easyspec's own names of speculative methods.
+SPECULATIVE_METHODS = {"draft_model": Method.SD, "ngram": Method.NGRAM,
+                       **{m.value: m for m in Method if m.speculates}}
+
+
+def parse_speculative_config(text: str) -> dict:
+    """--speculative-config's JSON text as a dict; OptionsError saying what is wrong otherwise."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OptionsError(f"--speculative-config is not JSON ({err.msg} at column {err.colno}); write it as "
+                           '\'{"method": "draft_model", "model": "DIR", "num_speculative_tokens": 4}\'') from None
+    if not isinstance(config, dict):
+        raise OptionsError(f"--speculative-config must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def speculative_options(config: dict, method: str | None = None) -> dict[str, object]:
+    """A vLLM speculative config as EngineOptions fields, e.g. {"method": "draft_model", "model": "DIR",
+    "num_speculative_tokens": 4} -> {"method": "sd", "draft": "DIR", "num_draft": 4}. `method` is the one
+    to use when the config names none (the CLI's --method); without either, a "model" means
+    draft_model, as in vLLM. Keys easyspec does not take and values of the wrong type raise OptionsError."""
+    where = "--speculative-config"
+    unknown = sorted(set(config) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise OptionsError(f"{where}: easyspec does not take {', '.join(map(repr, unknown))}; it takes "
+                           f"{', '.join(SPECULATIVE_CONFIG_KEYS)}")
+    for key, value in config.items():
+        kind = str if key in ("method", "model") else int
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise OptionsError(f"{where}: {key!r} must be {'a string' if kind is str else 'an integer'}, "
+                               f"got {value!r}")
+    name = config.get("method") or method or ("draft_model" if "model" in config else None)
+    if name is None:
+        raise OptionsError(f'{where} needs a "method" ({", ".join(SPECULATIVE_METHODS)}) or a draft "model"')
+    if name not in SPECULATIVE_METHODS:
+        raise OptionsError(f"{where}: method {name!r} is not one easyspec runs; choose one of "
+                           f"{', '.join(SPECULATIVE_METHODS)}")
+    return {**{SPECULATIVE_CONFIG_KEYS[key]: value for key, value in config.items()},
+            "method": SPECULATIVE_METHODS[name].value}
 
 
 class SamplingError(ValueError):

@@ -99,3 +99,27 @@ def tree_levels_layer_parallel_vs_reference(state, folder: str, groups: str):
         "ours_keys": [k[:, :12] for k in ours_cache.keys],
         "ref_keys": [k[:, :12] for k in ref_cache.keys],
     }
+
+
+def local_vs_ranks(state, folder: str, groups: str):
+    """LocalLayerParallelForward on every rank against the ranks' LayerParallelForward, for every
+    policy: three layer-parallel steps after an exact prefill, logits and every layer's KV after them."""
+    from easyspec.options import ParallelPolicy
+    from easyspec.parallel.layer_parallel import LocalLayerParallelForward
+
+    model = load_model(folder)
+    layout = LayerLayout.parse(groups, model.config.num_layers, state.world_size)
+    prompt, steps = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]), torch.tensor([5, 3, 5])
+    out = {}
+    with torch.no_grad():
+        for policy in ParallelPolicy.names():
+            forwards = {"ranks": LayerParallelForward(model, layout, state.rank, state.world_size, state.group,
+                                                      policy),
+                        "local": LocalLayerParallelForward(model, layout, policy)}
+            for name, forward in forwards.items():
+                cache = model.allocate_cache(64)
+                model(prompt, torch.arange(8), cache, 64)
+                logits = [forward(tok.view(1), torch.tensor([8 + i]), cache, 64) for i, tok in enumerate(steps)]
+                logits.append(forward(steps, torch.arange(11, 14), cache, 64))  # several tokens in one step
+                out[policy, name] = (torch.cat(logits), [k[:, :14].clone() for k in cache.keys])
+    return out

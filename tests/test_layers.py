@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent / "easyspec"
 
 # A package may import those of lower layers (and, one way only, its own layer's), never higher ones.
 LAYERS = {
-    "cli": 5, "server": 5, "bench": 5, "zoo": 5,
+    "cli": 5, "server": 5, "bench": 5, "zoo": 5, "distill": 5,
     "engine": 4,
     "draft": 3,
     "runtime": 2, "verify": 2, "parallel": 2,
@@ -19,7 +19,8 @@ LAYERS = {
     "options": 0,
 }
 # The CLI builds one parser: it imports each front end's `register`, and they use its shared flags.
-REGISTRATION = {("cli", "bench"), ("cli", "server"), ("bench", "cli"), ("server", "cli")}
+REGISTRATION = {("cli", "bench"), ("cli", "server"), ("cli", "distill"), ("bench", "cli"), ("server", "cli"),
+                ("distill", "cli")}
 
 
 def package_of(module: str) -> str | None:

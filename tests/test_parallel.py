@@ -14,7 +14,7 @@ import pytest
 import torch
 from dist_utils import run_ranks
 from hf_models import make_hf_checkpoint
-from parallel_cases import layer_parallel_vs_reference, tp_logits
+from parallel_cases import layer_parallel_vs_reference, local_vs_ranks, tp_logits
 
 from easyspec import Engine, EngineOptions
 from easyspec.model.checkpoint import load_model
@@ -55,6 +55,17 @@ def test_layer_parallel_matches_formulas_and_calibration_is_exact(pair_dir, poli
     # Layer-parallel drafting really is an approximation: its KV differs from exact KV somewhere.
     assert any(not torch.allclose(f, e, atol=1e-4) for f, e in zip(results[0]["parallel_keys"],
                                                                     results[0]["exact_keys"], strict=True))
+
+
+@pytest.mark.parametrize("world,groups", [(2, "0,1-2,3-4,5,6-7"), (4, "0,1-4,5-7")])
+def test_one_device_layer_parallel_equals_the_ranks(pair_dir, world, groups):
+    """LocalLayerParallelForward (every group member on one device) computes what N ranks compute."""
+    for result in run_ranks(local_vs_ranks, world, str(pair_dir / "deep"), groups):
+        for policy in ("attention", "layer", "attention+tp-mlp"):
+            (ranks, ranks_keys), (local, local_keys) = result[policy, "ranks"], result[policy, "local"]
+            torch.testing.assert_close(local, ranks, atol=1e-5, rtol=1e-5)
+            for a, b in zip(local_keys, ranks_keys, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_three_processes_layer_parallel_3(pair_dir):

@@ -10,7 +10,7 @@ talks to it); every server stops when the module ends. `export NAME=VALUE` sets 
 commands after it, in its block and the later ones, as in one shell session. Each command must
 exit 0, and a curl must not answer an error. Python blocks are saved to a file and run.
 
-Rewrites, the only ones: a README port (8000, 8001) becomes a free port, `/tmp/` becomes the
+Rewrites, the only ones: a README port (8000, 8001, 8002) becomes a free port, `/tmp/` becomes the
 scratch folder, so that the test can run beside others. Commands not run are listed in
 NOT_RUN with the reason; every entry must still match a README command.
 """
@@ -46,7 +46,7 @@ NOT_RUN = {
     "easyspec bench-steps": "times random-weight 8B/1B models on CUDA GPUs",
     "scripts/bench-gpu.sh": "a GPU machine's job of several minutes",
 }
-PORTS = ("8000", "8001")
+PORTS = ("8000", "8001", "8002")
 COMMAND_TIMEOUT_S = 300
 
 

@@ -10,12 +10,16 @@ from easyspec.options import (
     CPU_KV_CACHE_BYTES,
     DEFAULT_MODEL_DIR,
     DTYPE_NAMES,
+    SPECULATIVE_CONFIG_KEYS,
     Calibration,
     EngineOptions,
     Method,
+    OptionsError,
     ParallelPolicy,
     SamplingParams,
     TreeSampling,
+    parse_speculative_config,
+    speculative_options,
 )
 
 # Every flag's default is read from the options' own (one place for each default).
@@ -33,6 +37,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Given(argparse.Action):
+    """Stores a flag's value and records that the command line gave it (in `given`, dest -> flag), so
+    that --speculative-config can refuse to set what a flag already sets."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {**getattr(namespace, "given", {}), self.dest: option_string}
+
+
 def torchrun_world_size() -> int | None:
     """WORLD_SIZE when started by torchrun (which sets TORCHELASTIC_RUN_ID), else None."""
     if "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ:
@@ -46,20 +60,23 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
     --generation-config (its requests set every sampling field), --no-progress (its own bar)."""
     g = p.add_argument_group("models and placement")
     g.add_argument("--model", help="base model: a Hugging Face folder or a GGUF file; default: the bundled demo base")
-    g.add_argument("--draft", help="draft model (folder or GGUF file); default with no --model: the bundled demo draft")
+    g.add_argument("--draft", action=Given,
+                   help="draft model (folder or GGUF file); default with no --model: the bundled demo draft")
     if method:
-        g.add_argument("--method", choices=Method.names(),
+        g.add_argument("--method", choices=Method.names(), action=Given,
                        help="decoding method; default: easyspec when a draft is given, else vanilla")
-    g.add_argument("--devices", type=int,
-                   help="processes (GPUs with --device cuda): the base model is tensor-parallel over all; "
-                        "default: torchrun's world size under torchrun, else 1")
+    g.add_argument("--devices", "--tensor-parallel-size", type=int,
+                   help="processes (GPUs with --device cuda): the base model is tensor-parallel over all "
+                        "(--tensor-parallel-size: vLLM's name); default: torchrun's world size under torchrun, "
+                        "else 1")
     g.add_argument("--device", default=ENGINE_DEFAULTS.device, help="cpu (gloo between processes) or cuda (NCCL)")
     g.add_argument("--dtype", default=ENGINE_DEFAULTS.dtype,
                    help=f"weights and activations: {', '.join((AUTO_DTYPE, *DTYPE_NAMES))}; auto: float32 on the "
                         "CPU, on CUDA the checkpoint's dtype when it is 16-bit (bfloat16 for a quantized GGUF file), "
                         "else float32")
-    g.add_argument("--max-context", type=int,
-                   help="KV cache length in tokens (prompt + generated + draft room); default: the models' "
+    g.add_argument("--max-context", "--max-model-len", type=int,
+                   help="KV cache length in tokens (prompt + generated + draft room; --max-model-len: vLLM's "
+                        "name); default: the models' "
                         "max_position_embeddings, capped so the cache fits in memory (on CUDA by "
                         f"--gpu-memory-utilization, on the CPU at {CPU_KV_CACHE_BYTES >> 30} GiB); the engine logs "
                         "what it chose")
@@ -84,7 +101,13 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
     g.add_argument("--timeout", type=float, default=ENGINE_DEFAULTS.timeout_s,
                    help="seconds before a collective that has not finished fails (a peer is dead or stuck)")
     s = p.add_argument_group("speculation")
-    s.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft, help="draft tokens per round")
+    if method:
+        s.add_argument("--speculative-config", metavar="JSON",
+                       help="vLLM's speculative config, mapped onto these flags: method (draft_model = sd, ngram, "
+                            "or easyspec), model (--draft), num_speculative_tokens (--num-draft), "
+                            "draft_tensor_parallel_size (--draft-tp), prompt_lookup_min/max (--ngram-min/max)")
+    s.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft, action=Given,
+                   help="draft tokens per round")
     s.add_argument("--adaptive-draft", action="store_true",
                    help="grow --num-draft after full acceptance, shrink it after a miss")
     s.add_argument("--max-draft", type=int, default=ENGINE_DEFAULTS.max_draft,
@@ -95,7 +118,7 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
                    help="draft tokens along each path of the tree; default: --num-draft")
     s.add_argument("--tree-sampling", default=ENGINE_DEFAULTS.tree_sampling, choices=TreeSampling.names(),
                    help="temperature > 0: how a tree node's children are drawn from the draft distribution")
-    s.add_argument("--draft-tp", type=int, default=ENGINE_DEFAULTS.draft_tp,
+    s.add_argument("--draft-tp", type=int, default=ENGINE_DEFAULTS.draft_tp, action=Given,
                    help="sd: 1 = draft on one device, N = sharded over all")
     s.add_argument("--layer-parallel", type=int, help="easyspec: drafting devices; default: --devices")
     s.add_argument("--keep-first", type=int, default=ENGINE_DEFAULTS.keep_first,
@@ -108,8 +131,10 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
                    help="easyspec: what the ranks of a layer group compute in parallel")
     s.add_argument("--calibrate", default=ENGINE_DEFAULTS.calibrate, choices=Calibration.names(),
                    help="easyspec: when to rewrite the layer-parallel draft KV exactly")
-    s.add_argument("--ngram-min", type=int, default=ENGINE_DEFAULTS.ngram_min, help="ngram: shortest suffix to match")
-    s.add_argument("--ngram-max", type=int, default=ENGINE_DEFAULTS.ngram_max, help="ngram: longest suffix to match")
+    s.add_argument("--ngram-min", type=int, default=ENGINE_DEFAULTS.ngram_min, action=Given,
+                   help="ngram: shortest suffix to match")
+    s.add_argument("--ngram-max", type=int, default=ENGINE_DEFAULTS.ngram_max, action=Given,
+                   help="ngram: longest suffix to match")
 
 
 # Sampling flags whose default is the engine's (the model's generation_config.json, see
@@ -149,9 +174,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="with --json: each token's log-probability and this many most likely tokens' (0 to 20)")
 
 
+def speculation_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The speculation flags, with what --speculative-config sets in place of theirs; a key that sets
+    what a flag on the command line sets too is refused rather than one silently winning."""
+    chosen = {name: getattr(args, name, None) for name in SPECULATIVE_CONFIG_KEYS.values()}
+    if getattr(args, "speculative_config", None) is None:
+        return chosen
+    config = parse_speculative_config(args.speculative_config)
+    given = getattr(args, "given", {})
+    clash = next((key for key in config if SPECULATIVE_CONFIG_KEYS.get(key) in given), None)
+    if clash is not None:
+        raise OptionsError(f"--speculative-config sets {clash!r} and {given[SPECULATIVE_CONFIG_KEYS[clash]]} is "
+                           "given too; keep one")
+    fields = speculative_options(config, args.method)
+    if args.model is not None and Method(fields["method"]).uses_draft_model and not (fields.get("draft") or args.draft):
+        name = config.get("method", fields["method"])
+        raise OptionsError(f'--speculative-config: method {name!r} needs a draft "model" (or --draft)')
+    return {**chosen, **fields}
+
+
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
-    model, draft = args.model, args.draft
-    method = getattr(args, "method", None)
+    speculation = speculation_from_args(args)
+    model, draft, method = args.model, speculation["draft"], speculation["method"]
     if model is None:
         model = str(DEFAULT_MODEL_DIR / "base")
         if draft is None and (method is None or Method(method).uses_draft_model):
@@ -165,21 +209,21 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         devices=devices,
         device=args.device,
         dtype=args.dtype,
-        num_draft=args.num_draft,
+        num_draft=speculation["num_draft"],
         adaptive_draft=args.adaptive_draft,
         max_draft=args.max_draft,
         tree_width=args.tree_width,
         tree_depth=args.tree_depth,
         tree_sampling=args.tree_sampling,
-        draft_tp=args.draft_tp,
+        draft_tp=speculation["draft_tp"],
         layer_parallel=args.layer_parallel or devices,
         keep_first=args.keep_first,
         keep_last=args.keep_last,
         groups=args.groups,
         parallel_policy=args.parallel_policy,
         calibrate=args.calibrate,
-        ngram_min=args.ngram_min,
-        ngram_max=args.ngram_max,
+        ngram_min=speculation["ngram_min"],
+        ngram_max=speculation["ngram_max"],
         max_context=args.max_context,
         gpu_memory_utilization=args.gpu_memory_utilization,
         generation_config=getattr(args, "generation_config", ENGINE_DEFAULTS.generation_config),

@@ -1,4 +1,5 @@
-"""`easyspec` command line: generate (serve, bench, bench-steps and convert register themselves here too)."""
+"""`easyspec` command line: generate (serve, bench, bench-steps, convert, distill and acceptance register
+themselves here too)."""
 
 from __future__ import annotations
 
@@ -118,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     from easyspec.bench.cli import register as register_bench
     from easyspec.bench.cli import register_steps
     from easyspec.cli.convert import register as register_convert
+    from easyspec.distill.cli import register as register_distill
     from easyspec.server.cli import register as register_serve
 
     register_serve(sub)
     register_bench(sub)
     register_steps(sub)
     register_convert(sub)
+    register_distill(sub)
     # Listed here for --help; main() hands `easyspec zoo ...` to the zoo's own parser.
     sub.add_parser("zoo", add_help=False, help="train, check and inflate model pairs (easyspec zoo --help)")
     return parser

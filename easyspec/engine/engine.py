@@ -179,10 +179,7 @@ class Engine:
 
     def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
         """Text to token ids, through the chat template unless `raw` or the model has none."""
-        tok = self._text_tokenizer()
-        if raw or tok.chat_template is None:
-            return tok.encode(text)
-        return tok.encode_chat([{"role": "user", "content": text}])
+        return self._text_tokenizer().encode_prompt(text, raw)
 
     def _text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

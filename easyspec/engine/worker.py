@@ -33,7 +33,7 @@ from easyspec.engine.decision import Decision, RequestFailed, seed_box, settle, 
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
-from easyspec.model.loader import load_config, load_tokenizer
+from easyspec.model.loader import eos_ids, load_config, load_tokenizer
 from easyspec.options import EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel import comm
 from easyspec.parallel.state import ParallelState
@@ -98,11 +98,7 @@ class Worker:
         label = "base" if options.progress and state.is_driver else None  # progress bars and lines on rank 0
         self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1, progress=label),
                                 options.max_context, options.cuda_graphs, scratch=scratch, label=label)
-        self.eos = set(self.base_config.eos_token_ids)
-        if self.tokenizer and self.tokenizer.eos_token:
-            eos_id = self.tokenizer.token_id(self.tokenizer.eos_token)
-            if eos_id is not None:
-                self.eos.add(eos_id)
+        self.eos = set(eos_ids(self.base_config, self.tokenizer))
         if options.p2p_collectives and state.device.type == "cuda":
             comm.enable_p2p(state.group, state.device, (dtype,))  # collective: every rank takes part
         self.drafting = Drafting(options, state, dtype, scratch)

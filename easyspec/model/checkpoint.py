@@ -42,6 +42,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
+# What a checkpoint folder may hold for its tokenizer besides the weights and config.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder cannot be loaded; the message names the file and the fault."""
 
@@ -306,6 +311,11 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, Tensor]]:
         yield from zip(names, tensor.split(sizes, dim=0), strict=True)
 
 
+def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors writes owner-only files; a checkpoint is meant to be shared
+
+
 def save_checkpoint(model: Transformer, folder: str | Path, max_shard_bytes: int = 1 << 30) -> None:
     """Write config.json and safetensors shards (with an index when there is more than one)."""
     folder = Path(folder)
@@ -322,12 +332,12 @@ def save_checkpoint(model: Transformer, folder: str | Path, max_shard_bytes: int
         shards[-1][name] = tensor.contiguous().cpu()
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        _save_shard(shards[0], folder / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / file, metadata={"format": "pt"})
+        _save_shard(shard, folder / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

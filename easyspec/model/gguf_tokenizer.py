@@ -12,7 +12,6 @@ as plain added tokens, and BOS/EOS added where the metadata asks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,15 +198,7 @@ def write_tokenizer_files(path: str | Path, folder: str | Path, model_max_length
     """tokenizer.json and tokenizer_config.json (chat template, special tokens) of the file's tokenizer."""
     f = open_gguf(path)
     tok, s = build_tokenizer(f)
-    folder = Path(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": s.bos_token, "eos_token": s.eos_token, "pad_token": s.pad_token, "unk_token": s.unk_token,
-        "add_bos_token": s.add_bos, "add_eos_token": s.add_eos,
-        "clean_up_tokenization_spaces": False,
+    Tokenizer(tok, s.chat_template, s.bos_token, s.eos_token, str(f.path)).save(folder, {
+        "pad_token": s.pad_token, "unk_token": s.unk_token, "add_bos_token": s.add_bos, "add_eos_token": s.add_eos,
         "model_max_length": model_max_length,
-    }
-    if s.chat_template is not None:
-        config["chat_template"] = s.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    })

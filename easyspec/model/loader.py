@@ -4,7 +4,8 @@ Everything that takes a model path (--model, --draft, the Python API) goes
 through these functions; they pick the format by what the path is (a
 file, or a name ending in .gguf, is read as GGUF) and return the same
 ModelConfig, weights and Tokenizer either way. The GGUF modules are imported
-only when a GGUF file is opened, so folders need no gguf library.
+only when a GGUF file is opened, so folders need no gguf library. `eos_ids`
+reads the two together: the ids that end a reply.
 """
 
 from __future__ import annotations
@@ -77,3 +78,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
         return gguf_tokenizer(path)
     return Tokenizer.from_folder(path)
+
+
+def eos_ids(cfg: ModelConfig, tokenizer: Tokenizer | None) -> list[int]:
+    """The ids that end a reply: the config's EOS ids and the tokenizer's EOS token, sorted."""
+    ids = set(cfg.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token:
+        eos = tokenizer.token_id(tokenizer.eos_token)
+        if eos is not None:
+            ids.add(eos)
+    return sorted(ids)

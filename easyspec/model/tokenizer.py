@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from tokenizers import Tokenizer as _HFTokenizer
@@ -87,6 +88,21 @@ class Tokenizer:
         return cls(tok, template, special["bos_token"], special["eos_token"], str(folder),
                    {name: value for name, value in special.items() if value is not None})
 
+    def save(self, folder: str | Path, settings: dict[str, Any] | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json (BOS and EOS tokens, chat template, and any
+        further tokenizer_config `settings`), which `from_folder` and transformers both read back."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for key, value in (("bos_token", self.bos_token), ("eos_token", self.eos_token)):
+            if value is not None:
+                config[key] = value
+        config.update(settings or {})
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -140,6 +156,12 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt, tools, documents, continue_final_message,
                                 **chat_template_kwargs)
         return self.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
+        """A user's prompt as token ids: through the chat template unless `raw` or there is none."""
+        if raw or self.chat_template is None:
+            return self.encode(text)
+        return self.encode_chat([{"role": "user", "content": text}])
 
 
 class StreamDecoder:

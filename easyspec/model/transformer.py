@@ -99,6 +99,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
+    def qkv(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries, keys and values of x: [B, T, D] before the input `norm`, for callers that
+        attend elsewhere than the cache. cos, sin: [T, 1, hd], or [B, T, 1, hd] for positions per row.
+        Returns q [B, T, H, hd], k and v [B, T, Hkv, hd]."""
+        batch, seq, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
+        q, k, v = self.qkv_proj(x, norm=norm).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(batch, seq, nh, hd)
+        k = k.view(batch, seq, nkv, hd)
+        v = v.view(batch, seq, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.rotary(q, k, cos, sin)
+        return q, k, v
+
     def forward(self, x: Tensor, norm: RMSNorm, step: StepInputs, layer: int, residual: Tensor | None = None) -> Tensor:
         """x: [B, T, D] before the input `norm` -> the attention output projected to [B, T, D]
         (before any tensor-parallel reduction), added to `residual` if given."""
@@ -118,13 +133,7 @@ class Attention(nn.Module):
 
         # No cache (training or a one-off full forward): causal attention over this forward's
         # own keys, with GQA heads expanded for the fused kernels.
-        q, k, v = self.qkv_proj(x, norm=norm).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(batch, seq, nh, hd)
-        k = k.view(batch, seq, nkv, hd)
-        v = v.view(batch, seq, nkv, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.rotary(q, k, step.cos[:, None, :], step.sin[:, None, :])  # cos, sin: [T, 1, hd]
+        q, k, v = self.qkv(x, norm, step.cos[:, None, :], step.sin[:, None, :])  # cos, sin: [T, 1, hd]
         group = nh // nkv
         qh = q.transpose(1, 2)  # [B, H, T, hd]
         kh = k.transpose(1, 2).repeat_interleave(group, dim=1)

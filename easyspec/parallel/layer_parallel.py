@@ -18,10 +18,19 @@ runs as follows on drafting rank r:
 
 Every rank ends a group with the same h, so no broadcast is needed. The policy
 names are easyspec.options.ParallelPolicy.
+
+`run_groups` is the same function on one device: every member of a group
+computed in turn from h0, then combined exactly as above (`combine_group`,
+which the multi-rank forward uses too). attention+tp-mlp computes the attention
+policy's function (its MLP and LM-head shards add up to the whole), so on one
+device the two are one. `LocalLayerParallelForward` wraps it with the call
+signature of `LayerParallelForward`, so that training (easyspec.distill) and
+acceptance measurement run what N drafting ranks compute, on a single device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +40,7 @@ from torch.distributed import ProcessGroup
 
 from easyspec.model import kernels
 from easyspec.model.kv_cache import KVCache, SlotView
-from easyspec.model.transformer import Block, Transformer
+from easyspec.model.transformer import Block, StepInputs, Transformer
 from easyspec.options import ParallelPolicy
 from easyspec.parallel import comm
 from easyspec.parallel.tp import VocabParallelHead
@@ -44,6 +53,11 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class LayerLayout:
     groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def max_size(self) -> int:
+        """Layers in the largest group: the drafting ranks this layout needs."""
+        return max(len(g) for g in self.groups)
 
     def __str__(self) -> str:
         return ",".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in self.groups)
@@ -98,6 +112,79 @@ class LayerLayout:
         too_big = [g for g in self.groups if len(g) > size]
         if too_big:
             raise LayoutError(f"--groups: group {too_big[0]} has more layers than --layer-parallel {size}")
+
+
+# attend(layer, x, residual) -> that layer's attention update for input x [B, T, D], plus
+# `residual` when one is given (as Block.attention adds it)
+Attend = Callable[[int, Tensor, Tensor | None], Tensor]
+
+
+def combine_group(layers: nn.ModuleList, group: Sequence[int], h0: Tensor, updates: Sequence[Tensor], policy: str,
+                  mlp: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+    """h after a group from its entry state h0 [B, T, D] and each member's update, in layer order.
+
+    updates[j]: the attention update of layer group[j] from h0 (policy "layer": the whole layer's,
+    attention plus MLP). `mlp(layer, x)` stands in for the layer's own MLP sub-block (a sharded one).
+    """
+    x = h0
+    for layer, update in zip(group, updates, strict=True):
+        x = x + update
+        if policy != ParallelPolicy.LAYER:
+            x = x + (mlp(layer, x) if mlp is not None else layers[layer].feed_forward(x))
+    return x
+
+
+def run_groups(layers: nn.ModuleList, groups: Sequence[Sequence[int]], x: Tensor, attend: Attend,
+               policy: str = ParallelPolicy.ATTENTION) -> Tensor:
+    """The layer-parallel function on one device: x [B, T, D] through `groups` in order.
+
+    Every member of a group reads the group's input; a group of one is an ordinary layer
+    (for every policy, with Block.forward's arithmetic). `attend` computes attention sub-blocks,
+    so a caller chooses where their keys and values come from (the KV cache, or an exact
+    pass during training).
+    """
+    for group in groups:
+        if len(group) == 1:
+            x = attend(group[0], x, x)
+            x = layers[group[0]].feed_forward(x, residual=x)
+            continue
+        h0 = x
+        updates = []
+        for layer in group:
+            update = attend(layer, h0, None)
+            if policy == ParallelPolicy.LAYER:
+                update = update + layers[layer].feed_forward(h0 + update)
+            updates.append(update)
+        x = combine_group(layers, group, h0, updates, policy)
+    return x
+
+
+class LocalLayerParallelForward:
+    """The layer-parallel forward of LayerParallelForward with every group member on this one device.
+
+    It computes what `layout.max_size` drafting ranks compute together (the CPU tests check
+    equality with 2 and 4 processes), so acceptance measured with it is that of real
+    layer-parallel drafting; its timings are not.
+    """
+
+    def __init__(self, model: Transformer, layout: LayerLayout, policy: str = ParallelPolicy.ATTENTION) -> None:
+        if policy not in ParallelPolicy.names():
+            raise LayoutError(f"unknown parallel policy {policy!r}; choose one of {', '.join(ParallelPolicy.names())}")
+        layout.validate(model.config.num_layers, layout.max_size)
+        self.model, self.layout, self.policy = model, layout, policy
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView, kv_len: int,
+                 mask: Tensor | None = None) -> Tensor:
+        """tokens, positions: [T]; mask: [T, L] bool or None for causal -> logits [T, V]."""
+        model = self.model
+        layers = model.layers
+        step: StepInputs = model.step_inputs(positions, cache, kv_len, mask)
+
+        def attend(i: int, h: Tensor, residual: Tensor | None) -> Tensor:
+            return layers[i].attention(h, step, residual)
+
+        x = run_groups(layers, self.layout.groups, model.embed_tokens(tokens[None]), attend, self.policy)  # [1, T, D]
+        return model.logits(x)[0]
 
 
 class ShardedMLP(nn.Module):
@@ -194,11 +281,5 @@ class LayerParallelForward:
                 shape = (seq, cache.keys[layer].shape[0], -1)
                 cache.write(layer, slots, keys.reshape(shape).transpose(0, 1),
                             values.reshape(shape).transpose(0, 1))
-        x = h0
-        for layer, update in zip(g, updates, strict=True):
-            x = x + update
-            if self.policy == ParallelPolicy.ATTENTION:
-                x = x + layers[layer].feed_forward(x)
-            elif self.policy == ParallelPolicy.ATTENTION_TP_MLP:
-                x = x + self.sharded_mlps[layer](x, self.group)
-        return x
+        mlp = (lambda layer, x: self.sharded_mlps[layer](x, self.group)) if self.sharded_mlps else None
+        return combine_group(layers, g, h0, updates, self.policy, mlp)

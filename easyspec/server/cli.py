@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` command; called by easyspec.cli.main while it builds the parser."""
     p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (streaming) over the engine",
                               description="Loads the model (and draft) and answers /v1/completions, "
-                                          "/v1/chat/completions, /v1/models, /health and /metrics; needs the "
+                                          "/v1/chat/completions, /v1/models, /health, /metrics, and vLLM's "
+                                          "/tokenize, /detokenize and /version; needs the "
                                           "[serve] extra (aiohttp): pip install 'easyspec[serve]'.",
                               formatter_class=HelpFormatter)
     add_engine_args(p)
@@ -116,7 +117,7 @@ def serve(options: EngineOptions, sock: socket.socket, api_key: str | None, max_
     from aiohttp import web
 
     from easyspec.engine.engine import Engine
-    from easyspec.server.app import Limits, ServerState, build_app
+    from easyspec.server.app import Limits, ServerState, build_app, system_fingerprint
     from easyspec.server.metrics import Metrics
     from easyspec.server.scheduler import Scheduler
 
@@ -124,7 +125,7 @@ def serve(options: EngineOptions, sock: socket.socket, api_key: str | None, max_
     scheduler = Scheduler(lambda on_failure: Engine(options, on_worker_failure=on_failure), max_queue, metrics)
     engine = scheduler.start()
     limits = Limits.for_context(engine.options.max_context, read_timeout_s)
-    app = build_app(ServerState(scheduler, metrics, model_name, api_key, limits))
+    app = build_app(ServerState(scheduler, metrics, model_name, api_key, limits, system_fingerprint(engine.options)))
     host, port = sock.getsockname()[:2]
     log.info("serving %s (method %s, %d device%s, context %d) on http://%s:%d; limits: %d prompt characters, "
              "%d body bytes", model_name, options.method, options.devices, "" if options.devices == 1 else "s",

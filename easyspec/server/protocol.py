@@ -14,6 +14,7 @@ Field policy (documented in the README):
   with a seed, choice i uses seed + i (vLLM's rule).
 - Chat: chat_template_kwargs (extra template variables), add_generation_prompt
   and continue_final_message, as vLLM takes them.
+- Responses carry system_fingerprint and, on each choice, vLLM's stop_reason.
 - Known fields the engine cannot honour are a 400 when set to anything but
   their neutral value, rather than silently ignored, because ignoring them
   would change the output without telling: best_of > 1, echo, suffix,
@@ -40,8 +41,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_CHOICES = 16  # n: the choices of one request run one after another on the engine
-# Template variables the request sets through fields of their own (messages, add_generation_prompt, ...).
-RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
+# Variables a chat template gets from the request itself, which chat_template_kwargs cannot replace.
+TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -84,7 +85,7 @@ def _json_type(value: object) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
+def get_field(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
          param: str | None = None) -> Any:
     """body[name] if it has one of `types` (null counts as absent); a 400 naming the field (as `param`,
     when it is nested) otherwise."""
@@ -100,7 +101,7 @@ def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default:
 
 
 def _number(body: dict, name: str) -> float | None:
-    value = _get(body, name, (int, float), "a number")
+    value = get_field(body, name, (int, float), "a number")
     if value is None:
         return None
     # JSON has no inf, but 1e999 parses to it; an int too large for a float fails to convert.
@@ -112,7 +113,7 @@ def _number(body: dict, name: str) -> float | None:
 
 def _count(body: dict, name: str, default: int, minimum: int) -> int:
     """An integer field that counts something, at least `minimum`."""
-    value = _get(body, name, (int,), "an integer", default)
+    value = get_field(body, name, (int,), "an integer", default)
     if value < minimum:
         raise ApiError(400, f"'{name}' must be at least {minimum}, got {value}", param=name)
     return value
@@ -176,7 +177,7 @@ def _check_text(text: str, param: str) -> None:
                        param=shown, code="invalid_unicode") from None
 
 
-def _unsupported(name: str, what: str) -> ApiError:
+def unsupported(name: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported by this server", param=name, code="unsupported")
 
 
@@ -192,9 +193,11 @@ class GenerationRequest:
     n: int  # choices, each an independent sample
     stream: bool
     include_usage: bool
-    template: dict[str, Any]  # chat: add_generation_prompt, continue_final_message, chat_template_kwargs' variables
     ignored: tuple[str, ...]  # unknown fields, reported in the log
     aliases: dict[str, str] = field(default_factory=dict)  # SamplingParams name -> the request's, where they differ
+    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs, extra template variables
+    add_generation_prompt: bool = True  # chat: open the assistant's turn after the messages
+    continue_final_message: bool = False  # chat: leave the last message open for the model to continue
 
     @property
     def text_chars(self) -> int:
@@ -219,24 +222,24 @@ CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logpro
 
 def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     """The fields completions and chat share, as GenerationRequest's."""
-    _get(body, "model", (str,), "a string")
-    _get(body, "user", (str,), "a string")
-    if _get(body, "logit_bias", (dict,), "an object"):
-        raise _unsupported("logit_bias", "logit_bias")
+    get_field(body, "model", (str,), "a string")
+    get_field(body, "user", (str,), "a string")
+    if get_field(body, "logit_bias", (dict,), "an object"):
+        raise unsupported("logit_bias", "logit_bias")
     sampling: dict[str, Any] = {name: _number(body, name) for name in
                                 ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                                  "frequency_penalty")}
-    max_tokens = sampling["max_new_tokens"] = _get(body, max_tokens_field, (int,), "an integer")
+    max_tokens = sampling["max_new_tokens"] = get_field(body, max_tokens_field, (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{max_tokens_field}' must be at least 1, got {max_tokens}", param=max_tokens_field)
-    sampling["min_tokens"] = _get(body, "min_tokens", (int,), "an integer")
-    top_k = _get(body, "top_k", (int,), "an integer")
+    sampling["min_tokens"] = get_field(body, "min_tokens", (int,), "an integer")
+    top_k = get_field(body, "top_k", (int,), "an integer")
     if top_k is not None and top_k < -1:
         raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}", param="top_k")
     sampling["top_k"] = None if top_k is None else max(top_k, 0)
     sampling["stop"] = _stops(body)
     sampling["stop_token_ids"] = _stop_token_ids(body)
-    seed = sampling["seed"] = _get(body, "seed", (int,), "an integer")
+    seed = sampling["seed"] = get_field(body, "seed", (int,), "an integer")
     n = _count(body, "n", 1, 1)
     if n > MAX_CHOICES:
         raise ApiError(400, f"'n' must be at most {MAX_CHOICES}, got {n}", param="n")
@@ -244,10 +247,10 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
         raise ApiError(400, f"'seed' must be a signed 64-bit integer (-2**63 to 2**63 - 1) that stays one when the "
                             f"n - 1 = {n - 1} choices after the first add their index, got {seed}", param="seed")
     for name in ("ignore_eos", "skip_special_tokens"):
-        sampling[name] = _get(body, name, (bool,), "a boolean")
-    stream = _get(body, "stream", (bool,), "a boolean", False)
-    options = _get(body, "stream_options", (dict,), "an object", {})
-    include_usage = _get(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
+        sampling[name] = get_field(body, name, (bool,), "a boolean")
+    stream = get_field(body, "stream", (bool,), "a boolean", False)
+    options = get_field(body, "stream_options", (dict,), "an object", {})
+    include_usage = get_field(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
     return dict(
         sampling={name: value for name, value in sampling.items() if value is not None},
         n=n,
@@ -259,7 +262,7 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
 
 
 def _stops(body: dict) -> tuple[str, ...] | None:
-    stop = _get(body, "stop", (str, list), "a string or an array of strings")
+    stop = get_field(body, "stop", (str, list), "a string or an array of strings")
     if stop is None:
         return None
     stops = [stop] if isinstance(stop, str) else stop
@@ -274,7 +277,7 @@ def _stops(body: dict) -> tuple[str, ...] | None:
 
 
 def _stop_token_ids(body: dict) -> tuple[int, ...] | None:
-    ids = _get(body, "stop_token_ids", (list,), "an array of token ids")
+    ids = get_field(body, "stop_token_ids", (list,), "an array of token ids")
     if ids is None:
         return None
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
@@ -287,7 +290,7 @@ def _stop_token_ids(body: dict) -> tuple[int, ...] | None:
 
 def _logprobs_count(body: dict, name: str) -> int | None:
     """A count of top log-probabilities, 0 to MAX_LOGPROBS."""
-    value = _get(body, name, (int,), "an integer")
+    value = get_field(body, name, (int,), "an integer")
     if value is not None and not 0 <= value <= MAX_LOGPROBS:
         raise ApiError(400, f"'{name}' must be from 0 to {MAX_LOGPROBS}, got {value}", param=name)
     return value
@@ -312,20 +315,20 @@ def _parse_prompt(body: dict) -> str | list[int]:
 
 def parse_completion(body: dict) -> GenerationRequest:
     if _count(body, "best_of", 1, 1) > 1:
-        raise _unsupported("best_of", "best_of > 1")
-    if _get(body, "echo", (bool,), "a boolean", False):
-        raise _unsupported("echo", "echo")
-    if _get(body, "suffix", (str,), "a string"):
-        raise _unsupported("suffix", "suffix")
+        raise unsupported("best_of", "best_of > 1")
+    if get_field(body, "echo", (bool,), "a boolean", False):
+        raise unsupported("echo", "echo")
+    if get_field(body, "suffix", (str,), "a string"):
+        raise unsupported("suffix", "suffix")
     fields = _common(body, COMPLETION_FIELDS, "max_tokens")
     logprobs = _logprobs_count(body, "logprobs")
     if logprobs is not None:
         fields["sampling"]["logprobs"] = logprobs
-    return GenerationRequest(prompt=_parse_prompt(body), messages=None, template={}, **fields)
+    return GenerationRequest(prompt=_parse_prompt(body), messages=None, **fields)
 
 
-def _parse_messages(body: dict) -> list[dict]:
-    messages = _get(body, "messages", (list,), "an array")
+def parse_messages(body: dict) -> list[dict]:
+    messages = get_field(body, "messages", (list,), "an array")
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     out = []
@@ -352,37 +355,42 @@ def _parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def _template_options(body: dict) -> dict[str, Any]:
-    """What the chat template is rendered with besides the messages. As in vLLM, add_generation_prompt
-    is on unless set; here an absent one is off when continue_final_message is on."""
-    kwargs = _get(body, "chat_template_kwargs", (dict,), "an object", {})
-    reserved = [name for name in RESERVED_TEMPLATE_VARIABLES if name in kwargs]
-    if reserved:
-        raise ApiError(400, f"'chat_template_kwargs' cannot set {reserved[0]!r}; use the request field of that name "
-                            "(messages, tools and documents are set by the request itself)",
-                       param="chat_template_kwargs")
-    keep_open = _get(body, "continue_final_message", (bool,), "a boolean", False)
-    new_turn = _get(body, "add_generation_prompt", (bool,), "a boolean", not keep_open)
+def chat_template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs: extra variables for the chat template (e.g. Qwen3's enable_thinking)."""
+    kwargs = get_field(body, "chat_template_kwargs", (dict,), "an object", {})
+    taken = next((name for name in TEMPLATE_ARGUMENTS if name in kwargs), None)
+    if taken is not None:
+        raise ApiError(400, f"'chat_template_kwargs' cannot set {taken!r}, which the request itself gives the "
+                            "template", param="chat_template_kwargs")
+    return kwargs
+
+
+def turn_options(body: dict) -> dict[str, bool]:
+    """add_generation_prompt and continue_final_message. As in vLLM, add_generation_prompt is on unless
+    set; here an absent one is off when continue_final_message is on."""
+    keep_open = get_field(body, "continue_final_message", (bool,), "a boolean", False)
+    new_turn = get_field(body, "add_generation_prompt", (bool,), "a boolean", not keep_open)
     if keep_open and new_turn:
         raise ApiError(400, "'continue_final_message' continues the last message and 'add_generation_prompt' starts "
                             "a new one: set add_generation_prompt to false", param="continue_final_message")
-    return {**kwargs, "add_generation_prompt": new_turn, "continue_final_message": keep_open}
+    return {"add_generation_prompt": new_turn, "continue_final_message": keep_open}
 
 
 def parse_chat(body: dict) -> GenerationRequest:
-    logprobs = _get(body, "logprobs", (bool,), "a boolean", False)
+    logprobs = get_field(body, "logprobs", (bool,), "a boolean", False)
     top_logprobs = _logprobs_count(body, "top_logprobs")
     if top_logprobs and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    if _get(body, "tools", (list,), "an array"):
-        raise _unsupported("tools", "tool calling")
-    response_format = _get(body, "response_format", (dict,), "an object", {})
+    if get_field(body, "tools", (list,), "an array"):
+        raise unsupported("tools", "tool calling")
+    response_format = get_field(body, "response_format", (dict,), "an object", {})
     if response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"response_format {response_format.get('type')!r}")
+        raise unsupported("response_format", f"response_format {response_format.get('type')!r}")
     # The newer name wins when a client sends both.
     max_tokens_field = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     fields = _common(body, CHAT_FIELDS, max_tokens_field)
     if logprobs:
         fields["sampling"]["logprobs"] = top_logprobs or 0
         fields["aliases"]["logprobs"] = "top_logprobs"
-    return GenerationRequest(prompt=None, messages=_parse_messages(body), template=_template_options(body), **fields)
+    return GenerationRequest(prompt=None, messages=parse_messages(body), template_kwargs=chat_template_kwargs(body),
+                             **turn_options(body), **fields)

@@ -9,6 +9,9 @@ logprobs + 1 entries), "text_offset"}. Chat: {"content": [{"token", "logprob", "
 tokens shown ("token_id:N" for a model without a tokenizer, as vLLM writes it), "bytes" that
 text's UTF-8 and text_offset the sum of the token texts before it in the choice, as vLLM
 reports them. -inf (a token the sampling settings dropped) is written as -9999.0.
+
+Every response and chunk carries system_fingerprint, and every choice vLLM's stop_reason: the
+stop string or the stop token id that ended it (null until the last chunk, and for EOS or length).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ class ResponseShape:
     """Builds the JSON bodies of one completion or chat response, streamed or not; `token_text`
     gives a token id's text for log-probabilities."""
 
-    def __init__(self, chat: bool, model: str, token_text: Callable[[int], str]) -> None:
+    def __init__(self, chat: bool, model: str, fingerprint: str, token_text: Callable[[int], str]) -> None:
         self.chat = chat
         self.model = model
+        self.fingerprint = fingerprint  # system_fingerprint: the server's configuration (app.system_fingerprint)
         self.token_text = token_text
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -48,7 +52,8 @@ class ResponseShape:
             kind = "chat.completion.chunk" if chunk else "chat.completion"
         else:
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -66,8 +71,9 @@ class ResponseShape:
             out.append({**body, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {**self._envelope(False), "choices": out, "usage": usage, "easyspec": stats}
 
-    def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
-              logprobs: list[TokenLogprob] | None = None, stop_reason: str | int | None = None) -> dict:
+    def chunk(self, index: int, text: str | None, finish_reason: str | None = None,
+              stop_reason: str | int | None = None, role: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
         """A streamed chunk of choice `index`; chat deltas carry the role on a choice's first chunk only."""
         if self.chat:
             delta: dict = {"role": "assistant"} if role else {}
@@ -76,9 +82,7 @@ class ResponseShape:
             choice = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text or ""}
-        choice.update(logprobs=self.logprobs(index, logprobs), finish_reason=finish_reason)
-        if finish_reason is not None:
-            choice["stop_reason"] = stop_reason
+        choice.update(logprobs=self.logprobs(index, logprobs), finish_reason=finish_reason, stop_reason=stop_reason)
         return {**self._envelope(True), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:

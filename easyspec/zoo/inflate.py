@@ -29,15 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from easyspec.model.checkpoint import DTYPES, hf_state_dict, load_config, load_model
+from easyspec.model.checkpoint import DTYPES, TOKENIZER_FILES, hf_state_dict, load_config, load_model
 from easyspec.model.config import ModelConfig
 from easyspec.zoo.shape import InflateError, Plan, Shape, plan_inflation
 from easyspec.zoo.sparse_writer import Placed, SparseShardWriter
 
-# Everything but the weights and config.json that a checkpoint folder may carry for its tokenizer.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
-              "tokenizer.model")
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied unchanged
 DEFAULT_SHARD_BYTES = 4 << 30  # logical size: the zeros in a shard are not stored
 
 
