@@ -107,7 +107,7 @@ def test_completion_logprobs(server):
     for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         # Greedy: the chosen token is the most likely; the dict holds the top 3 and the chosen token.
         assert 3 <= len(top) <= 4 and top[token] == value == max(top.values()) and value <= 0
-    streamed = _complete(server, logprobs=3, stream=True)
+    streamed = list(_complete(server, logprobs=3, stream=True))
     assert [t for c in streamed for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])] \
         == logprobs.tokens
     offsets = [o for c in streamed for o in (c.choices[0].logprobs.text_offset if c.choices[0].logprobs else [])]

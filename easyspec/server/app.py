@@ -34,7 +34,6 @@ from easyspec import __version__
 from easyspec.engine.engine import Engine
 from easyspec.model.tokenizer import Tokenizer
 from easyspec.options import EngineOptions, SamplingError, SamplingParams
-from easyspec.runtime.stats import SpecStats
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
     OPENAI_DEFAULTS,
@@ -44,8 +43,8 @@ from easyspec.server.protocol import (
     parse_chat,
     parse_completion,
 )
-from easyspec.server.responses import Choice, ResponseShape
-from easyspec.server.scheduler import Delta, Job, Scheduler
+from easyspec.server.responses import ResponseShape, collect, stream
+from easyspec.server.scheduler import Job, Scheduler
 from easyspec.server.tokenization import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("easyspec.server")
@@ -261,79 +260,12 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     shape = ResponseShape(chat, state.model_name, state.fingerprint, _token_text(engine))
     try:
         if req.stream:
-            return await _stream(request, jobs, shape, req.include_usage)
-        return await _collect(jobs, shape)
+            return await stream(request, jobs, shape, req.include_usage)
+        return await collect(jobs, shape)
     finally:
         # A no-op once finished; frees the queue slots or stops generation if the client went away.
         for job in jobs:
             state.scheduler.withdraw(job)
-
-
-async def _collect(jobs: list[Job], shape: ResponseShape) -> web.Response:
-    choices, stats, generated = [], [], 0
-    for job in jobs:
-        pieces, logprobs = [], []
-        while True:
-            event = await job.events.get()
-            if isinstance(event, ApiError):
-                raise event
-            pieces.append(event.text)
-            logprobs += event.logprobs or ()
-            if event.finish_reason is not None:
-                break
-        asked = job.params.logprobs is not None
-        choices.append(Choice("".join(pieces), event.finish_reason, event.stop_reason, logprobs if asked else None))
-        stats.append(event.stats)
-        generated += event.completion_tokens
-    usage = shape.usage(len(jobs[0].prompt_ids), generated)
-    return web.json_response(shape.full(choices, usage, SpecStats.merged(stats).to_dict()))
-
-
-async def _stream(request: web.Request, jobs: list[Job], shape: ResponseShape,
-                  include_usage: bool) -> web.StreamResponse:
-    # Headers go out once the jobs are queued, so a client sees 200 while it waits its turn.
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    # With include_usage every chunk carries "usage": null and a last chunk carries the totals, as OpenAI does.
-    extra = {"usage": None} if include_usage else {}
-
-    async def send(payload: dict) -> None:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    try:
-        generated = 0
-        for index, job in enumerate(jobs):
-            if shape.chat:
-                await send({**shape.chunk(index, "", role=True), **extra})
-            event = await _stream_choice(job, index, shape, send, extra)
-            if event is None:
-                break
-            generated += event.completion_tokens
-        else:
-            if include_usage:
-                await send(shape.usage_chunk(shape.usage(len(jobs[0].prompt_ids), generated)))
-        await response.write(b"data: [DONE]\n\n")
-    except ConnectionResetError:
-        pass  # the client left; the caller cancels the jobs
-    return response
-
-
-async def _stream_choice(job: Job, index: int, shape: ResponseShape, send: Callable[[dict], Awaitable[None]],
-                         extra: dict) -> Delta | None:
-    """Send one choice's chunks; returns its final Delta, or None after sending an error."""
-    while True:
-        event: Delta | ApiError = await job.events.get()
-        if isinstance(event, ApiError):
-            await send(event.body())
-            return None
-        if event.finish_reason is None:
-            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
-            continue
-        if event.text or event.logprobs:
-            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
-        await send({**shape.chunk(index, None, event.finish_reason, event.stop_reason), **extra,
-                    "easyspec": event.stats.to_dict()})
-        return event
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

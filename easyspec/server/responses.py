@@ -1,5 +1,5 @@
-"""OpenAI-shaped response bodies: completions and chat, whole or streamed, with their choices'
-log-probabilities.
+"""OpenAI-shaped responses: completions and chat, whole (`collect`) or streamed (`stream`), with
+their choices' log-probabilities.
 
 Log-probabilities (SamplingParams.logprobs; easyspec.verify.logprobs says of which distribution)
 come in OpenAI's two shapes. Completions: {"tokens", "token_logprobs", "top_logprobs" (a dict per
@@ -16,11 +16,17 @@ stop string or the stop token id that ended it (null until the last chunk, and f
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aiohttp import web
+
+from easyspec.runtime.stats import SpecStats
+from easyspec.server.protocol import ApiError
+from easyspec.server.scheduler import Delta, Job
 from easyspec.verify.logprobs import TokenLogprob, json_logprob
 
 
@@ -112,3 +118,72 @@ class ResponseShape:
     def _token(self, token: int, logprob: float) -> dict:
         text = self.token_text(token)
         return {"token": text, "logprob": json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+async def collect(jobs: list[Job], shape: ResponseShape) -> web.Response:
+    """The whole response once every choice's job has finished."""
+    choices, stats, generated = [], [], 0
+    for job in jobs:
+        pieces, logprobs = [], []
+        while True:
+            event = await job.events.get()
+            if isinstance(event, ApiError):
+                raise event
+            pieces.append(event.text)
+            logprobs += event.logprobs or ()
+            if event.finish_reason is not None:
+                break
+        asked = job.params.logprobs is not None
+        choices.append(Choice("".join(pieces), event.finish_reason, event.stop_reason, logprobs if asked else None))
+        stats.append(event.stats)
+        generated += event.completion_tokens
+    usage = shape.usage(len(jobs[0].prompt_ids), generated)
+    return web.json_response(shape.full(choices, usage, SpecStats.merged(stats).to_dict()))
+
+
+async def stream(request: web.Request, jobs: list[Job], shape: ResponseShape,
+                 include_usage: bool) -> web.StreamResponse:
+    """Server-sent events: each choice's chunks in turn, then [DONE]."""
+    # Headers go out once the jobs are queued, so a client sees 200 while it waits its turn.
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    # With include_usage every chunk carries "usage": null and a last chunk carries the totals, as OpenAI does.
+    extra = {"usage": None} if include_usage else {}
+
+    async def send(payload: dict) -> None:
+        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    try:
+        generated = 0
+        for index, job in enumerate(jobs):
+            if shape.chat:
+                await send({**shape.chunk(index, "", role=True), **extra})
+            event = await _stream_choice(job, index, shape, send, extra)
+            if event is None:
+                break
+            generated += event.completion_tokens
+        else:
+            if include_usage:
+                await send(shape.usage_chunk(shape.usage(len(jobs[0].prompt_ids), generated)))
+        await response.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        pass  # the client left; the caller cancels the jobs
+    return response
+
+
+async def _stream_choice(job: Job, index: int, shape: ResponseShape, send: Callable[[dict], Awaitable[None]],
+                         extra: dict) -> Delta | None:
+    """Send one choice's chunks; returns its final Delta, or None after sending an error."""
+    while True:
+        event: Delta | ApiError = await job.events.get()
+        if isinstance(event, ApiError):
+            await send(event.body())
+            return None
+        if event.finish_reason is None:
+            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+            continue
+        if event.text or event.logprobs:
+            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+        await send({**shape.chunk(index, None, event.finish_reason, event.stop_reason), **extra,
+                    "easyspec": event.stats.to_dict()})
+        return event
