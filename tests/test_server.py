@@ -160,8 +160,8 @@ def test_bad_requests_get_openai_errors(spec_server, path, body, status, param):
 
 def test_errors_through_the_client_and_serving_goes_on(spec_server):
     client = spec_server.client()
-    with pytest.raises(openai.BadRequestError, match="n > 1 is not supported yet"):
-        client.completions.create(model="tiny", prompt="the", n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of > 1 is not supported"):
+        client.completions.create(model="tiny", prompt="the", best_of=2)
     with pytest.raises(openai.BadRequestError, match="exceeds"):
         client.completions.create(model="tiny", prompt="the " * 300, max_tokens=8)
     with pytest.raises(openai.AuthenticationError):
