@@ -33,6 +33,8 @@ DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 # Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
 SEED_RANGE = (-(2**63), 2**63 - 1)
+PENALTY_LIMIT = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as in OpenAI's API and vLLM
+MAX_LOGPROBS = 20  # the most top log-probabilities a token may come with (vLLM's default max_logprobs)
 
 
 class Name(str, Enum):
@@ -99,10 +101,9 @@ class GenerationConfig(Name):
 
 # What vLLM's SamplingParams() gives a request that sets nothing (--generation-config vllm).
 VLLM_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16}
-# The sampling fields a generation_config.json may set that are read as request defaults, and the
-# values at which those that change the distribution leave it as it is.
-GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-NEUTRAL_VALUES = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+# The sampling fields a generation_config.json may set that are read as request defaults (vLLM reads
+# the same ones).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def auto_dtype(device: str, stored: str | None) -> str:
@@ -309,40 +310,97 @@ def speculative_options(config: dict, method: str | None = None) -> dict[str, ob
             "method": SPECULATIVE_METHODS[name].value}
 
 
+class SamplingError(ValueError):
+    """A SamplingParams field is out of range or of the wrong type; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` means greedy."""
+    """Per-request decoding settings; ``temperature == 0`` means greedy.
+
+    The base model's logits go through, in order (as in HF transformers and vLLM): the
+    history-dependent settings (repetition_penalty over the prompt and the generated tokens,
+    frequency_penalty and presence_penalty over the generated tokens, and min_tokens, which
+    masks the tokens that would end the request: EOS unless ignore_eos, and stop_token_ids),
+    then temperature, top_k, top_p and min_p (easyspec.verify.penalties and .sampling).
+    Greedy decoding takes the argmax after the history-dependent settings.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 = off)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (1 = off)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the output holds (0 = off)
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output (0 = off)
     seed: int | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the request before this many tokens
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request as EOS does (their text is not shown)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely tokens'
 
     def __post_init__(self) -> None:
         # NaN fails every comparison, so each check is written to reject it.
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise SamplingError(name, f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+            raise SamplingError("top_k", f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+                raise SamplingError(name, f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], "
+                                          f"got {getattr(self, name)}")
         if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise ValueError(f"seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}")
+            raise SamplingError("seed", "seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), "
+                                        f"got {self.seed!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+            raise SamplingError("max_new_tokens", f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise SamplingError("min_tokens", f"min_tokens must be an int from 0 to max_new_tokens "
+                                              f"({self.max_new_tokens}), got {self.min_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
+            raise SamplingError("stop", f"stop must be a tuple of str, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingError("stop_token_ids", "stop_token_ids must be a tuple of token ids (ints >= 0), "
+                                                  f"got {self.stop_token_ids!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingError(name, f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError("logprobs", f"logprobs must be None or an int from 0 to {MAX_LOGPROBS}, "
+                                            f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes the logits (each needs the counts of the tokens so far)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a token's distribution depends on the tokens before it beyond the model's own
+        logits: a penalty, or min_tokens holding back the tokens that end the request."""
+        return self.penalized or self.min_tokens > 0
 
 
 def _is_int(value: object) -> bool:

@@ -109,3 +109,26 @@ def test_chat_template_flag(tmp_path):
     for command in ("generate", "serve", "bench"):
         args = build_parser().parse_args([command, "--chat-template", str(template)])
         assert args.chat_template == str(template)
+
+
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_continue_final_message_as_transformers(tmp_path, family):
+    """The last message left open for the model to continue: cut where its content ends, its trailing
+    space kept only where the template keeps it, as transformers cuts it."""
+    from transformers import AutoTokenizer
+
+    folder = _folder(tmp_path, family, TEMPLATES[family])
+    theirs, ours = AutoTokenizer.from_pretrained(folder), Tokenizer.from_folder(folder)
+    for conversation in ("plain", "reasoning"):
+        for partial in ("Lyon est", "Lyon est ", "  Une ville\n"):
+            messages = [*CONVERSATIONS[conversation], {"role": "assistant", "content": partial}]
+            expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                                  continue_final_message=True)
+            text = ours.render_chat(messages, add_generation_prompt=False, continue_final_message=True)
+            assert text == expected and text.rstrip().endswith(partial.strip())
+    with pytest.raises(ValueError, match="set add_generation_prompt to False"):
+        ours.render_chat(messages, continue_final_message=True)
+    dropped = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # shows no content at all
+    with pytest.raises(jinja2.TemplateError, match="does not show the final message's content"):
+        Tokenizer.from_folder(_folder(tmp_path, "x", dropped)).render_chat(
+            messages, add_generation_prompt=False, continue_final_message=True)

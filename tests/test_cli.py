@@ -15,7 +15,7 @@ from gguf_files import CHAT_TOKENS, Q, write_gguf
 from hf_models import make_hf_checkpoint
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.cli.args import options_from_args
+from easyspec.cli.args import options_from_args, sampling_from_args
 from easyspec.cli.main import build_parser
 from easyspec.engine.capacity import Capacity, kv_bytes_per_token, settle_context
 from easyspec.engine.engine import preflight
@@ -125,22 +125,20 @@ def _with_generation_config(folder: Path, **config) -> Path:
     return folder
 
 
-def test_generation_config_sampling_defaults(tmp_path, caplog):
+def test_generation_config_sampling_defaults(tmp_path):
     folder = tmp_path / "m"
     make_hf_checkpoint("llama2", folder, max_position_embeddings=128)
     _with_generation_config(folder, do_sample=True, temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7,
-                            repetition_penalty=1.05)
-    with caplog.at_level(logging.WARNING, logger="easyspec"), Engine(EngineOptions(model=str(folder))) as engine:
+                            repetition_penalty=1.05, min_p=0.02)
+    with Engine(EngineOptions(model=str(folder))) as engine:
         params = engine.sampling_params()
         assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.6, 0.9, 20, 7)
+        assert (params.repetition_penalty, params.min_p) == (1.05, 0.02)
         # A request's own settings win; an absent max_new_tokens is bounded by the context left.
         assert engine.sampling_params(temperature=0).temperature == 0
         assert engine.sampling_params(prompt_len=120).max_new_tokens == 128 - 120 - engine.options.draft_room
         # generate() without params takes the defaults: 7 tokens at most.
         assert sum(len(c.token_ids) for c in engine.generate([1, 2, 3])) <= 7
-    # repetition_penalty is not applied yet: said in one line, not dropped silently.
-    notes = [r.getMessage() for r in caplog.records if "repetition_penalty" in r.getMessage()]
-    assert len(notes) == 1 and "1.05" in notes[0] and "\n" not in notes[0]
 
     def defaults(mode: str) -> SamplingParams:
         with Engine(EngineOptions(model=str(folder), generation_config=mode)) as engine:
@@ -149,9 +147,10 @@ def test_generation_config_sampling_defaults(tmp_path, caplog):
     assert defaults("none") == SamplingParams()
     vllm = defaults("vllm")
     assert (vllm.temperature, vllm.max_new_tokens) == (1.0, 16)
-    # A folder of its own: do_sample false means greedy whatever its temperature says (as transformers).
-    other = _with_generation_config(tmp_path / "other", do_sample=False, temperature=0.7)
-    assert defaults(str(other)) == SamplingParams(temperature=0.0)
+    # A folder of its own: do_sample false means greedy whatever its temperature says (as transformers),
+    # where repetition_penalty still applies.
+    other = _with_generation_config(tmp_path / "other", do_sample=False, temperature=0.7, repetition_penalty=1.2)
+    assert defaults(str(other)) == SamplingParams(temperature=0.0, repetition_penalty=1.2)
     with pytest.raises(OptionsError, match="--generation-config 'sometimes' is neither"):
         Engine(EngineOptions(model=str(folder), generation_config="sometimes"))
     assert SamplingParams().max_new_tokens == DEFAULT_MAX_NEW_TOKENS
@@ -171,3 +170,39 @@ def test_cli_sampling_flags_override_generation_config(tmp_path):
     assert generated() == 5
     assert generated("--max-new-tokens", "9") == 9
     assert generated("--generation-config", "none") == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_sampling_flags_reach_sampling_params():
+    parser = build_parser()
+
+    def given(*flags: str) -> dict:
+        return sampling_from_args(parser.parse_args(["generate", "--prompt", "x", *flags]))
+
+    assert given() == {}  # nothing given: the engine's defaults (generation_config.json) apply
+    flags = ["--json", "--min-p", "0.1", "--repetition-penalty", "1.2", "--presence-penalty", "0.5",
+             "--frequency-penalty", "-0.5", "--min-tokens", "3", "--stop-token-ids", "5, 7",
+             "--no-skip-special-tokens", "--logprobs", "2", "--temperature", "0"]
+    assert SamplingParams(**given(*flags)) == SamplingParams(
+        min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.5, min_tokens=3,
+        stop_token_ids=(5, 7), skip_special_tokens=False, logprobs=2)
+    with pytest.raises(ValueError, match="--logprobs are printed in the --json output; add --json"):
+        given("--logprobs", "2")
+    with pytest.raises(ValueError, match="--stop-token-ids must be comma-separated integers"):
+        given("--stop-token-ids", "5,x")
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        given("--repetition-penalty", "0")
+
+
+def test_cli_prints_logprobs_in_json(tmp_path):
+    folder = tmp_path / "m"
+    make_hf_checkpoint("llama2", folder, max_position_embeddings=256)
+    out = subprocess.run([sys.executable, "-m", "easyspec", "generate", "--model", str(folder), "--prompt-ids",
+                          "1,2,3", "--ignore-eos", "--max-new-tokens", "4", "--json", "--logprobs", "2",
+                          "--stop-token-ids", "127"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    logprobs = result["logprobs"]
+    assert [entry["token_id"] for entry in logprobs] == result["token_ids"]
+    for entry in logprobs:  # greedy: the chosen token is the most likely one
+        assert len(entry["top"]) == 2 and entry["top"][0] == {"token_id": entry["token_id"],
+                                                                "logprob": entry["logprob"]}

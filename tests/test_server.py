@@ -134,13 +134,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "the", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "the", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "the", "stop": [1]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "the", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "the", "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "the", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "the", "max_tokens": 10_000}, 400, None),
     ("/v1/completions", {"prompt": [5] * 300}, 400, None),
     ("/v1/completions", {"prompt": [1, 999]}, 400, None),
-    ("/v1/completions", {"prompt": "the", "logprobs": 1}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "the", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "the", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "the", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "the", "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "the", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": ["the", "fox"]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
@@ -158,8 +160,8 @@ def test_bad_requests_get_openai_errors(spec_server, path, body, status, param):
 
 def test_errors_through_the_client_and_serving_goes_on(spec_server):
     client = spec_server.client()
-    with pytest.raises(openai.BadRequestError, match="n > 1 is not supported yet"):
-        client.completions.create(model="tiny", prompt="the", n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of > 1 is not supported"):
+        client.completions.create(model="tiny", prompt="the", best_of=2)
     with pytest.raises(openai.BadRequestError, match="exceeds"):
         client.completions.create(model="tiny", prompt="the " * 300, max_tokens=8)
     with pytest.raises(openai.AuthenticationError):

@@ -207,6 +207,13 @@ def test_tokenize_messages_as_chat_renders_them(server):
     tools = [{"type": "function", "function": {"name": "fox", "parameters": {"type": "object"}}}]
     assert _post(server, "/tokenize", {"messages": messages, "tools": tools})["tokens"] == \
         _word_ids("fox") + chat["tokens"]
+    # continue_final_message: the last message left open, as chat requests render it.
+    open_turn = [*messages, {"role": "assistant", "content": "the lazy"}]
+    kept_open = _post(server, "/tokenize", {"messages": open_turn, "continue_final_message": True})
+    assert kept_open["tokens"] == chat["tokens"] + _word_ids("the lazy")
+    usage = client.chat.completions.create(model="tiny", messages=open_turn, max_tokens=1,
+                                           extra_body={"continue_final_message": True}).usage
+    assert usage.prompt_tokens == kept_open["count"]
 
 
 REFUSED = [
@@ -216,8 +223,10 @@ REFUSED = [
     ("/tokenize", {"prompt": "the", "add_special_tokens": "yes"}, "add_special_tokens"),
     ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "chat_template": "{{ messages }}"},
      "chat_template"),
-    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "continue_final_message": True},
-     "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "continue_final_message": True,
+                   "add_generation_prompt": True}, "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "the"}],
+                   "chat_template_kwargs": {"continue_final_message": True}}, "chat_template_kwargs"),
     ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "tools": ["fox"]}, "tools"),
     ("/tokenize", {"messages": [{"role": "user", "content": "the"}], "chat_template_kwargs": {"messages": []}},
      "chat_template_kwargs"),

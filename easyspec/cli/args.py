@@ -150,11 +150,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    "reaches this (1 = off)" + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.top_p))
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)"
                    + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.top_k))
+    g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one (0 = off)"
+                   + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.min_p))
+    g.add_argument("--repetition-penalty", type=float,
+                   help="> 1 makes tokens of the prompt and the output less likely, < 1 more (1 = off; greedy too)"
+                        + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.repetition_penalty))
+    g.add_argument("--presence-penalty", type=float, default=SAMPLING_DEFAULTS.presence_penalty,
+                   help="-2 to 2: subtracted from the logit of every token the output already holds")
+    g.add_argument("--frequency-penalty", type=float, default=SAMPLING_DEFAULTS.frequency_penalty,
+                   help="-2 to 2: subtracted from a token's logit once per time the output holds it")
     g.add_argument("--seed", type=int, help="seed of the request's sampling; default: a random one")
     g.add_argument("--max-new-tokens", type=int, help="most tokens to generate"
                    + GENERATION_DEFAULT_HELP.format(SAMPLING_DEFAULTS.max_new_tokens))
+    g.add_argument("--min-tokens", type=int, default=SAMPLING_DEFAULTS.min_tokens,
+                   help="no EOS, stop token or stop string ends the output before this many tokens")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    g.add_argument("--stop-token-ids", help="comma-separated token ids that end the output as EOS does")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--no-skip-special-tokens", action="store_true",
+                   help="show special tokens (<|im_start|>, ...) in the text; the EOS or stop token that ends "
+                        "the output is never shown")
+    g.add_argument("--logprobs", type=int,
+                   help="with --json: each token's log-probability and this many most likely tokens' (0 to 20)")
 
 
 def speculation_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -222,15 +239,40 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
 def sampling_from_args(args: argparse.Namespace) -> dict[str, object]:
     """The sampling settings given on the command line, as SamplingParams fields: the rest come
     from the engine's request defaults (Engine.sampling_params)."""
+    if args.logprobs is not None and not getattr(args, "json", False):
+        raise ValueError("--logprobs are printed in the --json output; add --json")
     given = {
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
+        "min_tokens": args.min_tokens,
         "stop": tuple(args.stop),
+        "stop_token_ids": parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
         "ignore_eos": args.ignore_eos,
+        "skip_special_tokens": not args.no_skip_special_tokens,
+        "logprobs": args.logprobs,
     }
-    given = {name: value for name, value in given.items() if value not in (None, (), False)}
+    # Left out when they say what the defaults say: the engine's defaults (generation_config.json) apply.
+    defaults = SamplingParams()
+    given = {name: value for name, value in given.items()
+             if value is not None and (name in GENERATION_DEFAULT_FIELDS or value != getattr(defaults, name))}
     SamplingParams(**given)  # its checks, before any model loads
     return given
+
+
+# The flags without an argparse default (None: not given), whose default is the engine's.
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def parse_ids(text: str, flag: str) -> tuple[int, ...]:
+    """Comma-separated token ids ("1, 2,3")."""
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None

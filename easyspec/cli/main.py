@@ -10,7 +10,14 @@ import os
 import sys
 
 from easyspec import __version__
-from easyspec.cli.args import HelpFormatter, add_engine_args, add_sampling_args, options_from_args, sampling_from_args
+from easyspec.cli.args import (
+    HelpFormatter,
+    add_engine_args,
+    add_sampling_args,
+    options_from_args,
+    parse_ids,
+    sampling_from_args,
+)
 
 DESCRIPTION = """\
 easyspec runs a language model with lossless speculative decoding: a small draft
@@ -46,13 +53,6 @@ def log_to_stderr() -> None:
         logger.propagate = False
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from easyspec.engine.engine import Engine
 
@@ -60,17 +60,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     settings = sampling_from_args(args)
     options = options_from_args(args)
-    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    prompt_ids = list(parse_ids(args.prompt_ids, "--prompt-ids")) if args.prompt_ids is not None else None
     log_to_stderr()
     with Engine(options) as engine:
         if prompt_ids is None:
             prompt_ids = engine.encode_prompt(args.prompt, raw=args.raw)
         params = engine.sampling_params(len(prompt_ids), **settings)
         token_ids: list[int] = []
+        logprobs: list[dict] = []
         text, chunk = "", None
         for chunk in engine.generate(prompt_ids, params):
             token_ids += chunk.token_ids
             text += chunk.text
+            logprobs += [entry.to_dict() for entry in chunk.logprobs or ()]
             if engine.is_driver and not args.json:
                 print(chunk.text, end="", flush=True)
         if not engine.is_driver:
@@ -87,6 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "devices": options.devices,
                 "stats": stats,
             }
+            if params.logprobs is not None:
+                out["logprobs"] = logprobs
             print(json.dumps(out))
         else:
             if engine.tokenizer is None:

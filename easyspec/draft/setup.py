@@ -9,7 +9,7 @@ Built on every rank, in the same order (it makes process groups, a collective):
 - the peer-to-peer path for that group (CUDA);
 - the draft model, loaded only where it runs: whole, tensor-parallel, or whole
   with a layer-parallel forward over the drafting group;
-- per request, `drafter(params, seed)`: the method's Drafter, wrapped so that
+- per request, `drafter(params, seed, history)`: the method's Drafter, wrapped so that
   ranks which do not draft receive rank 0's proposal (`SharedProposal`).
 """
 
@@ -29,6 +29,7 @@ from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import check_divisible, load_sharded
 from easyspec.runtime.runner import LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
+from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 
@@ -86,26 +87,27 @@ class Drafting:
         return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={LAYER_PARALLEL: forward},
                            scratch=scratch, label=label)
 
-    def drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
-        """The request's Drafter on this rank, or None when the method drafts nothing (vanilla)."""
+    def drafter(self, params: SamplingParams, seed: int, history: TokenHistory) -> Drafter | None:
+        """The request's Drafter on this rank, or None when the method drafts nothing (vanilla);
+        history: the request's committed tokens, as the penalties read them."""
         opts = self.options
         if not opts.speculates:
             return None
-        own = self._own_drafter(params, seed) if self.state.rank in self.ranks else None
+        own = self._own_drafter(params, seed, history) if self.state.rank in self.ranks else None
         if len(self.ranks) == self.state.world_size:
             return own
         return SharedProposal(own, self.state, opts.tree_width)
 
-    def _own_drafter(self, params: SamplingParams, seed: int) -> Drafter:
+    def _own_drafter(self, params: SamplingParams, seed: int, history: TokenHistory) -> Drafter:
         opts = self.options
         if Method(opts.method) is Method.NGRAM:
             return NgramDrafter(self.state.device, opts.ngram_min, opts.ngram_max)
         gen = torch.Generator(self.state.device).manual_seed(seed + 1)
         if opts.tree:
-            return TreeDrafter(self.runner, params, gen, opts.tree_width, opts.initial_num_draft,
+            return TreeDrafter(self.runner, params, gen, opts.tree_width, opts.initial_num_draft, history,
                                layer_parallel=opts.is_layer_parallel, sampling=opts.tree_sampling)
-        return ModelDrafter(self.runner, params, gen, opts.max_num_draft, layer_parallel=opts.is_layer_parallel,
-                            calibrate=opts.calibrate)
+        return ModelDrafter(self.runner, params, gen, opts.max_num_draft, history,
+                            layer_parallel=opts.is_layer_parallel, calibrate=opts.calibrate)
 
 
 class SharedProposal(Drafter):

@@ -8,7 +8,6 @@ calls). Followers receive each request through a pipe and run it in lockstep.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -28,7 +27,6 @@ from easyspec.model.tokenizer import Tokenizer, check_chat_template
 from easyspec.options import (
     AUTO_DTYPE,
     DEFAULT_MAX_NEW_TOKENS,
-    NEUTRAL_VALUES,
     VLLM_SAMPLING_DEFAULTS,
     EngineOptions,
     GenerationConfig,
@@ -40,6 +38,7 @@ from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torch
 from easyspec.parallel.state import init_parallel, shutdown_parallel
 from easyspec.parallel.tp import check_divisible
 from easyspec.runtime.stats import SpecStats
+from easyspec.verify.logprobs import TokenLogprob
 
 log = logging.getLogger("easyspec")
 
@@ -100,23 +99,16 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
     return options, line
 
 
-def request_defaults(options: EngineOptions) -> tuple[dict[str, object], list[str]]:
-    """The SamplingParams fields a request takes unless it sets them (--generation-config), and
-    one line for each setting found that easyspec cannot apply (so it is not silently dropped)."""
+def request_defaults(options: EngineOptions) -> dict[str, object]:
+    """The SamplingParams fields a request takes unless it sets them (--generation-config)."""
     mode = options.generation_config
     if mode == GenerationConfig.NONE:
-        return {}, []
+        return {}
     if mode == GenerationConfig.VLLM:
-        return dict(VLLM_SAMPLING_DEFAULTS), []
-    source = options.model if mode == GenerationConfig.AUTO else mode
-    found = generation_defaults(source)
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    notes = [f"{source}: generation_config.json sets {name} {value}, which easyspec does not apply yet; "
-             f"outputs follow the distribution without it (--generation-config none hides this)"
-             for name, value in found.items() if name not in known and value != NEUTRAL_VALUES.get(name)]
-    defaults = {name: value for name, value in found.items() if name in known}
+        return dict(VLLM_SAMPLING_DEFAULTS)
+    defaults = generation_defaults(options.model if mode == GenerationConfig.AUTO else mode)
     SamplingParams(**defaults)  # the file's values pass the same checks as a request's
-    return defaults, notes
+    return defaults
 
 
 class EngineBusyError(RuntimeError):
@@ -131,8 +123,9 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    stop_reason: str | None  # the stop string that ended it (vLLM's stop_reason); None for EOS, length, ...
+    stop_reason: str | int | None  # the stop string or stop token that ended it (vLLM's stop_reason); else None
     stats: SpecStats
+    logprobs: list[TokenLogprob] | None = None  # one per token when SamplingParams.logprobs is set
 
 
 class Engine:
@@ -153,7 +146,7 @@ class Engine:
         options = (options or EngineOptions()).replace(**overrides)
         options, context_line = preflight(options)
         self.options = options
-        self.request_defaults, notes = request_defaults(options)
+        self.request_defaults = request_defaults(options)
         self.followers: Followers | None = None
         self._busy = False  # a request's generator is open (one request at a time: one KV cache)
         launched = torchrun_rank()
@@ -172,8 +165,6 @@ class Engine:
         self.state = state
         if state.is_driver:
             log.info("%s", context_line)
-            for note in notes:
-                log.warning("%s", note)
         self.worker = Worker(options, state)
         if options.chat_template is not None:
             self.tokenizer.chat_template = read_text(Path(options.chat_template))
@@ -271,12 +262,14 @@ class Engine:
         show = self.options.progress if progress is None else progress
         with bar(len(ids), "prompts", unit="prompt", enabled=show and self.is_driver) as counter:
             for prompt_ids, request in zip(ids, each, strict=True):
-                tokens, pieces, chunk = [], [], None
+                tokens, pieces, logprobs, chunk = [], [], [], None
                 for chunk in self._generate(prompt_ids, request):
                     tokens += chunk.token_ids
                     pieces.append(chunk.text)
+                    logprobs += chunk.logprobs or ()
                 results.append(GenerationResult(prompt_ids, tokens, "".join(pieces), chunk.finish_reason,
-                                                chunk.stop_reason, chunk.stats))
+                                                chunk.stop_reason, chunk.stats,
+                                                logprobs if request.logprobs is not None else None))
                 counter.update(1)
         return results
 

@@ -17,6 +17,13 @@ whitespace rule comes out differently. That environment is:
 Messages are passed with None-valued keys dropped, and a reasoning text under
 `thinking` or `reasoning` is also given as `reasoning_content` (and the reverse),
 as transformers does.
+
+`continue_final_message` renders without a generation prompt and ends the text
+right where the final message's content ends (its end-of-turn markup dropped),
+so the model continues that message. As transformers does, a marker is appended
+to the content (its last text part) before rendering and the text is cut at the
+marker's last appearance; when the template trimmed the space the marker ends
+with, the whitespace before the cut goes too.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Names a message's reasoning text goes by; templates read the first.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# Appended to the final message's content to find where it ends once rendered (continue_final_message).
+CONTINUE_MARKER = "EASYSPEC_CONTINUE_FINAL_MESSAGE "
 
 
 def _raise_exception(message: str) -> None:
@@ -114,18 +123,46 @@ def _message(message: dict) -> dict:
 
 
 def render(source: str, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = True,
-           tools: list[dict] | None = None, documents: list[dict] | None = None, **kwargs: Any) -> str:
+           tools: list[dict] | None = None, documents: list[dict] | None = None, continue_final_message: bool = False,
+           **kwargs: Any) -> str:
     """The text of `messages` under the template `source`; `kwargs` are extra template variables
     (chat_template_kwargs), which take precedence over the special tokens."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message continues the last message, add_generation_prompt starts a new "
+                         "one: set add_generation_prompt to False")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
     if tools is not None and not all(isinstance(tool, dict) for tool in tools):
         raise TypeError("tools must be JSON schemas (dicts)")
-    return compile_template(source).render(
-        messages=[_message(m) for m in messages],
+    messages = [_message(m) for m in messages]
+    if continue_final_message and messages:
+        messages[-1] = _mark_final(messages[-1])
+    text = compile_template(source).render(
+        messages=messages,
         tools=tools,
         documents=documents,
         add_generation_prompt=add_generation_prompt,
         **{**special_tokens, **kwargs},
     )
+    if not continue_final_message:
+        return text
+    cut = text.rfind(CONTINUE_MARKER.strip())
+    if cut < 0:
+        raise jinja2.exceptions.TemplateError("continue_final_message: the chat template does not show the final "
+                                              "message's content, so there is nothing to continue")
+    return text[:cut] if text.startswith(CONTINUE_MARKER, cut) else text[:cut].rstrip()
+
+
+def _mark_final(message: dict) -> dict:
+    """The final message with CONTINUE_MARKER after its content (the last text part of a list)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": content + CONTINUE_MARKER}
+    if isinstance(content, list):
+        for i in reversed(range(len(content))):
+            part = content[i]
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts = [*content[:i], {**part, "text": part["text"] + CONTINUE_MARKER}, *content[i + 1 :]]
+                return {**message, "content": parts}
+    raise jinja2.exceptions.TemplateError("continue_final_message needs text in the final message to continue")

@@ -111,17 +111,18 @@ def stored_dtype(folder: str | Path) -> str | None:
 
 def generation_defaults(folder: str | Path) -> dict[str, float | int]:
     """The sampling settings a folder's generation_config.json sets (none when it has no such file),
-    named as SamplingParams' fields: temperature, top_p, top_k, repetition_penalty, max_new_tokens.
+    named as SamplingParams' fields: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens.
 
     As in transformers, an explicit "do_sample": false means greedy decoding whatever the file's
-    temperature says; without do_sample the fields apply as they are (as vLLM reads them)."""
+    temperature, top_p, top_k and min_p say (repetition_penalty still applies, as it does to greedy
+    search there); without do_sample the fields apply as they are (as vLLM reads them)."""
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return {}
     config = read_json(path)
     if config.get("do_sample") is False:
         defaults: dict[str, float | int] = {"temperature": 0.0}
-        names: tuple[str, ...] = ("max_new_tokens",)
+        names: tuple[str, ...] = ("repetition_penalty", "max_new_tokens")
     else:
         defaults, names = {}, GENERATION_CONFIG_FIELDS
     for name in names:

@@ -141,19 +141,24 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-                    documents: list[dict] | None = None, **chat_template_kwargs: object) -> str:
+                    documents: list[dict] | None = None, continue_final_message: bool = False,
+                    **chat_template_kwargs: object) -> str:
         """The text transformers' apply_chat_template(..., tokenize=False) gives for the same arguments;
-        `chat_template_kwargs` are extra template variables (e.g. enable_thinking=False for Qwen3)."""
+        `continue_final_message` leaves the last message open for the model to continue (with
+        add_generation_prompt=False); `chat_template_kwargs` are extra template variables (e.g.
+        enable_thinking=False for Qwen3)."""
         if self.chat_template is None:
             raise CheckpointError(f"{self.source}: the tokenizer has no chat template; pass raw text instead "
                                   "(or a template with --chat-template FILE)")
         return render_template(self.chat_template, messages, self.special_tokens, add_generation_prompt,
-                               tools, documents, **chat_template_kwargs)
+                               tools, documents, continue_final_message, **chat_template_kwargs)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-                    documents: list[dict] | None = None, **chat_template_kwargs: object) -> list[int]:
+                    documents: list[dict] | None = None, continue_final_message: bool = False,
+                    **chat_template_kwargs: object) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added again (as transformers does).
-        text = self.render_chat(messages, add_generation_prompt, tools, documents, **chat_template_kwargs)
+        text = self.render_chat(messages, add_generation_prompt, tools, documents, continue_final_message,
+                                **chat_template_kwargs)
         return self.encode(text, add_special_tokens=False)
 
     def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
@@ -170,7 +175,7 @@ class StreamDecoder:
     Text is released only once later tokens cannot change it: not while it ends in an unfinished
     character (U+FFFD until its last byte arrives), and, with a byte-fallback vocabulary, not while
     the ids end in a run of byte tokens, which decodes as a whole (one invalid byte turns the whole
-    run into U+FFFD; special tokens, skipped, do not end a run). Only a short window is decoded per
+    run into U+FFFD; special tokens, when skipped, do not end a run). Only a short window is decoded per
     step (the unread tokens plus a few already read ones, whose text is subtracted), so the cost
     does not grow with the text.
     """
@@ -179,8 +184,9 @@ class StreamDecoder:
     # the boundary come out as they do in the whole text.
     CONTEXT = 6
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self._start = 0  # first id of the decoding window
@@ -189,9 +195,10 @@ class StreamDecoder:
 
     def _in_byte_run(self, ids: list[int]) -> bool:
         """Whether the last id that decoding keeps is a byte-fallback token (its run may go on)."""
-        byte_ids, special = self.tokenizer.byte_ids, self.tokenizer.special_ids
+        byte_ids = self.tokenizer.byte_ids
         if not byte_ids:
             return False
+        special = self.tokenizer.special_ids if self.skip_special_tokens else frozenset()
         last = next((i for i in reversed(ids) if i not in special), None)
         return last in byte_ids
 
@@ -200,7 +207,7 @@ class StreamDecoder:
         window = self.ids[self._start :] + extra
         if not allow_partial and self._in_byte_run(window):
             return None
-        full = self.tokenizer.decode(window)
+        full = self.tokenizer.decode(window, self.skip_special_tokens)
         if not full.startswith(self._head) or (full.endswith("\ufffd") and not allow_partial):
             return None
         return full[len(self._head) :]
@@ -223,5 +230,5 @@ class StreamDecoder:
         self.text += piece
         self._read = len(self.ids)
         self._start = max(0, self._read - self.CONTEXT)
-        self._head = self.tokenizer.decode(self.ids[self._start : self._read])
+        self._head = self.tokenizer.decode(self.ids[self._start : self._read], self.skip_special_tokens)
         return piece

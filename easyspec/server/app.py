@@ -1,6 +1,9 @@
 """HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics, and vLLM's
 /tokenize, /detokenize and /version.
 
+A request for n choices runs n generations one after another (seeds seed, seed + 1, ...);
+streamed, each choice's chunks come in turn, with its index.
+
 Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
 token of context and must arrive within --read-timeout; a text prompt may
 hold MAX_CHARS_PER_TOKEN characters per token of context, checked before it is
@@ -30,18 +33,18 @@ from aiohttp.web_runner import GracefulExit
 from easyspec import __version__
 from easyspec.engine.engine import Engine
 from easyspec.model.tokenizer import Tokenizer
-from easyspec.options import EngineOptions, SamplingParams
+from easyspec.options import EngineOptions, SamplingError, SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
     OPENAI_DEFAULTS,
     ApiError,
     GenerationRequest,
-    ResponseShape,
     parse_body,
     parse_chat,
     parse_completion,
 )
-from easyspec.server.scheduler import Delta, Job, Scheduler
+from easyspec.server.responses import ResponseShape, collect, stream
+from easyspec.server.scheduler import Job, Scheduler
 from easyspec.server.tokenization import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("easyspec.server")
@@ -182,7 +185,7 @@ def _check_prompt_chars(state: ServerState, chars: int) -> None:
 
 def _encode(engine: Engine, prompt: str | list[int] | None, messages: list[dict] | None,
             add_special_tokens: bool | None = None, add_generation_prompt: bool = True, tools: list[dict] | None = None,
-            template_kwargs: dict | None = None) -> list[int]:
+            template_kwargs: dict | None = None, continue_final_message: bool = False) -> list[int]:
     """Token ids of a prompt (text, or ids as they are) or of chat messages through the chat template, the
     one path of generation requests and /tokenize. Special tokens are added to text (the tokenizer's own,
     such as BOS) but not to a rendered chat, whose template writes them, unless `add_special_tokens` says
@@ -196,7 +199,8 @@ def _encode(engine: Engine, prompt: str | list[int] | None, messages: list[dict]
         raise ApiError(400, "the model has no chat template (tokenizer_config.json 'chat_template' or "
                             "chat_template.jinja); use /v1/completions with a plain prompt", code="no_chat_template")
     try:
-        text = tok.render_chat(messages, add_generation_prompt, tools, **(template_kwargs or {}))
+        text = tok.render_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
+                               **(template_kwargs or {}))
     except jinja2.TemplateError as err:  # raise_exception() calls in the template speak to the caller
         raise ApiError(400, f"the chat template could not render these messages: {err}", param="messages",
                        code="chat_template_error") from None
@@ -208,22 +212,31 @@ def _encode(engine: Engine, prompt: str | list[int] | None, messages: list[dict]
     return tok.encode(text, add_special_tokens=bool(add_special_tokens))
 
 
-def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
-    """The request's settings, then the engine's defaults (--generation-config), then OpenAI's; an
-    absent max_tokens is bounded by the context left."""
+def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> list[SamplingParams]:
+    """Each choice's settings: the request's, then the engine's defaults (--generation-config), then
+    OpenAI's; an absent max_tokens is bounded by the context left. With a seed, choice i takes seed + i."""
     options = engine.options
     room = options.max_context - len(prompt_ids) - options.draft_room
-    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": req.max_tokens}
-    given = {name: value for name, value in given.items() if value is not None}
     try:
-        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, seed=req.seed, stop=req.stop,
-                                        ignore_eos=req.ignore_eos, **given)
+        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, **req.sampling)
         engine.worker.check_request(prompt_ids, params)
-    except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
-        wanted = req.max_tokens if req.max_tokens is not None else 1  # an absent max_tokens asks for at least one
+    except SamplingError as err:
+        raise ApiError(400, str(err), param=req.param(err.field)) from None
+    except ValueError as err:  # the engine's OptionsError says what to change
+        wanted = req.sampling.get("max_new_tokens", 1)  # an absent max_tokens asks for at least one
         code = "context_length_exceeded" if wanted > room else None
         raise ApiError(400, str(err), code=code) from None
-    return params
+    if params.seed is None:
+        return [params] * req.n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(req.n)]
+
+
+def _token_text(engine: Engine) -> Callable[[int], str]:
+    """A token id's text in log-probabilities: its own decoding, special tokens shown."""
+    tok = engine.tokenizer
+    if tok is None:
+        return lambda token: f"token_id:{token}"
+    return lambda token: tok.decode([token], skip_special_tokens=False)
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -238,64 +251,21 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise state.scheduler.down_error()
     engine = state.engine
     _check_prompt_chars(state, req.text_chars)
-    prompt_ids = await asyncio.to_thread(_encode, engine, req.prompt, req.messages,
-                                         template_kwargs=req.template_kwargs)
-    params = _sampling(engine, req, prompt_ids)
-    job = Job(prompt_ids, params, asyncio.get_running_loop())
-    state.scheduler.submit(job)
-    shape = ResponseShape(chat, state.model_name, state.fingerprint)
+    prompt_ids = await asyncio.to_thread(_encode, engine, req.prompt, req.messages, None, req.add_generation_prompt,
+                                         template_kwargs=req.template_kwargs,
+                                         continue_final_message=req.continue_final_message)
+    loop = asyncio.get_running_loop()
+    jobs = [Job(prompt_ids, params, loop) for params in _sampling(engine, req, prompt_ids)]
+    state.scheduler.submit(jobs)
+    shape = ResponseShape(chat, state.model_name, state.fingerprint, _token_text(engine))
     try:
         if req.stream:
-            return await _stream(request, job, shape, req.include_usage)
-        return await _collect(job, shape)
+            return await stream(request, jobs, shape, req.include_usage)
+        return await collect(jobs, shape)
     finally:
-        # A no-op once finished; frees the queue slot or stops generation if the client went away.
-        state.scheduler.withdraw(job)
-
-
-async def _collect(job: Job, shape: ResponseShape) -> web.Response:
-    pieces = []
-    while True:
-        event = await job.events.get()
-        if isinstance(event, ApiError):
-            raise event
-        pieces.append(event.text)
-        if event.finish_reason is not None:
-            usage = shape.usage(len(job.prompt_ids), event.completion_tokens)
-            return web.json_response(shape.full("".join(pieces), event.finish_reason, event.stop_reason, usage,
-                                                event.stats))
-
-
-async def _stream(request: web.Request, job: Job, shape: ResponseShape, include_usage: bool) -> web.StreamResponse:
-    # Headers go out once the job is queued, so a client sees 200 while it waits its turn.
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    # With include_usage every chunk carries "usage": null and a last chunk carries the totals, as OpenAI does.
-    extra = {"usage": None} if include_usage else {}
-
-    async def send(payload: dict) -> None:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    try:
-        if shape.chat:
-            await send({**shape.chunk("", role=True), **extra})
-        while True:
-            event: Delta | ApiError = await job.events.get()
-            if isinstance(event, ApiError):
-                await send(event.body())
-                break
-            if event.text:
-                await send({**shape.chunk(event.text), **extra})
-            if event.finish_reason is not None:
-                await send({**shape.chunk(None, event.finish_reason, event.stop_reason), **extra,
-                            "easyspec": event.stats})
-                if include_usage:
-                    await send(shape.usage_chunk(shape.usage(len(job.prompt_ids), event.completion_tokens)))
-                break
-        await response.write(b"data: [DONE]\n\n")
-    except ConnectionResetError:
-        pass  # the client left; the caller cancels the job
-    return response
+        # A no-op once finished; frees the queue slots or stops generation if the client went away.
+        for job in jobs:
+            state.scheduler.withdraw(job)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -320,7 +290,7 @@ async def tokenize(request: web.Request) -> web.Response:
     _check_prompt_chars(state, req.text_chars)
     engine = state.engine
     ids = await asyncio.to_thread(_encode, engine, req.prompt, req.messages, req.add_special_tokens,
-                                  req.add_generation_prompt, req.tools, req.template_kwargs)
+                                  req.add_generation_prompt, req.tools, req.template_kwargs, req.continue_final_message)
     strs = [_tokenizer(engine).backend.id_to_token(i) for i in ids] if req.return_token_strs else None
     return web.json_response({"count": len(ids), "max_model_len": engine.options.max_context, "tokens": ids,
                               "token_strs": strs})

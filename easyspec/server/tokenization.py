@@ -4,10 +4,10 @@
 `messages` (through the chat template as /v1/chat/completions renders them), so
 its count is the prompt_tokens a generation request with the same input reports.
 Fields, as vLLM names them: add_special_tokens (default true for a prompt, false
-for messages: the template writes any BOS itself), add_generation_prompt (true),
-chat_template_kwargs, tools (rendered by the template), return_token_strs.
-A request-supplied chat_template and continue_final_message are refused with a
-400 naming the field. /detokenize takes `tokens` and gives the text with special
+for messages: the template writes any BOS itself), add_generation_prompt and
+continue_final_message (as chat requests take them), chat_template_kwargs, tools
+(rendered by the template), return_token_strs. A request-supplied chat_template
+is refused with a 400 naming the field. /detokenize takes `tokens` and gives the text with special
 tokens kept, as vLLM does.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easyspec.server.protocol import ApiError, chat_template_kwargs, get_field, parse_messages, unsupported
+from easyspec.server.protocol import ApiError, chat_template_kwargs, get_field, parse_messages, turn_options
 
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                    "chat_template_kwargs", "tools", "return_token_strs", "continue_final_message", "chat_template"}
@@ -28,6 +28,7 @@ class TokenizeRequest:
     messages: list[dict] | None  # chat messages, rendered by the chat template
     add_special_tokens: bool
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs
     tools: list[dict] | None = None
     return_token_strs: bool = False
@@ -45,8 +46,6 @@ def parse_tokenize(body: dict) -> TokenizeRequest:
     if get_field(body, "chat_template", (str,), "a string") is not None:
         raise ApiError(400, "a request's own chat_template is not accepted; start the server with "
                             "--chat-template FILE", param="chat_template", code="unsupported")
-    if get_field(body, "continue_final_message", (bool,), "a boolean", False):
-        raise unsupported("continue_final_message", "continue_final_message")
     return_token_strs = get_field(body, "return_token_strs", (bool,), "a boolean", False)
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "send exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
@@ -63,10 +62,10 @@ def parse_tokenize(body: dict) -> TokenizeRequest:
         None,
         parse_messages(body),
         get_field(body, "add_special_tokens", (bool,), "a boolean", False),
-        get_field(body, "add_generation_prompt", (bool,), "a boolean", True),
-        chat_template_kwargs(body),
-        tools,
-        return_token_strs,
+        **turn_options(body),
+        template_kwargs=chat_template_kwargs(body),
+        tools=tools,
+        return_token_strs=return_token_strs,
     )
 
 
