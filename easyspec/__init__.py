@@ -9,16 +9,16 @@ from easyspec.options import EngineOptions, SamplingParams
 
 if TYPE_CHECKING:
     from easyspec.engine.decision import RequestFailed
-    from easyspec.engine.engine import Engine
+    from easyspec.engine.engine import Engine, GenerationResult
     from easyspec.engine.worker import Chunk
 
-__all__ = ["Chunk", "Engine", "EngineOptions", "RequestFailed", "SamplingParams"]
+__all__ = ["Chunk", "Engine", "EngineOptions", "GenerationResult", "RequestFailed", "SamplingParams"]
 __version__ = "0.1.0"
 
-# Engine, Chunk and RequestFailed bring torch with them: loaded on first use, so that `easyspec --help`
-# and option parsing (easyspec.options) stay light.
-_LAZY = {"Engine": "easyspec.engine.engine", "Chunk": "easyspec.engine.worker",
-         "RequestFailed": "easyspec.engine.decision"}
+# Engine, Chunk, GenerationResult and RequestFailed bring torch with them: loaded on first use, so that
+# `easyspec --help` and option parsing (easyspec.options) stay light.
+_LAZY = {"Engine": "easyspec.engine.engine", "GenerationResult": "easyspec.engine.engine",
+         "Chunk": "easyspec.engine.worker", "RequestFailed": "easyspec.engine.decision"}
 
 
 def __getattr__(name: str) -> object:

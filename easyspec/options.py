@@ -9,6 +9,7 @@ them, never the reverse, so the CLI can parse its flags before loading anything 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,16 +17,24 @@ from enum import Enum
 from pathlib import Path
 
 MAX_TREE_NODES = 256
-DEFAULT_CONTEXT = 2048  # KV cache length when --max-context is not given (and the models allow it)
-MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight/activation dtypes a model runs in
-# The most tokens a request generates when it does not say: the Python API, `generate` and the
-# server's requests all read this one constant.
+AUTO_DTYPE = "auto"  # --dtype auto: the rule of `auto_dtype`
+# The most tokens a request generates when neither it nor the model's generation_config.json
+# says: the Python API, `generate` and the server's requests all read this one constant.
 DEFAULT_MAX_NEW_TOKENS = 128
+# The context length defaults to the models' max_position_embeddings, capped so that the KV
+# caches fit: on CUDA, weights + caches + ACTIVATION_RESERVE_BYTES within --gpu-memory-utilization
+# of the GPU's memory; on the CPU, caches of at most CPU_KV_CACHE_BYTES.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+ACTIVATION_RESERVE_BYTES = 2 << 30  # CUDA: activations, captured graphs' pools, the CUDA context
+CPU_KV_CACHE_BYTES = 4 << 30
+MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 # Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
 SEED_RANGE = (-(2**63), 2**63 - 1)
+PENALTY_LIMIT = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as in OpenAI's API and vLLM
+MAX_LOGPROBS = 20  # the most top log-probabilities a token may come with (vLLM's default max_logprobs)
 
 
 class Name(str, Enum):
@@ -81,6 +90,31 @@ class TreeSampling(Name):
     WITH_REPLACEMENT = "with-replacement"
 
 
+class GenerationConfig(Name):
+    """Where a request's sampling defaults come from (--generation-config; also a folder holding a
+    generation_config.json). A request's own settings always win."""
+
+    AUTO = "auto"  # the model's generation_config.json over easyspec's defaults
+    VLLM = "vllm"  # vLLM's defaults (VLLM_SAMPLING_DEFAULTS); no file read
+    NONE = "none"  # easyspec's defaults (SamplingParams()); no file read
+
+
+# What vLLM's SamplingParams() gives a request that sets nothing (--generation-config vllm).
+VLLM_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16}
+# The sampling fields a generation_config.json may set that are read as request defaults (vLLM reads
+# the same ones).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def auto_dtype(device: str, stored: str | None) -> str:
+    """--dtype auto: float32 on the CPU; on CUDA the checkpoint's own dtype when it is 16-bit
+    (bfloat16 or float16; a GGUF file of quantized or 16-bit tensors counts as bfloat16), else
+    float32 (a float32 checkpoint, or one that does not say)."""
+    if device == "cuda" and stored in ("bfloat16", "float16"):
+        return stored
+    return "float32"
+
+
 class OptionsError(ValueError):
     """Engine options are inconsistent; the message says what to change."""
 
@@ -94,7 +128,7 @@ class EngineOptions:
     method: str = Method.VANILLA.value
     devices: int = 1
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE  # settled by the engine's preflight (auto_dtype)
     num_draft: int = 4  # draft tokens along one path per round (a tree's depth unless tree_depth is set)
     adaptive_draft: bool = False  # raise num_draft after full acceptance, lower it after rejections
     max_draft: int = 8  # upper bound of the adaptive schedule
@@ -110,9 +144,13 @@ class EngineOptions:
     calibrate: str = Calibration.EVERY_ROUND.value
     ngram_min: int = 1
     ngram_max: int = 4
-    max_context: int | None = None  # None: the smaller of DEFAULT_CONTEXT and what the models support
+    max_context: int | None = None  # None: the models' max_position_embeddings, capped by memory (see above)
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: share of each GPU easyspec may use
+    generation_config: str = GenerationConfig.AUTO.value  # or a folder holding a generation_config.json
+    chat_template: str | None = None  # a Jinja file that replaces the tokenizer's chat template
+    progress: bool = True  # progress bars (a line each in logs) while loading weights and capturing graphs
     cuda_graphs: bool = True
-    fused_kernels: bool = True  # CUDA: a decoder layer as six fused Triton kernels (easyspec.model.kernels)
+    fused_kernels: bool = True  # CUDA: a decoder layer as a few fused Triton kernels (easyspec.model.kernels)
     p2p_collectives: bool = True  # CUDA: small all-reduces/all-gathers over symmetric memory, not NCCL
     profile_stages: bool = True  # synchronise the device at stage boundaries for exact stage times
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -160,8 +198,8 @@ class EngineOptions:
             fail(f"unknown --method {self.method!r}; choose one of {', '.join(Method.names())}")
         if self.device not in ("cpu", "cuda"):
             fail(f"unknown --device {self.device!r}; choose cpu or cuda")
-        if self.dtype not in DTYPE_NAMES:
-            fail(f"unknown --dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")
+        if self.dtype not in (AUTO_DTYPE, *DTYPE_NAMES):
+            fail(f"unknown --dtype {self.dtype!r}; choose {', '.join((AUTO_DTYPE, *DTYPE_NAMES))}")
         if self.devices < 1:
             fail(f"--devices must be >= 1, got {self.devices}")
         if self.uses_draft_model and not self.draft:
@@ -186,6 +224,13 @@ class EngineOptions:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < MIN_CONTEXT:
             fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
+        if not 0 < self.gpu_memory_utilization <= 1:  # NaN fails too
+            fail(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.generation_config not in GenerationConfig.names() and not Path(self.generation_config).is_dir():
+            fail(f"--generation-config {self.generation_config!r} is neither {', '.join(GenerationConfig.names())} "
+                 "nor a folder; pass a folder holding a generation_config.json or one of those names")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            fail(f"--chat-template {self.chat_template}: no such file; pass a Jinja template file")
         if not 0 < self.timeout_s < float("inf"):  # written so that NaN fails too
             fail(f"--timeout must be a positive number of seconds, got {self.timeout_s}")
 
@@ -213,40 +258,149 @@ class EngineOptions:
                  f"{MAX_TREE_NODES} nodes; make it narrower or shallower")
 
 
+# vLLM's --speculative-config (and LLM(speculative_config=...)): each key it may hold here, and
+# the EngineOptions field (the flag) it sets.
+SPECULATIVE_CONFIG_KEYS = {
+    "method": "method",
+    "model": "draft",
+    "num_speculative_tokens": "num_draft",
+    "draft_tensor_parallel_size": "draft_tp",
+    "prompt_lookup_min": "ngram_min",
+    "prompt_lookup_max": "ngram_max",
+}
+# Its "method": vLLM's names of the methods easyspec has, and easyspec's own names of speculative methods.
+SPECULATIVE_METHODS = {"draft_model": Method.SD, "ngram": Method.NGRAM,
+                       **{m.value: m for m in Method if m.speculates}}
+
+
+def parse_speculative_config(text: str) -> dict:
+    """--speculative-config's JSON text as a dict; OptionsError saying what is wrong otherwise."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OptionsError(f"--speculative-config is not JSON ({err.msg} at column {err.colno}); write it as "
+                           '\'{"method": "draft_model", "model": "DIR", "num_speculative_tokens": 4}\'') from None
+    if not isinstance(config, dict):
+        raise OptionsError(f"--speculative-config must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def speculative_options(config: dict, method: str | None = None) -> dict[str, object]:
+    """A vLLM speculative config as EngineOptions fields, e.g. {"method": "draft_model", "model": "DIR",
+    "num_speculative_tokens": 4} -> {"method": "sd", "draft": "DIR", "num_draft": 4}. `method` is the one
+    to use when the config names none (the CLI's --method); without either, a "model" means
+    draft_model, as in vLLM. Keys easyspec does not take and values of the wrong type raise OptionsError."""
+    where = "--speculative-config"
+    unknown = sorted(set(config) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise OptionsError(f"{where}: easyspec does not take {', '.join(map(repr, unknown))}; it takes "
+                           f"{', '.join(SPECULATIVE_CONFIG_KEYS)}")
+    for key, value in config.items():
+        kind = str if key in ("method", "model") else int
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise OptionsError(f"{where}: {key!r} must be {'a string' if kind is str else 'an integer'}, "
+                               f"got {value!r}")
+    name = config.get("method") or method or ("draft_model" if "model" in config else None)
+    if name is None:
+        raise OptionsError(f'{where} needs a "method" ({", ".join(SPECULATIVE_METHODS)}) or a draft "model"')
+    if name not in SPECULATIVE_METHODS:
+        raise OptionsError(f"{where}: method {name!r} is not one easyspec runs; choose one of "
+                           f"{', '.join(SPECULATIVE_METHODS)}")
+    return {**{SPECULATIVE_CONFIG_KEYS[key]: value for key, value in config.items()},
+            "method": SPECULATIVE_METHODS[name].value}
+
+
+class SamplingError(ValueError):
+    """A SamplingParams field is out of range or of the wrong type; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` means greedy."""
+    """Per-request decoding settings; ``temperature == 0`` means greedy.
+
+    The base model's logits go through, in order (as in HF transformers and vLLM): the
+    history-dependent settings (repetition_penalty over the prompt and the generated tokens,
+    frequency_penalty and presence_penalty over the generated tokens, and min_tokens, which
+    masks the tokens that would end the request: EOS unless ignore_eos, and stop_token_ids),
+    then temperature, top_k, top_p and min_p (easyspec.verify.penalties and .sampling).
+    Greedy decoding takes the argmax after the history-dependent settings.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 = off)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (1 = off)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the output holds (0 = off)
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output (0 = off)
     seed: int | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the request before this many tokens
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request as EOS does (their text is not shown)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely tokens'
 
     def __post_init__(self) -> None:
         # NaN fails every comparison, so each check is written to reject it.
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise SamplingError(name, f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+            raise SamplingError("top_k", f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+                raise SamplingError(name, f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], "
+                                          f"got {getattr(self, name)}")
         if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise ValueError(f"seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}")
+            raise SamplingError("seed", "seed must be None or a 64-bit signed integer (-2**63 to 2**63 - 1), "
+                                        f"got {self.seed!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+            raise SamplingError("max_new_tokens", f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise SamplingError("min_tokens", f"min_tokens must be an int from 0 to max_new_tokens "
+                                              f"({self.max_new_tokens}), got {self.min_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a tuple of str, got {self.stop!r}")
+            raise SamplingError("stop", f"stop must be a tuple of str, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingError("stop_token_ids", "stop_token_ids must be a tuple of token ids (ints >= 0), "
+                                                  f"got {self.stop_token_ids!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingError(name, f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError("logprobs", f"logprobs must be None or an int from 0 to {MAX_LOGPROBS}, "
+                                            f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes the logits (each needs the counts of the tokens so far)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a token's distribution depends on the tokens before it beyond the model's own
+        logits: a penalty, or min_tokens holding back the tokens that end the request."""
+        return self.penalized or self.min_tokens > 0
 
 
 def _is_int(value: object) -> bool:

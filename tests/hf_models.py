@@ -31,7 +31,7 @@ def hf_config(family: str, **overrides):
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         return tf.LlamaConfig(**kw, rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=True)
     if family == "mistral":
-        return tf.MistralConfig(**kw, sliding_window=None, tie_word_embeddings=False)
+        return tf.MistralConfig(**{"sliding_window": None, **kw}, tie_word_embeddings=False)
     if family == "qwen2":
         return tf.Qwen2Config(**kw, tie_word_embeddings=True, use_sliding_window=False)
     if family == "qwen3":

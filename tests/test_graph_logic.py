@@ -85,3 +85,20 @@ def test_engine_in_graph_mode_equals_eager_plain_decoding(pair_dir, fake_graphs,
         for _ in range(2):  # once capturing, once replaying
             assert [run(engine, p)[0] for p in PROMPTS] == expected
     assert fake_graphs
+
+
+def test_each_capture_is_logged_on_the_driver(pair_dir, fake_graphs, caplog):
+    """A line per captured graph (the first requests are slower: this says why), none without progress."""
+    caplog.set_level("INFO", logger="easyspec")
+    logged = {}
+    for progress in (True, False):
+        caplog.clear()
+        fake_graphs.clear()
+        with Engine(options(pair_dir, draft="near", method="sd", progress=progress)) as engine:
+            run(engine, PROMPTS[0])
+        logged[progress] = [r.getMessage() for r in caplog.records
+                            if r.getMessage().startswith("captured a CUDA graph")]
+        assert len(logged[progress]) == (len(fake_graphs) if progress else 0) and fake_graphs
+    assert any(line.startswith("captured a CUDA graph: base prefill step, 1 token, 256 cache slots (")
+               for line in logged[True])
+    assert any(line.startswith("captured a CUDA graph: draft ") for line in logged[True])

@@ -234,8 +234,9 @@ def _first_two_tokens(params: SamplingParams, drafter: str, seed: int):
         SamplingParams(temperature=1.0),
         SamplingParams(temperature=0.7, top_p=0.9),
         SamplingParams(temperature=1.0, top_k=3),
+        SamplingParams(temperature=1.0, min_p=0.2),
     ],
-    ids=["t1", "t0.7-p0.9", "k3"],
+    ids=["t1", "t0.7-p0.9", "k3", "min-p0.2"],
 )
 def test_speculative_sampling_reproduces_target(params: SamplingParams) -> None:
     first, target_first, joint, target_joint = _first_two_tokens(params, "sampled", seed=10)

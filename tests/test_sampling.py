@@ -9,12 +9,13 @@ import pytest
 import torch
 from distribution_checks import chi2_critical
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from easyspec.options import SamplingParams
+from easyspec.options import SamplingError, SamplingParams
 from easyspec.verify.sampling import greedy, process_logits, sample
 
 # (temperature, top_k, top_p) combinations covering each filter alone, both
@@ -93,11 +94,24 @@ def test_default_params_are_greedy() -> None:
         ({"seed": -(2**63) - 1}, "seed must be None or a 64-bit signed integer"),
         ({"seed": True}, "seed must be None"),
         ({"stop": ["x"]}, "stop must be a tuple of str"),
+        ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
+        ({"min_p": math.nan}, "min_p must be a finite number"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+        ({"frequency_penalty": -3}, r"frequency_penalty must be in \[-2, 2\], got -3"),
+        ({"min_tokens": 5, "max_new_tokens": 4}, r"min_tokens must be an int from 0 to max_new_tokens \(4\), got 5"),
+        ({"min_tokens": -1}, "min_tokens must be an int from 0"),
+        ({"stop_token_ids": [2]}, "stop_token_ids must be a tuple of token ids"),
+        ({"stop_token_ids": (2, -1)}, "stop_token_ids must be a tuple of token ids"),
+        ({"skip_special_tokens": 1}, "skip_special_tokens must be True or False"),
+        ({"logprobs": 21}, "logprobs must be None or an int from 0 to 20, got 21"),
+        ({"logprobs": True}, "logprobs must be None or an int"),
     ],
 )
 def test_invalid_params_raise(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SamplingError, match=message) as caught:
         SamplingParams(**kwargs)
+    assert caught.value.field in kwargs  # the server names it as the request's field
 
 
 def test_seed_range_ends_are_accepted() -> None:
@@ -191,21 +205,31 @@ def test_matches_brute_force_reference(temperature: float, top_k: int, top_p: fl
     assert checked >= 60
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3])
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), SETTINGS)
-def test_matches_transformers_warpers(temperature: float, top_k: int, top_p: float) -> None:
+def test_matches_transformers_warpers(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     logits = _random_logits(64, seed=4)
     warpers = [TemperatureLogitsWarper(temperature)]
     if top_k > 0:
         warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1:
         warpers.append(TopPLogitsWarper(top_p))
+    if min_p > 0:
+        warpers.append(MinPLogitsWarper(min_p))
     input_ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)  # unused by these warpers
     scores = logits.clone()
     for warper in warpers:
         scores = warper(input_ids, scores)
     want = torch.softmax(scores, dim=-1)
-    got = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    got = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_min_p_keeps_tokens_at_least_min_p_of_the_best() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    probs = process_logits(logits, SamplingParams(temperature=1.0, min_p=0.3))  # keeps p >= 0.15
+    torch.testing.assert_close(probs, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+    assert torch.equal(process_logits(logits, SamplingParams(temperature=1.0, min_p=1.0)), torch.eye(4)[0])
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=3, top_p=0.5)])

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from hf_models import make_hf_checkpoint
 from server_utils import (
     API_KEY,
+    CHAT_TEMPLATE,
     PROMPTS,
+    SPREAD,
     WORDS,
     Server,
     complete,
@@ -22,6 +25,7 @@ from server_utils import (
     http,
     make_model_dirs,
     start,
+    write_tokenizer,
 )
 
 
@@ -130,13 +134,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "the", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "the", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "the", "stop": [1]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "the", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "the", "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "the", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "the", "max_tokens": 10_000}, 400, None),
     ("/v1/completions", {"prompt": [5] * 300}, 400, None),
     ("/v1/completions", {"prompt": [1, 999]}, 400, None),
-    ("/v1/completions", {"prompt": "the", "logprobs": 1}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "the", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "the", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "the", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "the", "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "the", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": ["the", "fox"]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
@@ -154,8 +160,8 @@ def test_bad_requests_get_openai_errors(spec_server, path, body, status, param):
 
 def test_errors_through_the_client_and_serving_goes_on(spec_server):
     client = spec_server.client()
-    with pytest.raises(openai.BadRequestError, match="n > 1 is not supported yet"):
-        client.completions.create(model="tiny", prompt="the", n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of > 1 is not supported"):
+        client.completions.create(model="tiny", prompt="the", best_of=2)
     with pytest.raises(openai.BadRequestError, match="exceeds"):
         client.completions.create(model="tiny", prompt="the " * 300, max_tokens=8)
     with pytest.raises(openai.AuthenticationError):
@@ -270,3 +276,22 @@ def test_two_devices_cancel_then_worker_failure_exits(request, model_dirs, queue
     assert server.wait_exit() == 3
     log = server.log.read_text()
     assert "engine failed: worker rank 1 failed" in log, log
+
+
+def test_generation_config_defaults_reach_requests(request, model_dirs, tmp_path):
+    """Fields a request leaves out come from the model's generation_config.json (--generation-config auto):
+    do_sample false makes greedy the default, max_new_tokens bounds an absent max_tokens; a request's own win."""
+    folder = tmp_path / "greedy"
+    make_hf_checkpoint("llama3", folder, seed=0, **SPREAD)
+    write_tokenizer(folder, CHAT_TEMPLATE)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 6}))
+    client = start(request, model_dirs, "--model", str(folder)).client()
+
+    def complete(**kw):
+        return client.completions.create(model="m", prompt=PROMPTS[2], extra_body={"ignore_eos": True}, **kw)
+
+    greedy = complete(max_tokens=6, temperature=0).choices[0].text
+    defaults = [complete() for _ in range(3)]
+    assert [d.choices[0].text for d in defaults] == [greedy] * 3  # no temperature sent: greedy, as the file says
+    assert all(d.usage.completion_tokens == 6 for d in defaults)
+    assert complete(max_tokens=9).usage.completion_tokens == 9

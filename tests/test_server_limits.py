@@ -85,6 +85,8 @@ BAD_BODIES = [
     ("n 0", '{"prompt": "the", "n": 0}', "n", None),
     ("17 stop strings", json.dumps({"prompt": "the", "stop": [f"s{i}" for i in range(17)]}), "stop", None),
     ("a 300-character stop string", json.dumps({"prompt": "the", "stop": "x" * 300}), "stop", None),
+    ("257 stop token ids", json.dumps({"prompt": "the", "stop_token_ids": list(range(257))}), "stop_token_ids", None),
+    ("n 2 past the largest seed", '{"prompt": "the", "n": 2, "seed": 9223372036854775807}', "seed", None),
 ]
 
 
@@ -218,7 +220,7 @@ def test_request_failing_in_the_engine_is_counted_and_answered_without_detail(mo
         failing = Job([5, 6, 7], _tampered(SamplingParams(seed=1), seed=2**70), loop)
         working = Job([5, 6, 7], SamplingParams(max_new_tokens=3), loop)
         for job in (failing, working):
-            scheduler.submit(job)
+            scheduler.submit([job])
         error = loop.run_until_complete(asyncio.wait_for(failing.events.get(), 60))
         assert isinstance(error, ApiError) and error.status == 500 and "incident" in error.message
         assert not INTERNAL.search(error.message) and "Overflow" not in error.message

@@ -9,7 +9,8 @@ from hf_models import make_hf_checkpoint
 from server_utils import SPREAD, write_tokenizer
 
 from easyspec import Engine, EngineOptions, SamplingParams
-from easyspec.engine.stop import StopWatcher
+from easyspec.engine.stop import StopText, StopWatcher
+from easyspec.model.tokenizer import Tokenizer
 
 
 def test_partial_match_is_held_back_until_it_fails():
@@ -31,6 +32,12 @@ def test_earliest_of_several_stops_wins():
     watcher = StopWatcher(("xyz", "b d", "c"))
     assert watcher.feed("a b") == ("a ", False)  # "b" could begin "b d"
     assert watcher.feed(" c d xyz") == ("b ", True)
+    assert watcher.matched == "c"  # vLLM's stop_reason
+
+
+def test_stops_starting_at_one_place_the_first_listed_is_matched():
+    watcher = StopWatcher(("ab", "a", "abc"))
+    assert watcher.feed("xabc") == ("x", True) and watcher.matched == "ab"
 
 
 def test_shorter_stop_inside_a_longer_partial_match():
@@ -45,6 +52,17 @@ def test_held_text_is_released_at_the_end():
     assert watcher.feed("so, the") == ("so, ", False)
     assert watcher.feed(" en") == ("", False)
     assert watcher.feed("", final=True) == ("the en", False)
+
+
+def test_stop_strings_completed_before_min_tokens_are_text():
+    """Unarmed (before min_tokens), a completed stop string is text like any other; a possible start is
+    still held back, and one that completes once armed ends the text."""
+    watcher = StopWatcher(("ab", "xabc"))
+    assert watcher.feed("xab", armed=False) == ("", False)  # could begin "xabc"
+    assert watcher.feed("d") == ("xabd", False)  # "ab" was completed before min_tokens: no stop
+    watcher = StopWatcher(("STOP",))
+    assert watcher.feed("a STOP b ST", armed=False) == ("a STOP b ", False)
+    assert watcher.feed("OP c") == ("", True) and watcher.matched == "STOP"  # spans the boundary: counts
 
 
 def test_no_stops_holds_nothing():
@@ -65,9 +83,13 @@ PROMPT = [7, 8, 9, 10]
 
 
 def stream(engine: Engine, stop: tuple[str, ...]) -> tuple[list[str], list[int], str | None]:
-    """Each chunk's text, all token ids and the finish reason of a greedy 16-token request."""
+    """Each chunk's text, all token ids and the finish reason of a greedy 16-token request; the stop
+    string that ended it is the last chunk's stop_reason (None on every other chunk)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True, stop=stop)
     chunks = list(engine.generate(PROMPT, params))
+    assert all(c.stop_reason is None for c in chunks[:-1])
+    stop_reason = chunks[-1].stop_reason
+    assert (stop_reason in stop) if chunks[-1].finish_reason == "stop" else stop_reason is None
     return [c.text for c in chunks], [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
 
 
@@ -84,10 +106,39 @@ def test_streamed_chunks_add_up_to_the_cut_text(word_model, method):
         for first in (2, 4):
             stop = " ".join(words[first : first + 2])  # two tokens: its first word streams before the second
             expected = full[: full.index(stop)]
-            pieces, ids, reason = stream(engine, (stop, "never appears"))
+            pieces, ids, reason = stream(engine, ("never appears", stop))
             assert "".join(pieces) == expected and reason == "stop"
+            assert engine.generate_many([PROMPT], SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True,
+                                        stop=("never appears", stop)), progress=False)[0].stop_reason == stop
             text = engine.tokenizer.decode(ids)
             assert stop in text and stop not in engine.tokenizer.decode(ids[:-1])  # ends at the completing token
         # A stop string that begins at the very end but never completes: the held-back word comes out at the end.
         pieces, _, reason = stream(engine, (words[-1] + " never",))
         assert "".join(pieces) == full and reason == "length"
+
+
+def test_min_tokens_decides_which_stop_string_counts(word_model):
+    """A stop string counts once the token completing it is at least the min_tokens-th (vLLM's rule),
+    whether the tokens come one step at a time or all in one."""
+    tok = Tokenizer.from_folder(word_model)
+    ids = tok.encode("the fox runs the fox runs far", add_special_tokens=False)
+    for min_tokens, keep, text in ((0, 2, "the "), (2, 2, "the "), (3, 5, "the fox runs the "), (6, None, None)):
+        for steps in ([ids], [[t] for t in ids]):
+            stop_text = StopText(tok, ("fox",), min_tokens)
+            generated, kept = 0, None
+            for step in steps:
+                kept = stop_text.push(step, generated)
+                if kept is not None:
+                    kept += generated
+                    break
+                generated += len(step)
+            assert kept == keep, (min_tokens, steps)
+            assert stop_text.take(final=True) == (text if text is not None else " ".join(tok.decode(ids).split()))
+
+
+def test_special_tokens_shown_when_not_skipped(word_model):
+    tok = Tokenizer.from_folder(word_model)
+    ids = [1, *tok.encode("the fox", add_special_tokens=False), 2]  # <s> the fox </s>
+    for skip, want in ((True, "the fox"), (False, "<s> the fox </s>")):
+        stop_text = StopText(tok, (), skip_special_tokens=skip)
+        assert stop_text.push(ids) is None and stop_text.take(final=True) == want

@@ -207,8 +207,9 @@ def _first_two(params: SamplingParams, draw: str, verify_with_replacement: bool,
         (SamplingParams(temperature=1.0), "without-replacement"),
         (SamplingParams(temperature=1.0), "with-replacement"),
         (SamplingParams(temperature=0.8, top_k=2), "without-replacement"),  # padding nodes
+        (SamplingParams(temperature=1.0, min_p=0.2), "without-replacement"),  # padding nodes where q is cut
     ],
-    ids=["t1-without", "t1-with", "top-k2-without"],
+    ids=["t1-without", "t1-with", "top-k2-without", "min-p-without"],
 )
 def test_tree_sampling_reproduces_target(params: SamplingParams, draw: str) -> None:
     first, target_first, joint, target_joint = _first_two(params, draw, draw == "with-replacement", seed=10)

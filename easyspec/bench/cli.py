@@ -8,9 +8,16 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from easyspec.cli.args import ENGINE_DEFAULTS, SAMPLING_DEFAULTS, add_engine_args, options_from_args
+from easyspec.cli.args import (
+    ENGINE_DEFAULTS,
+    SAMPLING_DEFAULTS,
+    HelpFormatter,
+    add_engine_args,
+    options_from_args,
+    torchrun_world_size,
+)
 from easyspec.model.config import PRESETS
-from easyspec.options import Method, SamplingParams
+from easyspec.options import AUTO_DTYPE, GenerationConfig, Method, SamplingParams, auto_dtype
 
 DEFAULT_METHODS = "vanilla,sd-tp1,sd-tpN,ngram,easyspec"
 SWEEP_HELP = ("EasySpec settings to sweep, each an easyspec row after the --methods rows: the cartesian product "
@@ -21,8 +28,11 @@ SWEEP_HELP = ("EasySpec settings to sweep, each an easyspec row after the --meth
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare decoding methods side by side")
-    add_engine_args(p)
+    p = sub.add_parser("bench", help="compare decoding methods side by side",
+                       description="Runs every method of --methods on the same prompts, each in its own process, "
+                                   "and prints a table of speed, acceptance and per-stage times.",
+                       formatter_class=HelpFormatter)
+    add_engine_args(p, method=False, request_defaults=False, progress=False)
     b = p.add_argument_group("benchmark")
     b.add_argument("--methods",
                    help="comma list of vanilla, sd-tp1, sd-tpN, ngram, easyspec[:policy[:calibration[:N]]], hf "
@@ -34,12 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --preset: bench.json of an end-to-end run on a trained pair; rows of the same label "
                         "get a projected speedup from its acceptance (printed and stored as projected)")
     b.add_argument("--prompts", help="Spec-Bench jsonl file; default: random prompt ids")
-    b.add_argument("--raw", action="store_true",
-                   help="--prompts as raw text, not through the model's chat template")
-    b.add_argument("--num-prompts", type=int, default=8)
+    b.add_argument("--num-prompts", type=int, default=8, help="prompts to run, taken in turn from each category")
     b.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
-    b.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS.max_new_tokens)
-    b.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS.temperature)
+    b.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS.max_new_tokens,
+                   help="tokens generated per prompt (end-of-sequence ignored, so every method does the same work)")
+    b.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS.temperature,
+                   help="0 = greedy (outputs compared with vanilla's); > 0 samples with a fixed seed")
+    b.add_argument("--raw", action="store_true",
+                   help="encode --prompts as raw text; default: through the chat template when the model has one")
     b.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (spread reported)")
     b.add_argument("--warmup", type=int,
                    help="untimed prompts per method before the timed runs (default: every prompt once, so that "
@@ -50,14 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--draft-preset", help="random-weight draft of a real shape (e.g. llama-3.2-1b)")
     b.add_argument("--workdir", default="/tmp/easyspec-bench", help="where preset checkpoints are written")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
-    b.add_argument("--title", default="easyspec bench")
+    b.add_argument("--title", default="easyspec bench", help="title of the tables and the plot")
     b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
 
 
 def register_steps(sub: argparse._SubParsersAction) -> None:
     """Add `bench-steps`; its module (torch, the models) is imported only when the command runs."""
-    p = sub.add_parser("bench-steps", help="time each stage's step at real shapes (random weights, CUDA)")
+    p = sub.add_parser("bench-steps", help="time each stage's step at real shapes (random weights, CUDA)",
+                       formatter_class=HelpFormatter)
     p.add_argument("--preset", default="llama-3.1-8b", help=f"base shape: {', '.join(PRESETS)}")
     p.add_argument("--draft-preset", default="llama-3.2-1b", help="draft shape, or 'none'")
     p.add_argument("--devices", type=int, default=2, help="GPUs: the base is tensor-parallel over all")
@@ -99,6 +112,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from easyspec.bench.project import NOTE, load_acceptance, project, projected_table, stage_ms_per_round
     from easyspec.bench.sweep import best_line, parse_sweep, ranked, sweep_specs
 
+    args.devices = args.devices or torchrun_world_size() or ENGINE_DEFAULTS.devices
+    if args.dtype == AUTO_DTYPE and args.preset:  # presets are the shapes of 16-bit checkpoints
+        args.dtype = auto_dtype(args.device, "bfloat16")
     # Everything that only reads the command line or a file is checked before any checkpoint is written.
     specs = parse_methods(args.methods or ("vanilla" if args.sweep else DEFAULT_METHODS), args.devices)
     if not specs or specs[0].label != "vanilla":
@@ -113,9 +129,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.draft_preset:
         args.draft = str(random_checkpoint(args.draft_preset, work / args.draft_preset, args.dtype, args.device,
                                            seed=1))
-    if args.method is None:
-        args.method = (Method.SD if args.draft or args.model is None else Method.VANILLA).value
-    base = options_from_args(args)
+    # The rows pick their methods; the shared options only need one that fits the models given.
+    args.method = (Method.SD if args.draft or args.model is None else Method.VANILLA).value
+    # The bench draws its own bar, and its requests set every sampling field themselves.
+    base = options_from_args(args).replace(progress=False, generation_config=GenerationConfig.NONE.value)
+    if base.dtype == AUTO_DTYPE:
+        from easyspec.model.loader import stored_dtype
+
+        args.dtype = auto_dtype(args.device, stored_dtype(base.model))
+        base = base.replace(dtype=args.dtype)
     draft_methods = {m.value for m in Method if m.uses_draft_model}
     if (grid or any(s.changes["method"] in draft_methods for s in specs)) and not base.draft:
         raise ValueError("sd and easyspec rows need a draft: pass --draft DIR or --draft-preset NAME")
@@ -155,7 +177,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "draft_preset": args.draft_preset,
         "prompts": args.prompts or f"{args.num_prompts} random prompts of {args.prompt_len} ids",
-        "raw": args.raw,  # --prompts not through the chat template
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "repeats": args.repeats,
@@ -171,15 +192,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         projected, missing_projection = project(results, acceptance)
         extra["projected"] = {"note": NOTE, "acceptance_from": args.acceptance_from, "rows": projected,
                               "not_projected": missing_projection}
-    write_outputs(results, Path(args.out), meta, extra)
+    plot_note = write_outputs(results, Path(args.out), meta, extra)
     print(f"\n## {args.title}\n{json.dumps(meta)}\n")
     if grid:
         print("Sorted by speedup:\n")
     print(markdown_table(ranked(results) if grid else results))
     print(f"\n{LEGEND}")
     bw = extra["vanilla_bandwidth"]
-    print(f"\nvanilla: {bw['weight_mb_per_gpu']:.1f} MB of weights streamed per GPU per token in "
-          f"{bw['step_ms']:.3f} ms: {bw['gb_per_s_per_gpu']:.1f} GB/s per GPU")
+    unit = "GPU" if args.device == "cuda" else "device"
+    print(f"\nvanilla: {bw['weight_mb_per_gpu']:.1f} MB of weights streamed per {unit} per token in "
+          f"{bw['step_ms']:.3f} ms: {bw['gb_per_s_per_gpu']:.1f} GB/s per {unit}")
     for line in notes:
         print(line)
     if len(set(results[0].categories)) > 1:
@@ -191,6 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(line)
     if grid:
         print("\n" + extra["sweep"]["best"])
+    if plot_note:
+        print(plot_note, file=sys.stderr)
     return 0
 
 

@@ -317,9 +317,9 @@ def by_category(results: list[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dict | None = None) -> None:
+def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dict | None = None) -> str | None:
     """bench.json (meta, every row, and any `extra` sections such as the sweep or the projection)
-    and, when matplotlib is installed, bench.png."""
+    and, when matplotlib is installed, bench.png; returns a line saying so when it is not."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results], **(extra or {})}
     (out / "bench.json").write_text(json.dumps(payload, indent=1))
@@ -329,7 +329,7 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dic
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return f"{out / 'bench.png'} not written: matplotlib is not installed (pip install matplotlib)"
     labels = [r.label for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     bottom = [0.0] * len(results)
@@ -344,12 +344,13 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict, extra: dic
     fig.suptitle(meta.get("title", "easyspec bench"))
     fig.tight_layout()
     fig.savefig(out / "bench.png", dpi=110)
+    return None
 
 
 def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num_prompts: int,
                     prompt_len: int, raw: bool = False) -> list[tuple[str, list[int]]]:
-    """Prompts as token ids: from a Spec-Bench jsonl file (first turn, through the model's chat template
-    unless `raw` or it has none, as `generate` encodes a prompt), or random ids of a fixed length."""
+    """Prompts as token ids: from a Spec-Bench jsonl file (first turn, as a user message through the
+    chat template when the model has one, or --chat-template's, unless `raw`), or random ids of a fixed length."""
     if prompts_file is None:
         vocab = load_config(engine_options.model).vocab_size
         gen = torch.Generator().manual_seed(0)
@@ -360,6 +361,8 @@ def load_prompt_ids(engine_options: EngineOptions, prompts_file: str | None, num
     tokenizer = load_tokenizer(engine_options.model)
     if tokenizer is None:
         raise ValueError(f"{engine_options.model} has no tokenizer.json; bench with random prompts instead")
+    if engine_options.chat_template is not None:
+        tokenizer.chat_template = Path(engine_options.chat_template).read_text()
     rows = [(p.category, tokenizer.encode_prompt(p.turns[0], raw)) for p in read_prompts(prompts_file)]
     return spread_over_categories(rows, num_prompts)
 

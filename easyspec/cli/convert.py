@@ -40,9 +40,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, defaults after each flag's help."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a GGUF file to a Hugging Face checkpoint folder",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=_Formatter)
     p.add_argument("file", help="the .gguf file (llama, qwen2 or qwen3 architecture)")
     p.add_argument("out_dir", help="the folder to write (new or empty)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the written weights")

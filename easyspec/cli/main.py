@@ -5,20 +5,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
-from easyspec.cli.args import add_engine_args, add_sampling_args, options_from_args, sampling_from_args
+from easyspec import __version__
+from easyspec.cli.args import (
+    HelpFormatter,
+    add_engine_args,
+    add_sampling_args,
+    options_from_args,
+    parse_ids,
+    sampling_from_args,
+)
+
+DESCRIPTION = """\
+easyspec runs a language model with lossless speculative decoding: a small draft
+model proposes tokens and the model verifies them, so the output is the model's
+own (token for token at temperature 0, the same distribution when sampling),
+only faster. With --devices N the model is tensor-parallel over N processes
+(GPUs with --device cuda), and EasySpec's layer-parallel drafting runs the
+draft's layers at once on several devices.
+
+Models: Hugging Face folders or GGUF files of Llama, Mistral, Qwen2 and Qwen3;
+without --model the bundled demo pair (a small Python code model) is used.
+
+examples:
+  easyspec generate --prompt "def fibonacci(n):" --raw
+  easyspec generate --model DIR --draft DRAFT --method easyspec --devices 2 --prompt "Hello"
+  easyspec serve --model DIR --port 8000        (needs: pip install 'easyspec[serve]')
+  easyspec bench --devices 2 --methods vanilla,sd-tp1,easyspec
+  easyspec COMMAND --help                       (every flag of a command, with its default)
+"""
 
 # Mistakes a user can fix get one line and exit code 2; anything else exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+def log_to_stderr() -> None:
+    """The engine's notes (context length, loading, generation_config settings) as plain lines on stderr."""
+    logger = logging.getLogger("easyspec")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -26,17 +58,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    params = sampling_from_args(args)
+    settings = sampling_from_args(args)
     options = options_from_args(args)
-    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    prompt_ids = list(parse_ids(args.prompt_ids, "--prompt-ids")) if args.prompt_ids is not None else None
+    log_to_stderr()
     with Engine(options) as engine:
         if prompt_ids is None:
             prompt_ids = engine.encode_prompt(args.prompt, raw=args.raw)
+        params = engine.sampling_params(len(prompt_ids), **settings)
         token_ids: list[int] = []
+        logprobs: list[dict] = []
         text, chunk = "", None
         for chunk in engine.generate(prompt_ids, params):
             token_ids += chunk.token_ids
             text += chunk.text
+            logprobs += [entry.to_dict() for entry in chunk.logprobs or ()]
             if engine.is_driver and not args.json:
                 print(chunk.text, end="", flush=True)
         if not engine.is_driver:
@@ -47,11 +83,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "token_ids": token_ids,
                 "text": text,
                 "finish_reason": chunk.finish_reason,
+                "stop_reason": chunk.stop_reason,
                 "prompt_tokens": len(prompt_ids),
                 "method": options.method,
                 "devices": options.devices,
                 "stats": stats,
             }
+            if params.logprobs is not None:
+                out["logprobs"] = logprobs
             print(json.dumps(out))
         else:
             if engine.tokenizer is None:
@@ -62,12 +101,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="easyspec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a continuation of one prompt")
-    gen.add_argument("--prompt", help="prompt text (through the chat template unless --raw)")
+    parser = argparse.ArgumentParser(prog="easyspec", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"easyspec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="generate a continuation of one prompt",
+                         description="Generates a continuation of one prompt and streams it to stdout (with --json, "
+                                     "one JSON object with token ids, text and speculation stats at the end).",
+                         formatter_class=HelpFormatter)
+    gen.add_argument("--prompt", help="prompt text (through the chat template when the model has one, unless --raw)")
     gen.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
-    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--raw", action="store_true", help="encode --prompt as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and stats")
     add_engine_args(gen)
     add_sampling_args(gen)

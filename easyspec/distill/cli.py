@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from easyspec.cli.args import ENGINE_DEFAULTS
+from easyspec.cli.args import ENGINE_DEFAULTS, HelpFormatter
 from easyspec.distill import HELD_OUT_PROMPTS
 from easyspec.distill.settings import DEFAULT_MINUTES, INITS, DistillOptions, DraftShape, TrainSettings
 from easyspec.options import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, Calibration, ParallelPolicy
@@ -54,17 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="make a draft model for a base model by distillation",
                        description="Make a draft for --model: it generates text from prompt sets, then trains a "
                                    "small model of the same tokenizer to match its token distributions. Stopped "
-                                   "runs continue when the same command is run again.")
+                                   "runs continue when the same command is run again.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="the base model: a Hugging Face folder or a GGUF file")
     p.add_argument("--out", help="folder for the draft (and the checkpoint while it trains)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     d = p.add_argument_group("draft shape (default: a quarter of the base's layers, as wide as the base)")
-    d.add_argument("--layers", type=int)
-    d.add_argument("--hidden-size", type=int)
-    d.add_argument("--heads", type=int)
-    d.add_argument("--kv-heads", type=int)
+    d.add_argument("--layers", type=int, help="decoder layers of the draft")
+    d.add_argument("--hidden-size", type=int, help="width of the draft (default: the base's)")
+    d.add_argument("--heads", type=int, help="attention heads (default: the base's)")
+    d.add_argument("--kv-heads", type=int, help="key/value heads (default: the base's)")
     d.add_argument("--intermediate-size", type=int, help="MLP width")
-    d.add_argument("--head-dim", type=int)
+    d.add_argument("--head-dim", type=int, help="width of one head (default: the base's)")
     d.add_argument("--init", default=DEFAULTS.init, choices=INITS,
                    help="base: copy embeddings, LM head, final norm and evenly spaced layers of the base; "
                         "random: fresh layers (embeddings still copied when the width matches)")
@@ -99,10 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="rows per step")
     t.add_argument("--seq-len", type=int, default=TRAIN.seq_len, help="longest row in tokens (longer rows are cut)")
     t.add_argument("--lr", type=float, default=TRAIN.lr, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=TRAIN.warmup_steps)
+    t.add_argument("--warmup-steps", type=int, default=TRAIN.warmup_steps, help="steps of linear learning-rate warm-up")
     t.add_argument("--kl-weight", type=float, default=TRAIN.kl_weight, help="weight of KL(base || draft)")
     t.add_argument("--ntp-weight", type=float, default=TRAIN.ntp_weight, help="weight of the next-token loss")
-    t.add_argument("--seed", type=int, default=TRAIN.seed)
+    t.add_argument("--seed", type=int, default=TRAIN.seed, help="seed of the initialisation, data order and sampling")
     t.add_argument("--checkpoint-minutes", type=float, default=TRAIN.checkpoint_minutes,
                    help="time between checkpoints")
     t.add_argument("--compile", action="store_true",
@@ -112,22 +113,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("acceptance", help="greedy acceptance of drafts, layer-parallel drafting emulated on one device",
                        description="Mean accepted length and acceptance rate of each draft drafting sequentially "
                                    "and layer-parallel (every group member on this one device: the acceptance of "
-                                   "N devices, not their speed), and of the ngram drafter, on held-out prompts.")
+                                   "N devices, not their speed), and of the ngram drafter, on held-out prompts.",
+                       formatter_class=HelpFormatter)
     a.add_argument("--model", required=True, help="the base model: a Hugging Face folder or a GGUF file")
     a.add_argument("--draft", action="append", default=[], metavar="[NAME=]DIR", help="a draft (repeatable)")
     a.add_argument("--ngram", action="store_true", help="add the ngram drafter's row")
-    a.add_argument("--prompts", default=str(HELD_OUT_PROMPTS), help="Spec-Bench jsonl (default: the held-out set)")
+    a.add_argument("--prompts", default=str(HELD_OUT_PROMPTS), help="Spec-Bench jsonl prompts")
     a.add_argument("--limit", type=int, help="only N prompts (the categories taken in turn)")
     a.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="start no prompt after this many seconds (every row keeps the same prompts)")
     a.add_argument("--num-draft", type=int, default=ENGINE_DEFAULTS.num_draft, help="draft tokens per round (k)")
-    a.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    a.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens generated per prompt")
     a.add_argument("--ignore-eos", action="store_true", help="generate past EOS to the token budget (as bench does)")
     a.add_argument("--calibrate", default=ENGINE_DEFAULTS.calibrate, choices=Calibration.names(),
                    help="when layer-parallel drafting rewrites its KV exactly")
     _add_layer_parallel_args(a, "layer-parallel sizes to measure, e.g. 2,4")
     a.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
-    a.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    a.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="of the base and the drafts")
     a.add_argument("--gen-batch", type=int, default=64, help="prompts the base continues at once")
     a.add_argument("--no-fused-kernels", action="store_true",
                    help="CUDA: draft with the reference formulas as PyTorch ops (no Triton compiling first)")

@@ -27,6 +27,7 @@ from easyspec.draft.base import Drafter
 from easyspec.options import Calibration, SamplingParams
 from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
+from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.sampling import process_logits, sample
 from easyspec.verify.types import Proposal, Verdict
 
@@ -38,12 +39,16 @@ class ModelDrafter(Drafter):
         params: SamplingParams,
         generator: torch.Generator | None,
         max_num_draft: int,
+        history: TokenHistory,
         layer_parallel: bool = False,
         calibrate: str = Calibration.EVERY_ROUND,
     ) -> None:
-        """layer_parallel: draft steps after a round's first run the runner's LAYER_PARALLEL step."""
+        """history: the request's committed tokens (the engine commits each decision to it), which
+        the penalties and min_tokens read, as they do for the base; layer_parallel: draft steps after
+        a round's first run the runner's LAYER_PARALLEL step."""
         self.runner = runner
         self.params = params
+        self.history = history
         self.generator = generator
         self.layer_parallel = layer_parallel
         self.calibrate = calibrate
@@ -61,8 +66,13 @@ class ModelDrafter(Drafter):
         self.written_upto = self.exact_upto = len(prompt_ids)
         self.calibrate_next = False
 
-    def _sample(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        """logits [V] -> (token [], q [V] or None under greedy)."""
+    def _sample(self, logits: Tensor, drafted: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """logits [V] after the `drafted` tokens [] of this round -> (token [], q [V] or None under greedy)."""
+        if self.history.active:
+            device = logits.device
+            before = torch.stack(drafted) if drafted else torch.zeros(0, dtype=torch.long, device=device)  # [i]
+            precedes = torch.ones(1, len(drafted), dtype=torch.bool, device=device)  # [1, i]
+            logits = self.history.adjust(logits[None], before, precedes)[0]
         if self.params.greedy:
             return logits.argmax(-1), None
         probs = process_logits(logits[None], self.params)[0]
@@ -90,14 +100,14 @@ class ModelDrafter(Drafter):
         last_pos = len(self.tokens) - 1
         start = self.exact_upto if self.calibrate_next else self.written_upto
         with timer.stage("calibrate"):
-            token, probs = self._sample(self._feed_exact(start))
+            token, probs = self._sample(self._feed_exact(start), [])
         self.written_upto = self.exact_upto = last_pos + 1
         drafted, dists = [token], [probs]
         mode = LAYER_PARALLEL if self.layer_parallel else EXACT
         with timer.stage("draft"):
             for i in range(1, num_draft):
                 logits = self.runner.forward(drafted[-1].view(1), last_pos + i, mode)
-                token, probs = self._sample(logits[0])
+                token, probs = self._sample(logits[0], drafted)
                 drafted.append(token)
                 dists.append(probs)
         self.last_num_draft = num_draft

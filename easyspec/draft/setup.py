@@ -9,7 +9,7 @@ Built on every rank, in the same order (it makes process groups, a collective):
 - the peer-to-peer path for that group (CUDA);
 - the draft model, loaded only where it runs: whole, tensor-parallel, or whole
   with a layer-parallel forward over the drafting group;
-- per request, `drafter(params, seed)`: the method's Drafter, wrapped so that
+- per request, `drafter(params, seed, history)`: the method's Drafter, wrapped so that
   ranks which do not draft receive rank 0's proposal (`SharedProposal`).
 """
 
@@ -29,6 +29,7 @@ from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import check_divisible, load_sharded
 from easyspec.runtime.runner import LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
+from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 
@@ -74,37 +75,39 @@ class Drafting:
 
     def _load(self, dtype: torch.dtype, scratch: int) -> ModelRunner:
         opts, state = self.options, self.state
+        label = "draft" if opts.progress and state.is_driver else None  # progress bars and lines on rank 0
         if not opts.is_layer_parallel:
-            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1)
-            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=scratch)
-        model = load_sharded(opts.draft, dtype, state, tp=False)
+            model = load_sharded(opts.draft, dtype, state, tp=opts.draft_tp > 1, progress=label)
+            return ModelRunner(model, opts.max_context, opts.cuda_graphs, scratch=scratch, label=label)
+        model = load_sharded(opts.draft, dtype, state, tp=False, progress=label)
         size = len(self.ranks)
         layout = LayerLayout.choose(opts.groups, model.config.num_layers, size, opts.keep_first, opts.keep_last)
         forward = LayerParallelForward(model, layout, state.rank, size, state.subgroup(self.ranks),
                                        opts.parallel_policy)
         return ModelRunner(model, opts.max_context, opts.cuda_graphs, steps={LAYER_PARALLEL: forward},
-                           scratch=scratch)
+                           scratch=scratch, label=label)
 
-    def drafter(self, params: SamplingParams, seed: int) -> Drafter | None:
-        """The request's Drafter on this rank, or None when the method drafts nothing (vanilla)."""
+    def drafter(self, params: SamplingParams, seed: int, history: TokenHistory) -> Drafter | None:
+        """The request's Drafter on this rank, or None when the method drafts nothing (vanilla);
+        history: the request's committed tokens, as the penalties read them."""
         opts = self.options
         if not opts.speculates:
             return None
-        own = self._own_drafter(params, seed) if self.state.rank in self.ranks else None
+        own = self._own_drafter(params, seed, history) if self.state.rank in self.ranks else None
         if len(self.ranks) == self.state.world_size:
             return own
         return SharedProposal(own, self.state, opts.tree_width)
 
-    def _own_drafter(self, params: SamplingParams, seed: int) -> Drafter:
+    def _own_drafter(self, params: SamplingParams, seed: int, history: TokenHistory) -> Drafter:
         opts = self.options
         if Method(opts.method) is Method.NGRAM:
             return NgramDrafter(self.state.device, opts.ngram_min, opts.ngram_max)
         gen = torch.Generator(self.state.device).manual_seed(seed + 1)
         if opts.tree:
-            return TreeDrafter(self.runner, params, gen, opts.tree_width, opts.initial_num_draft,
+            return TreeDrafter(self.runner, params, gen, opts.tree_width, opts.initial_num_draft, history,
                                layer_parallel=opts.is_layer_parallel, sampling=opts.tree_sampling)
-        return ModelDrafter(self.runner, params, gen, opts.max_num_draft, layer_parallel=opts.is_layer_parallel,
-                            calibrate=opts.calibrate)
+        return ModelDrafter(self.runner, params, gen, opts.max_num_draft, history,
+                            layer_parallel=opts.is_layer_parallel, calibrate=opts.calibrate)
 
 
 class SharedProposal(Drafter):

@@ -26,6 +26,7 @@ from easyspec.draft.model import ModelDrafter
 from easyspec.options import SamplingParams, TreeSampling
 from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import StageTimer
+from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import choose_children, extend_ancestors, tree_depths, tree_mask
 from easyspec.verify.types import TreeProposal, Verdict
@@ -39,24 +40,28 @@ class TreeDrafter(ModelDrafter):
         generator: torch.Generator | None,
         width: int,
         depth: int,
+        history: TokenHistory,
         layer_parallel: bool = False,
         sampling: str = TreeSampling.WITHOUT_REPLACEMENT,
     ) -> None:
         """depth: the tree's num_draft; sampling: how a node's children are drawn from q when not
         greedy (easyspec.verify.tree)."""
-        super().__init__(runner, params, generator, max_num_draft=depth, layer_parallel=layer_parallel)
+        super().__init__(runner, params, generator, depth, history, layer_parallel=layer_parallel)
         self.width, self.depth = width, depth
         self.rule = "greedy" if params.greedy else sampling
         device = runner.device
         self.depths = tree_depths(width, depth, device)  # [1 + N]
         self.order = torch.arange(1 + width * depth, device=device)  # [1 + N] tree order
 
-    def _dist(self, logits: Tensor) -> Tensor:
-        """logits [R, V] -> each row's next-token distribution, float32 [R, V].
+    def _dist(self, logits: Tensor, tokens: Tensor | None = None, precedes: Tensor | None = None) -> Tensor:
+        """logits [R, V] -> each row's next-token distribution, float32 [R, V]; tokens [n]: the
+        tree's nodes so far, precedes: bool [R, n], those on each row's path (root side included).
 
         Greedy ranks children by the draft's own probabilities; sampling draws
-        them from q, processed exactly as the base's p will be.
+        them from q, processed exactly as the base's p will be. Both see the
+        history-dependent settings with each row's own path.
         """
+        logits = self.history.adjust(logits, tokens, precedes)
         if self.params.greedy:
             return logits.float().softmax(dim=-1)
         return process_logits(logits, self.params)
@@ -98,7 +103,8 @@ class TreeDrafter(ModelDrafter):
                 rows = slice(1 + first, 1 + first + width)  # this level in tree order
                 logits = self.runner.forward_masked(tokens[nodes], root + self.depths[rows], root + self.order[rows],
                                                     tree_mask(anc[rows], root, kv_len), mode)  # [W, V]
-                probs = self._dist(logits)
+                filled = first + width  # nodes drawn so far
+                probs = self._dist(logits, tokens[:filled], anc[rows, 1 : 1 + filled])
                 dists.append(probs)
                 frontier = self.order[rows]
         q = None if self.params.greedy else torch.cat(dists)  # [1 + (D - 1) W, V]

@@ -35,6 +35,7 @@ class Decision:
     accepted: int  # committed draft tokens (the tokens are these, then the bonus or recovered one)
     reason: str | None  # one of FINISH_REASONS; None: the request goes on
     nodes: tuple[int, ...] = ()  # trees: the accepted nodes, root side first
+    stop_reason: str | int | None = None  # rank 0: the stop string or stop token that ended it (Chunk.stop_reason)
 
     @property
     def finished(self) -> bool:
@@ -44,27 +45,33 @@ class Decision:
 def settle(candidates: list[int], accepted: int, nodes: tuple[int, ...], params: SamplingParams, generated: int,
            eos: set[int], text: StopText | None, cancelled: bool) -> Decision:
     """Rank 0: the candidates (accepted draft tokens, then the bonus or recovered one) that are committed
-    after EOS / length / stop strings / cancellation, `generated` tokens into the request."""
-    tokens, reason = [], None
+    after EOS / stop tokens / length / stop strings / cancellation, `generated` tokens into the request.
+    (min_tokens needs no check here: the tokens that would end the request earlier have probability 0.)"""
+    tokens, reason, stop_reason = [], None, None
     budget = params.max_new_tokens - generated
     for token in candidates:
         tokens.append(token)
         if token in eos and not params.ignore_eos:
             reason = "stop"
             break
+        if token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+            break
         if len(tokens) >= budget:
             reason = "length"
             break
+    # The EOS or stop token that ends the request is committed, but its text is not shown (as in vLLM).
+    shown = tokens[:-1] if reason == "stop" else tokens
     # Checked even after EOS or length: a stop string completed before them ends it first.
-    stop_at = text.push(tokens) if text is not None else None
+    stop_at = text.push(shown, generated) if text is not None else None
     if stop_at is not None:
-        tokens, reason = tokens[:stop_at], "stop"
+        tokens, reason, stop_reason = tokens[:stop_at], "stop", text.watcher.matched
     if reason is None and cancelled:
         reason = "cancelled"
     # Accepted draft tokens cut off by the end of the request were never committed: not counted (vLLM's
     # num_accepted_tokens).
     accepted = min(accepted, len(tokens))
-    return Decision(tokens, accepted, reason, nodes[:accepted])
+    return Decision(tokens, accepted, reason, nodes[:accepted], stop_reason)
 
 
 def share(decision: Decision | None, state: ParallelState, max_num_draft: int, tree: bool) -> Decision:

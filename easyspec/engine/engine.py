@@ -1,4 +1,5 @@
-"""The public entry point: `Engine(options).generate(prompt_ids, params)` yields Chunks.
+"""The public entry point: `Engine(options).generate(prompt, params)` yields Chunks;
+`generate_many(prompts)` returns whole results.
 
 The Engine process is rank 0. With `devices > 1` it spawns the other ranks
 itself (or, under torchrun, every rank builds an Engine and runs the same
@@ -7,19 +8,39 @@ calls). Followers receive each request through a pipe and run it in lockstep.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from easyspec.draft.setup import check_draft
+from easyspec.engine.capacity import settle_context
 from easyspec.engine.worker import Chunk, Worker
-from easyspec.model.loader import load_config
-from easyspec.options import DEFAULT_CONTEXT, MIN_CONTEXT, EngineOptions, OptionsError, SamplingParams
+from easyspec.model.checkpoint import read_text
+from easyspec.model.loader import generation_defaults, is_gguf, load_config, stored_dtype
+from easyspec.model.progress import bar
+from easyspec.model.tokenizer import Tokenizer, check_chat_template
+from easyspec.options import (
+    AUTO_DTYPE,
+    DEFAULT_MAX_NEW_TOKENS,
+    VLLM_SAMPLING_DEFAULTS,
+    EngineOptions,
+    GenerationConfig,
+    OptionsError,
+    SamplingParams,
+    auto_dtype,
+)
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
 from easyspec.parallel.tp import check_divisible
+from easyspec.runtime.stats import SpecStats
+from easyspec.verify.logprobs import TokenLogprob
+
+log = logging.getLogger("easyspec")
 
 
 class WorkerFailure(RuntimeError):
@@ -38,28 +59,27 @@ def exit_on_failure(message: str) -> None:
         os._exit(1)
 
 
-def preflight(options: EngineOptions) -> EngineOptions:
-    """Checks that need only config files, done before any process is started;
-    returns the options with the context length settled."""
+def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
+    """Checks that need only config files, done before any process is started; returns the
+    options with the dtype and the context length settled, and a line saying what the KV cache takes."""
     options.validate()
     base = load_config(options.model)
-    if options.max_context is None:
-        limits = [DEFAULT_CONTEXT, base.max_position_embeddings]
-        if options.draft:
-            limits.append(load_config(options.draft).max_position_embeddings)
-        options = options.replace(max_context=min(limits))
-        if options.max_context < MIN_CONTEXT:
-            raise OptionsError(f"the models support {options.max_context} positions (max_position_embeddings), "
-                               f"fewer than the {MIN_CONTEXT} easyspec needs; check their config.json")
+    draft = load_config(options.draft) if options.draft else None
+    if options.chat_template is not None and not is_gguf(options.model) \
+            and not (Path(options.model) / "tokenizer.json").is_file():
+        raise OptionsError(f"--chat-template needs a tokenizer, and {options.model} has no tokenizer.json")
+    if options.chat_template is not None:
+        check_chat_template(read_text(Path(options.chat_template)), options.chat_template)
+    if options.dtype == AUTO_DTYPE:
+        options = options.replace(dtype=auto_dtype(options.device, stored_dtype(options.model)))
     if options.devices > 1:
         check_divisible(base, options.devices, "base model")
-    if options.draft:
-        check_draft(base, load_config(options.draft), options)
-    if base.max_position_embeddings < options.max_context:
-        raise OptionsError(
-            f"--max-context {options.max_context} exceeds the base model's "
-            f"max_position_embeddings ({base.max_position_embeddings}); lower it"
-        )
+    for name, cfg in (("base model", base), ("draft", draft)):
+        window = cfg.sliding_window if cfg is not None else None
+        if options.tree and window is not None and window <= options.initial_num_draft:
+            # A tree token's key sits at a slot past its position; the mask is exact only for shallower trees.
+            raise OptionsError(f"the {name}'s sliding_window ({window}) must be longer than the tree is deep "
+                               f"({options.initial_num_draft}); lower --tree-depth")
     if options.tree_width > base.vocab_size:
         raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
                            f"({base.vocab_size} tokens); lower it")
@@ -72,10 +92,51 @@ def preflight(options: EngineOptions) -> EngineOptions:
             raise OptionsError(
                 f"--devices {options.devices} but only {torch.cuda.device_count()} CUDA devices are visible"
             )
-    return options
+    context, line = settle_context(options, base, draft)
+    options = options.replace(max_context=context)
+    if draft is not None:
+        check_draft(base, draft, options)
+    return options, line
+
+
+def request_defaults(options: EngineOptions) -> dict[str, object]:
+    """The SamplingParams fields a request takes unless it sets them (--generation-config)."""
+    mode = options.generation_config
+    if mode == GenerationConfig.NONE:
+        return {}
+    if mode == GenerationConfig.VLLM:
+        return dict(VLLM_SAMPLING_DEFAULTS)
+    defaults = generation_defaults(options.model if mode == GenerationConfig.AUTO else mode)
+    SamplingParams(**defaults)  # the file's values pass the same checks as a request's
+    return defaults
+
+
+class EngineBusyError(RuntimeError):
+    """A second request started on an Engine while another's generator was still open."""
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's whole generation (Engine.generate_many)."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None  # the stop string or stop token that ended it (vLLM's stop_reason); else None
+    stats: SpecStats
+    logprobs: list[TokenLogprob] | None = None  # one per token when SamplingParams.logprobs is set
 
 
 class Engine:
+    """One model (and draft) on its devices, serving one request at a time.
+
+    `generate` streams one prompt's Chunks; `generate_many` runs a list of prompts and returns
+    their results. A prompt is a string (encoded as raw text, with the tokenizer's own special
+    tokens, as vLLM's LLM.generate does; `encode_prompt` applies the chat template) or token ids.
+    Without SamplingParams a request takes the engine's defaults (`sampling_params()`).
+    """
+
     def __init__(
         self,
         options: EngineOptions | None = None,
@@ -83,9 +144,11 @@ class Engine:
         **overrides: object,
     ) -> None:
         options = (options or EngineOptions()).replace(**overrides)
-        options = preflight(options)
+        options, context_line = preflight(options)
         self.options = options
+        self.request_defaults = request_defaults(options)
         self.followers: Followers | None = None
+        self._busy = False  # a request's generator is open (one request at a time: one KV cache)
         launched = torchrun_rank()
         if launched:
             rank, world = launched
@@ -100,10 +163,14 @@ class Engine:
         else:
             state = init_parallel(0, 1, options.device)
         self.state = state
+        if state.is_driver:
+            log.info("%s", context_line)
         self.worker = Worker(options, state)
+        if options.chat_template is not None:
+            self.tokenizer.chat_template = read_text(Path(options.chat_template))
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer | None:
         return self.worker.tokenizer
 
     @property
@@ -112,18 +179,53 @@ class Engine:
 
     def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
         """Text to token ids, through the chat template unless `raw` or the model has none."""
-        tok = self.tokenizer
-        if tok is None:
-            raise OptionsError(f"{self.options.model} has no tokenizer.json; pass token ids with --prompt-ids")
-        return tok.encode_prompt(text, raw)
+        return self._text_tokenizer().encode_prompt(text, raw)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
-        """Yield Chunks as tokens are committed; stop iterating to cancel."""
-        params = params or SamplingParams()
+    def _text_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise OptionsError(f"{self.options.model} has no tokenizer.json; pass token ids (a list of ints) "
+                               "instead of text")
+        return self.tokenizer
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as token ids: a string encoded as raw text, token ids as they are (the worker's
+        check_request says which one is not an integer or not in the vocabulary)."""
+        if isinstance(prompt, str):
+            return self._text_tokenizer().encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return list(prompt)
+        raise TypeError(f"a prompt is a str or a list of token ids (ints), got {type(prompt).__name__}")
+
+    def sampling_params(self, prompt_len: int | None = None, defaults: dict[str, object] | None = None,
+                        **settings: object) -> SamplingParams:
+        """A request's SamplingParams: `settings`, then the engine's defaults (--generation-config:
+        the model's generation_config.json by default), then the caller's `defaults` (a surface's
+        own, as the server's OpenAI ones), then SamplingParams' own. Given `prompt_len`, a
+        max_new_tokens that comes from the defaults is lowered to what the context leaves."""
+        params = {**(defaults or {}), **self.request_defaults, **settings}
+        if prompt_len is not None and "max_new_tokens" not in settings:
+            room = self.options.max_context - prompt_len - self.options.draft_room
+            default = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+            params["max_new_tokens"] = max(1, min(default, room))
+        return SamplingParams(**params)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Yield Chunks as tokens are committed; stop iterating (or close the generator) to cancel.
+        One request at a time: a second generator that starts while one is open raises EngineBusyError."""
+        prompt_ids = self.prompt_ids(prompt)
+        params = params or self.sampling_params(len(prompt_ids))
         self.worker.check_request(prompt_ids, params)
-        if self.followers is not None:
-            self.followers.send(("generate", prompt_ids, params))
+        return self._generate(prompt_ids, params)
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        if self._busy:
+            raise EngineBusyError("another request's generator is still open on this Engine, which runs one "
+                                  "request at a time; exhaust or close() it first, or pass every prompt to "
+                                  "generate_many")
+        self._busy = True
         try:
+            if self.followers is not None:
+                self.followers.send(("generate", prompt_ids, params))
             yield from self.worker.generate(prompt_ids, params)
         except RuntimeError as err:
             # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
@@ -132,6 +234,44 @@ class Engine:
                 self.followers.kill()  # out of step for good; a stopped one would hold up close() too
                 raise WorkerFailure(culprit) from err
             raise
+        finally:
+            self._busy = False
+
+    def generate_many(self, prompts: Sequence[str | list[int]],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      progress: bool | None = None) -> list[GenerationResult]:
+        """Every prompt's whole generation, in the order given (as vLLM's LLM.generate(list)).
+
+        `params`: one SamplingParams for all prompts, one per prompt, or None for the engine's
+        defaults. Every prompt and its params are checked before the first one runs. `progress`
+        (default: the engine's --no-progress setting) shows one bar over the prompts on stderr."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError("generate_many takes a list of prompts (each a str or a list of token ids); "
+                            "use generate for one")
+        ids = [self.prompt_ids(p) for p in prompts]
+        if params is None or isinstance(params, SamplingParams):
+            each = [params or self.sampling_params(len(p)) for p in ids]
+        else:
+            each = list(params)
+            if len(each) != len(ids) or not all(isinstance(p, SamplingParams) for p in each):
+                raise ValueError(f"generate_many: give one SamplingParams, or a list of {len(ids)} (one per "
+                                 f"prompt); got {len(each)} items")
+        for prompt_ids, request in zip(ids, each, strict=True):
+            self.worker.check_request(prompt_ids, request)
+        results = []
+        show = self.options.progress if progress is None else progress
+        with bar(len(ids), "prompts", unit="prompt", enabled=show and self.is_driver) as counter:
+            for prompt_ids, request in zip(ids, each, strict=True):
+                tokens, pieces, logprobs, chunk = [], [], [], None
+                for chunk in self._generate(prompt_ids, request):
+                    tokens += chunk.token_ids
+                    pieces.append(chunk.text)
+                    logprobs += chunk.logprobs or ()
+                results.append(GenerationResult(prompt_ids, tokens, "".join(pieces), chunk.finish_reason,
+                                                chunk.stop_reason, chunk.stats,
+                                                logprobs if request.logprobs is not None else None))
+                counter.update(1)
+        return results
 
     def close(self) -> None:
         if self.followers is not None:

@@ -4,6 +4,10 @@ Text that could be the beginning of a stop string is held back until the next
 tokens show that it is not one, so streamed text never contains any part of a
 stop string and its pieces always add up to the final text, which is cut just
 before the earliest stop string.
+
+With min_tokens, as in vLLM, a stop string counts only when the token that
+completes it is at least the min_tokens-th generated: one completed earlier is
+text like any other.
 """
 
 from __future__ import annotations
@@ -18,25 +22,38 @@ class StopWatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
-        self.stopped = False
+        self.matched: str | None = None  # the stop string found (vLLM's stop_reason)
 
-    def _earliest(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
+
+    def _earliest(self, text: str) -> tuple[int, str] | None:
+        """Where the earliest stop string that ends past the held-back text starts in `text` (held text
+        + new text), and which one (at one place, the first listed). Text held back never holds a whole
+        stop string that counts, so one there was completed before min_tokens."""
+        held = len(self.held)
+        found = [(i, n) for n, s in enumerate(self.stops) if (i := text.find(s, max(0, held - len(s) + 1))) >= 0]
+        if not found:
+            return None
+        start, which = min(found)
+        return start, self.stops[which]
 
     def would_stop(self, text: str) -> bool:
         """Whether feeding `text` next would complete a stop string; changes nothing."""
         return not self.stopped and self._earliest(self.held + text) is not None
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+    def feed(self, text: str, final: bool = False, armed: bool = True) -> tuple[str, bool]:
         """Text safe to release, and whether a stop string has been found.
-        `final` releases what is held back: no more text is coming."""
+        `final` releases what is held back: no more text is coming. Unless `armed`, a stop string
+        that `text` completes does not count (min_tokens): only a possible start is held back."""
         if self.stopped:
             return "", True
         buffer = self.held + text
-        cut = self._earliest(buffer)
-        if cut is not None:
-            self.held, self.stopped = "", True
+        found = self._earliest(buffer) if armed else None
+        if found is not None:
+            cut, self.matched = found
+            self.held = ""
             return buffer[:cut], True
         keep = 0 if final else self._partial(buffer)
         self.held = buffer[len(buffer) - keep:] if keep else ""
@@ -62,22 +79,29 @@ class StopText:
     since the previous call.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], min_tokens: int = 0,
+                 skip_special_tokens: bool = True) -> None:
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens)
         self.watcher = StopWatcher(stops)
+        self.min_tokens = min_tokens
         self._released = ""
 
-    def push(self, tokens: list[int]) -> int | None:
-        """Decode the next committed tokens; returns how many of them it took to complete a
-        stop string (the rest are not taken), or None when none completes one."""
+    def push(self, tokens: list[int], generated: int = 0) -> int | None:
+        """Decode the next committed tokens, `generated` tokens into the request; returns how many
+        of them it took to complete a stop string (the rest are not taken), or None when none
+        completes one. The tokens before the min_tokens-th generated one complete none."""
+        early = min(max(self.min_tokens - 1 - generated, 0), len(tokens))
+        if early:
+            self._feed(self.decoder.push(tokens[:early]), armed=False)
+            tokens = tokens[early:]
         # A step is decoded in one go, token by token only when it holds a stop string
         # and the token ending it must be found.
         if len(tokens) > 1 and self._may_stop(tokens):
             for count, token in enumerate(tokens, 1):
                 if self._feed(self.decoder.push([token])):
-                    return count
+                    return early + count
             return None
-        return len(tokens) if self._feed(self.decoder.push(tokens)) else None
+        return early + len(tokens) if tokens and self._feed(self.decoder.push(tokens)) else None
 
     def take(self, final: bool) -> str:
         """Text released since the last call; `final` also releases what is held back."""
@@ -94,7 +118,7 @@ class StopText:
         # Text that cannot be judged in one go (an unfinished character) goes token by token.
         return text is None or self.watcher.would_stop(text)
 
-    def _feed(self, text: str, final: bool = False) -> bool:
-        released, hit = self.watcher.feed(text, final)
+    def _feed(self, text: str, final: bool = False, armed: bool = True) -> bool:
+        released, hit = self.watcher.feed(text, final, armed)
         self._released += released
         return hit

@@ -40,8 +40,10 @@ from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import load_sharded
 from easyspec.runtime.runner import ModelRunner
 from easyspec.runtime.stats import SpecStats, StageTimer
+from easyspec.verify.logprobs import TokenLogprob, token_logprobs
+from easyspec.verify.penalties import TokenHistory, chain_precedes
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
-from easyspec.verify.sampling import process_logits, sample
+from easyspec.verify.sampling import process_scores, sample
 from easyspec.verify.tree import (
     ancestors,
     path_moves,
@@ -62,8 +64,12 @@ class Chunk:
     token_ids: list[int]
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length", "cancelled", "error"
+    # What ended the request with "stop", as vLLM's stop_reason: the stop string, or the token of
+    # stop_token_ids; None for EOS and every other reason.
+    stop_reason: str | int | None = None
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -75,7 +81,9 @@ class Request:
     stats: SpecStats
     timer: StageTimer
     text: StopText | None  # rank 0's stop-string watcher and detokenizer
+    history: TokenHistory  # the committed tokens, as penalties and min_tokens read them
     drafter: Drafter | None = None  # None: plain decoding
+    logprobs: list[TokenLogprob] | None = None  # rank 0: the candidates' of the last step, when asked for
 
 
 class Worker:
@@ -87,8 +95,9 @@ class Worker:
         self.base_config = load_config(options.model)
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
         scratch = max(64, options.draft_room)
-        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1),
-                                options.max_context, options.cuda_graphs, scratch=scratch)
+        label = "base" if options.progress and state.is_driver else None  # progress bars and lines on rank 0
+        self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1, progress=label),
+                                options.max_context, options.cuda_graphs, scratch=scratch, label=label)
         self.eos = set(eos_ids(self.base_config, self.tokenizer))
         if options.p2p_collectives and state.device.type == "cuda":
             comm.enable_p2p(state.group, state.device, (dtype,))  # collective: every rank takes part
@@ -110,6 +119,9 @@ class Worker:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise OptionsError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise OptionsError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         needed = len(prompt_ids) + params.max_new_tokens + self.options.draft_room
         if needed > self.options.max_context:
             raise OptionsError(
@@ -154,24 +166,29 @@ class Worker:
             if self.state.is_driver:
                 raise self._request_failed()
             return
+        text = None
+        if self.tokenizer and self.state.is_driver:
+            text = StopText(self.tokenizer, params.stop, params.min_tokens, params.skip_special_tokens)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
         req = Request(
             params,
             torch.Generator(device).manual_seed(seed) if self.state.is_driver else None,
             stats,
             StageTimer(stats, device, self.options.profile_stages),
-            StopText(self.tokenizer, params.stop) if self.tokenizer and self.state.is_driver else None,
+            text,
+            TokenHistory(params, prompt_ids, self.base_config.vocab_size, device, ends),
         )
         self.num_draft = self.options.initial_num_draft
         begin = time.perf_counter()
 
         with req.timer.stage("prefill"):
             logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
-            first = self._on_driver(self._pick, logits[None], params, req.generator) or []
+            first = self._on_driver(self._pick, logits[None], req) or []
         decision = self._decide(first, 0, req)
-        chunk = self._chunk(decision, stats, req.text, begin)
+        chunk = self._chunk(decision, req, begin)
         yield chunk
         # The drafter starts after the first token is out: its prefill does not delay it.
-        req.drafter = self.drafting.drafter(params, seed)
+        req.drafter = self.drafting.drafter(params, seed, req.history)
         if req.drafter is not None and not chunk.finished:
             req.drafter.start(prompt_ids, decision.tokens[0], req.timer)
         run_round: Callable[[Request, Tensor, int], Decision] = (
@@ -182,14 +199,14 @@ class Worker:
             last = torch.tensor([decision.tokens[-1]], device=device)  # [1]
             decision = run_round(req, last, position)
             position += len(decision.tokens)
-            chunk = self._chunk(decision, stats, req.text, begin)
+            chunk = self._chunk(decision, req, begin)
             yield chunk
 
     def _plain_round(self, req: Request, last: Tensor, position: int) -> Decision:
         """One base step after `last` [1] (at `position`): one token."""
         with req.timer.stage("verify"):
             logits = self.base.forward(last, position)  # [1, V]
-            picked = self._on_driver(self._pick, logits, req.params, req.generator) or []
+            picked = self._on_driver(self._pick, logits, req) or []
         decision = self._decide(picked, 0, req)
         req.stats.rounds += 1
         return decision
@@ -199,7 +216,7 @@ class Worker:
         proposal = req.drafter.propose(self.num_draft, req.timer)
         with req.timer.stage("verify"):
             logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [n + 1, V]
-            verdict = self._on_driver(self._verify, proposal, logits, req.params, req.generator)
+            verdict = self._on_driver(self._verify, proposal, logits, req)
         decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0, req)
         drafted = proposal.num_tokens
         req.stats.record_round(drafted, decision.accepted)
@@ -221,7 +238,7 @@ class Worker:
             mask = tree_mask(anc, position, self.base.kv_len_for(end))
             logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
                                               position + self.tree_order, mask)  # [1 + N, V]
-            verdict = self._on_driver(self._verify, tree, logits, req.params, req.generator)
+            verdict = self._on_driver(self._verify, tree, logits, req)
         decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
                                 req, verdict.nodes if verdict else ())
         req.stats.record_round(depth, decision.accepted)
@@ -250,21 +267,43 @@ class Worker:
         return failed
 
     @staticmethod
-    def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+    def _pick(logits: Tensor, req: Request) -> list[int]:
         """Rank 0 (through _on_driver) chooses the next token from the base logits [1, V]."""
-        if params.greedy:
-            return [int(logits[-1].argmax())]
-        return [int(sample(process_logits(logits[-1:], params), generator)[0])]
+        params = req.params
+        scores = req.history.adjust(logits[-1:])  # [1, V]
+        if not params.greedy:
+            scores = process_scores(scores, params)
+            token = int(sample(scores.softmax(dim=-1), req.generator)[0])
+        else:
+            token = int(scores[0].argmax())
+        if params.logprobs is not None:
+            req.logprobs = token_logprobs(scores, [0], [token], params.logprobs)
+        return [token]
 
     @staticmethod
-    def _verify(proposal: Proposal | TreeProposal, logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> Verdict:
-        """Rank 0's verdict (through _on_driver) from the base logits (chain [n + 1, V], tree [1 + N, V])."""
+    def _verify(proposal: Proposal | TreeProposal, logits: Tensor, req: Request) -> Verdict:
+        """Rank 0's verdict (through _on_driver) from the base logits (chain [n + 1, V], tree [1 + N, V]),
+        each row changed by its own history (the drafted tokens before it: a chain's earlier ones, a
+        tree node's ancestors) before it is judged."""
+        params = req.params
         tree = isinstance(proposal, TreeProposal)
+        if tree:
+            anc = proposal.ancestors if proposal.ancestors is not None else ancestors(proposal.parents, proposal.width)
+            precedes = anc[:, 1:]  # [1 + N, N]
+        else:
+            precedes = chain_precedes(logits.shape[0], proposal.num_tokens, logits.device)  # [k + 1, k]
+        scores = req.history.adjust(logits, proposal.tokens, precedes)
         if params.greedy:
-            return (verify_tree_greedy if tree else verify_greedy)(proposal, logits)
-        probs = process_logits(logits, params)
-        return (verify_tree_stochastic if tree else verify_stochastic)(proposal, probs, generator)
+            verdict = (verify_tree_greedy if tree else verify_greedy)(proposal, scores)
+        else:
+            scores = process_scores(scores, params)
+            verdict = (verify_tree_stochastic if tree else verify_stochastic)(proposal, scores.softmax(dim=-1),
+                                                                              req.generator)
+        if params.logprobs is not None:
+            # Committed token j was judged at the row after its predecessor: the root's, then the accepted nodes'.
+            rows = [0, *(1 + n for n in verdict.nodes)] if tree else list(range(verdict.num_committed))
+            req.logprobs = token_logprobs(scores, rows, verdict.tokens, params.logprobs)
+        return verdict
 
     def _adapt(self, verdict: Verdict) -> None:
         """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
@@ -290,11 +329,15 @@ class Worker:
                                        self.eos, req.text, self._cancel) or Decision([], 0, "error")
         decision = share(decision, self.state, self.options.max_num_draft, self.options.tree)
         req.stats.generated += len(decision.tokens)
+        req.history.commit(decision.tokens)
         if decision.reason == "error" and self.state.is_driver:
             raise self._request_failed()
         return decision
 
-    def _chunk(self, decision: Decision, stats: SpecStats, text: StopText | None, begin: float) -> Chunk:
-        stats.total_s = time.perf_counter() - begin
-        piece = text.take(decision.finished) if text is not None else ""
-        return Chunk(decision.tokens, piece, decision.finished, decision.reason, stats)
+    def _chunk(self, decision: Decision, req: Request, begin: float) -> Chunk:
+        req.stats.total_s = time.perf_counter() - begin
+        piece = req.text.take(decision.finished) if req.text is not None else ""
+        # The last step's log-probabilities (rank 0), cut where the decision cut its tokens.
+        logprobs = req.logprobs[: len(decision.tokens)] if req.logprobs is not None else None
+        return Chunk(decision.tokens, piece, decision.finished, decision.reason, decision.stop_reason, req.stats,
+                     logprobs)

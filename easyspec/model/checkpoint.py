@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from easyspec.model.config import ConfigError, ModelConfig, as_id_tuple
+from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer
+from easyspec.options import GENERATION_CONFIG_FIELDS
 
 # (dim, start, stop) of the part of a checkpoint tensor a process keeps, given the
 # model parameter it feeds, the checkpoint tensor's name and its full shape.
@@ -98,6 +100,41 @@ def load_config(folder: str | Path) -> ModelConfig:
             except ConfigError as err:
                 raise CheckpointError(f"{gen_path}: {err}") from None
     return cfg
+
+
+def stored_dtype(folder: str | Path) -> str | None:
+    """config.json's torch_dtype (newer transformers write "dtype"), or None when absent."""
+    hf = read_json(Path(folder) / "config.json")
+    value = hf.get("torch_dtype", hf.get("dtype"))
+    return value if isinstance(value, str) else None
+
+
+def generation_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The sampling settings a folder's generation_config.json sets (none when it has no such file),
+    named as SamplingParams' fields: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens.
+
+    As in transformers, an explicit "do_sample": false means greedy decoding whatever the file's
+    temperature, top_p, top_k and min_p say (repetition_penalty still applies, as it does to greedy
+    search there); without do_sample the fields apply as they are (as vLLM reads them)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    if config.get("do_sample") is False:
+        defaults: dict[str, float | int] = {"temperature": 0.0}
+        names: tuple[str, ...] = ("repetition_penalty", "max_new_tokens")
+    else:
+        defaults, names = {}, GENERATION_CONFIG_FIELDS
+    for name in names:
+        value = config.get(name)
+        if value is None:
+            continue
+        integral = name in ("top_k", "max_new_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            kind = "an integer" if integral else "a number"
+            raise CheckpointError(f"{path}: {name} must be {kind}, got {value!r}")
+        defaults[name] = value if integral else float(value)
+    return defaults
 
 
 def checkpoint_sources(cfg: ModelConfig) -> dict[str, list[str]]:
@@ -183,8 +220,10 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     slicer: TensorSlicer | None = None,
+    progress: str | None = None,
 ) -> Transformer:
-    """Fill `model` (typically built on the meta device) from the folder's safetensors."""
+    """Fill `model` (typically built on the meta device) from the folder's safetensors; with a
+    `progress` label, a bar (a line off a terminal) counts the tensors."""
     folder = Path(folder)
     cfg = model.config
     files = _weight_files(folder)
@@ -220,6 +259,8 @@ def load_weights(
             sums[path, name] = tensor.sum(dtype=torch.float32)
             return tensor
 
+        bar = stack.enter_context(progress_bar(len(sources), f"loading {progress} weights", "tensor",
+                                               progress is not None))
         for param, names in sources.items():
             pieces = [read(param, n) for n in names]
             tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
@@ -230,6 +271,7 @@ def load_weights(
                     f"but config.json implies {expected}"
                 )
             state[param] = tensor
+            bar.update()
     check_finite(sums)
     if tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape:
         state["lm_head.weight"] = state["embed_tokens.weight"]

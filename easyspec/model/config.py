@@ -47,6 +47,7 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and k (Qwen3)
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # Mistral: a query sees the last sliding_window positions (itself included)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -78,6 +79,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
 
     @property
     def q_size(self) -> int:
@@ -132,6 +135,7 @@ class ModelConfig:
                 attention_bias=model_type == "qwen2" or _flag(hf, "attention_bias"),
                 qk_norm=model_type == "qwen3",
                 max_position_embeddings=_integer(hf, "max_position_embeddings", 4096),
+                sliding_window=_sliding_window(hf, model_type, source),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=as_id_tuple(hf.get("eos_token_id")),
             )
@@ -176,7 +180,7 @@ class ModelConfig:
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "mistral":
-            out["sliding_window"] = None
+            out["sliding_window"] = self.sliding_window
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         if self.bos_token_id is not None:
@@ -184,6 +188,16 @@ class ModelConfig:
         if self.eos_token_ids:
             out["eos_token_id"] = list(self.eos_token_ids)
         return out
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str, source: str) -> int | None:
+    """Mistral's window (every layer); Qwen2/3 windows, which differ from layer to layer, are refused."""
+    if model_type == "mistral":
+        return _integer(hf, "sliding_window", None)
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true (a window on some layers only) is not supported; "
+                          "use the checkpoint with use_sliding_window=false, as it is published")
+    return None
 
 
 def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from easyspec.model.checkpoint import CheckpointError, TensorSlicer, check_finite, checkpoint_sources
 from easyspec.model.config import ConfigError, ModelConfig, RopeScaling
+from easyspec.model.progress import bar as progress_bar
 from easyspec.model.transformer import Transformer, rope_inverse_frequencies
 
 # general.architecture -> easyspec model_type. llama.cpp writes Mistral 7B as "llama".
@@ -205,8 +206,11 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
         raise CheckpointError(f"{f.path}: rope scaling {scaling_type!r} is not supported")
     theta = number("rope.freq_base", 10000.0)
     eos = [f.scalar(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
+    # llama.cpp writes Mistral as llama; a window on every layer makes it Mistral again.
+    window = f.scalar(f"{arch}.attention.sliding_window", None) if arch == "llama" else None
+    window = None if window is None else integer("attention.sliding_window")
     return ModelConfig(
-        model_type=ARCHITECTURES[arch],
+        model_type="mistral" if window is not None else ARCHITECTURES[arch],
         vocab_size=hf_shape(f.tensor("token_embd.weight"))[0],
         hidden_size=hidden,
         intermediate_size=integer("feed_forward_length"),
@@ -221,6 +225,7 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors,
         qk_norm=arch == "qwen3",
         max_position_embeddings=integer("context_length"),
+        sliding_window=window,
         bos_token_id=f.scalar("tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
     )
@@ -300,8 +305,10 @@ def load_gguf_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     slicer: TensorSlicer | None = None,
+    progress: str | None = None,
 ) -> Transformer:
-    """Fill `model` (typically built on the meta device) from the GGUF file's tensors."""
+    """Fill `model` (typically built on the meta device) from the GGUF file's tensors; with a
+    `progress` label, a bar (a line off a terminal) counts the tensors."""
     f = open_gguf(path)
     cfg = model.config
     sources = checkpoint_sources(cfg)
@@ -323,14 +330,16 @@ def load_gguf_weights(
         return tensor
 
     state: dict[str, Tensor] = {}
-    for param, names in sources.items():
-        pieces = [read(param, n) for n in names]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        expected = tuple(model.get_parameter(param).shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{f.path}: {' + '.join(gguf_name(n) for n in names)} has shape "
-                                  f"{tuple(tensor.shape)}, but the metadata implies {expected}")
-        state[param] = tensor
+    with progress_bar(len(sources), f"loading {progress} weights", "tensor", progress is not None) as bar:
+        for param, names in sources.items():
+            pieces = [read(param, n) for n in names]
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+            expected = tuple(model.get_parameter(param).shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{f.path}: {' + '.join(gguf_name(n) for n in names)} has shape "
+                                      f"{tuple(tensor.shape)}, but the metadata implies {expected}")
+            state[param] = tensor
+            bar.update()
     check_finite(sums)
     shared = tied and state["lm_head.weight"].shape == state["embed_tokens.weight"].shape
     if shared:
@@ -339,6 +348,13 @@ def load_gguf_weights(
     if shared:
         model.lm_head.weight = model.embed_tokens.weight
     return model
+
+
+def gguf_stored_dtype(path: str | Path) -> str:
+    """The dtype the file's matrices are stored in, as --dtype auto reads it: float32 or float16 when
+    the q projection of the first layer is stored so, bfloat16 for BF16 and every quantized type."""
+    kind = open_gguf(path).tensor("blk.0.attn_q.weight").tensor_type.name
+    return {"F32": "float32", "F16": "float16"}.get(kind, "bfloat16")
 
 
 def gguf_summary(path: str | Path) -> str:

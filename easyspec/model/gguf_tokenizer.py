@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from easyspec.model.checkpoint import CheckpointError
 from easyspec.model.gguf_file import GGUFFile, open_gguf
-from easyspec.model.tokenizer import Tokenizer
+from easyspec.model.tokenizer import Tokenizer, check_chat_template
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL, USER_DEFINED = 3, 4
@@ -189,9 +189,9 @@ def build_tokenizer(f: GGUFFile) -> tuple[HFTokenizer, TokenizerSettings]:
 def gguf_tokenizer(path: str | Path) -> Tokenizer:
     f = open_gguf(path)
     tok, settings = build_tokenizer(f)
-    tokenizer = Tokenizer(tok, settings.chat_template, settings.bos_token, settings.eos_token, str(f.path))
-    tokenizer.check_template(f"{f.path}: tokenizer.chat_template")
-    return tokenizer
+    check_chat_template(settings.chat_template, f"{f.path}: tokenizer.chat_template")
+    return Tokenizer(tok, settings.chat_template, settings.bos_token, settings.eos_token, str(f.path),
+                     {"pad_token": settings.pad_token, "unk_token": settings.unk_token})
 
 
 def write_tokenizer_files(path: str | Path, folder: str | Path, model_max_length: int) -> None:

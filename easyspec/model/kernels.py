@@ -4,16 +4,18 @@ A decode step at batch 1 is a long chain of small kernels, each costing a few
 microseconds whatever its size, around matrix products that only stream
 weights. The functions below are the reference formulas; `use_fused(True)`
 swaps in fused forms of the same formulas (float32 inside, rounded to the
-activation type where the reference rounds, except that a fused RMSNorm scales
-the product by 1/RMS instead of normalising its input first), so that a decoder
-layer is six kernels:
+activation type where the reference rounds), so that a decoder layer is eight
+to eleven kernels:
 
-- `attention_inputs`: input RMSNorm, the q/k/v projection (+ bias), q/k norms,
-  rotary embedding and the KV-cache write (easyspec.model.fused_qkv);
+- `attention_inputs`: input RMSNorm (a small kernel over the step's rows), the
+  q/k/v projection (+ bias) as one product, then q/k norms, rotary embedding
+  and the KV-cache write as one small kernel (easyspec.model.fused_qkv);
 - `cached_attention`: split-KV attention and its merge (easyspec.model.decode_attention);
 - `linear` with a residual: o_proj and down_proj adding their result to the
-  residual stream in the epilogue (easyspec.model.fused_linear);
-- `gate_up_silu`: post-attention RMSNorm, gate/up projection and SiLU gating;
+  residual stream in the epilogue (easyspec.model.fused_linear; where the
+  outputs are few, the inputs are split and a second small kernel adds the sums);
+- `gate_up_silu`: post-attention RMSNorm, then the gate/up projection with SiLU
+  gating in its epilogue;
 - and `linear` with a norm: the final norm and LM head.
 
 The fused forms are Triton kernels for up to MAX_ROWS tokens (decode, draft,

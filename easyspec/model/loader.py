@@ -1,7 +1,7 @@
 """Open a checkpoint given as a path: a Hugging Face folder or a GGUF file.
 
 Everything that takes a model path (--model, --draft, the Python API) goes
-through these four functions; they pick the format by what the path is (a
+through these functions; they pick the format by what the path is (a
 file, or a name ending in .gguf, is read as GGUF) and return the same
 ModelConfig, weights and Tokenizer either way. The GGUF modules are imported
 only when a GGUF file is opened, so folders need no gguf library. `eos_ids`
@@ -34,14 +34,32 @@ def load_config(path: str | Path) -> ModelConfig:
     return checkpoint.load_config(path)
 
 
+def stored_dtype(path: str | Path) -> str | None:
+    """The dtype a checkpoint's weights are stored in (config.json's torch_dtype, or the GGUF
+    tensors' type), or None when the checkpoint does not say."""
+    if is_gguf(path):
+        from easyspec.model.gguf_file import gguf_stored_dtype
+
+        return gguf_stored_dtype(path)
+    return checkpoint.stored_dtype(path)
+
+
+def generation_defaults(path: str | Path) -> dict[str, float | int]:
+    """The sampling settings of a checkpoint's generation_config.json (a GGUF file has none)."""
+    if is_gguf(path):
+        return {}
+    return checkpoint.generation_defaults(path)
+
+
 def load_weights(model: Transformer, path: str | Path, dtype: torch.dtype, device: torch.device | str,
-                 slicer: TensorSlicer | None = None) -> Transformer:
-    """Fill `model` (built on the meta device, sharded or not) from the checkpoint."""
+                 slicer: TensorSlicer | None = None, progress: str | None = None) -> Transformer:
+    """Fill `model` (built on the meta device, sharded or not) from the checkpoint; `progress`
+    labels a progress bar over its tensors (None: none)."""
     if is_gguf(path):
         from easyspec.model.gguf_file import load_gguf_weights
 
-        return load_gguf_weights(model, path, dtype, device, slicer)
-    return checkpoint.load_weights(model, path, dtype, device, slicer)
+        return load_gguf_weights(model, path, dtype, device, slicer, progress)
+    return checkpoint.load_weights(model, path, dtype, device, slicer, progress)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -70,7 +70,8 @@ class StepInputs:
     """What every layer of one forward shares.
 
     cos, sin: [T, hd] in the activation dtype; mask: [T, L] bool (True = attend)
-    or None for plain causal attention without a cache; positions: [T] long.
+    or, without a cache, None for plain causal attention ([T, T] under a sliding
+    window); positions: [T] long.
     group_mask: the mask repeated for the query heads that share a KV head,
     [group*T, L], built once per forward instead of once per layer.
     """
@@ -137,7 +138,10 @@ class Attention(nn.Module):
         qh = q.transpose(1, 2)  # [B, H, T, hd]
         kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
         vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        if step.mask is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        else:  # a sliding window: [T, T] bool
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=step.mask)
         out = out.transpose(1, 2).reshape(batch, seq, nh * hd)
         return self.o_proj(out, residual=residual)
 
@@ -223,15 +227,28 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         cos = self.rope_cos[positions].to(dtype)
         sin = self.rope_sin[positions].to(dtype)
+        window = self.config.sliding_window
         if cache is None:
-            return StepInputs(positions, cos, sin, None, None, 0)
+            # Causal over this forward's own tokens; a [T, T] mask only where a window cuts it.
+            causal = None if window is None else self._windowed(positions[None, :] <= positions[:, None], positions,
+                                                                positions)
+            return StepInputs(positions, cos, sin, causal, None, 0)
         if kv_len is None:
             kv_len = cache.max_len if mask is None else mask.shape[1]
         if mask is None:
             slots = torch.arange(kv_len, device=positions.device)
             mask = slots[None, :] <= positions[:, None]  # [T, L]
+        if window is not None:
+            mask = self._windowed(mask, torch.arange(mask.shape[1], device=positions.device), positions)
         group = self.config.num_heads // self.config.num_kv_heads
         return StepInputs(positions, cos, sin, mask, cache, kv_len, mask.repeat(group, 1))
+
+    def _windowed(self, mask: Tensor, key_positions: Tensor, positions: Tensor) -> Tensor:
+        """mask [T, L] limited to keys among the last sliding_window positions of each query
+        (positions [T]; key_positions [L], a cache slot standing for its position). Tree tokens
+        sit at slots past their positions, so for them this is exact while the window is longer
+        than the tree is deep (the engine checks)."""
+        return mask & (key_positions[None, :] > positions[:, None] - self.config.sliding_window)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and LM head (one kernel where fused): [..., D] -> float32 [..., V]."""

@@ -66,8 +66,9 @@ def multiprocessors(device: torch.device) -> int:
 
 def pipeline_stages(bytes_per_stage: int) -> int:
     """Software-pipelining depth for a loop that stages `bytes_per_stage` of shared memory per
-    iteration: up to 4, keeping the buffers within 160 KB (an H100/H200 block may use 227 KB)."""
-    return max(2, min(4, 1 + (160 << 10) // bytes_per_stage))
+    iteration: up to 5 (enough loads in flight to stream at full bandwidth), keeping the buffers
+    within 200 KB (an H100/H200 block may use 227 KB)."""
+    return max(2, min(5, (200 << 10) // bytes_per_stage))
 
 
 def launch(name: str, kernel, grid: Callable | tuple, *args, **kwargs) -> bool:

@@ -117,10 +117,12 @@ def shard_model(model: Transformer, rank: int, tp: int, group: ProcessGroup | No
     return slicer
 
 
-def load_sharded(path: str, dtype: torch.dtype, state: ParallelState, tp: bool) -> Transformer:
-    """Load a model whole, or tensor-parallel over every rank when `tp` is set."""
+def load_sharded(path: str, dtype: torch.dtype, state: ParallelState, tp: bool,
+                 progress: str | None = None) -> Transformer:
+    """Load a model whole, or tensor-parallel over every rank when `tp` is set; `progress` labels
+    a progress bar over its tensors (None: none)."""
     cfg = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     slicer = shard_model(model, state.rank, state.world_size, state.group) if tp else None
-    return load_weights(model, path, dtype, state.device, slicer).eval()
+    return load_weights(model, path, dtype, state.device, slicer, progress).eval()

@@ -20,6 +20,8 @@ scratch area.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -31,6 +33,8 @@ from easyspec.model.transformer import Transformer
 # Step names: the model's own forward, and a layer-parallel draft's (easyspec.parallel.layer_parallel).
 EXACT = "exact"
 LAYER_PARALLEL = "layer-parallel"
+
+log = logging.getLogger("easyspec")
 
 KV_BUCKET = 256
 PREFILL_PIECE = 512  # the longest prompt piece run as one step (a power of two)
@@ -85,8 +89,11 @@ class ModelRunner:
         use_graphs: bool,
         steps: dict[str, StepFn] | None = None,
         scratch: int = 64,
+        label: str | None = None,
     ) -> None:
+        """`label` names the model in a log line per captured graph (None: no lines)."""
         self.model = model
+        self.label = label
         # Scratch slots past max_len absorb warm-up writes and padding tokens, so no step
         # may be longer than `scratch` tokens.
         self.cache = model.allocate_cache(max_len + scratch)
@@ -187,7 +194,14 @@ class ModelRunner:
     def _capture(self, key: tuple, fn: Callable[..., Tensor | None], inputs: tuple[Tensor, ...]) -> _Graph:
         """Capture fn over `inputs`: buffers whose values make the two warm-up runs write only
         what may be overwritten (scratch slots, or the very entries the step will write)."""
+        start = time.perf_counter()
         graph, out = capture_graph(lambda: fn(*inputs), self._pool)
+        if self.label is not None:
+            # Captures happen on a shape's first use: these lines say why the first requests are slower.
+            sizes = ", ".join(f"{n} {unit}{'' if n == 1 else 's'}"
+                              for n, unit in zip(key[1:3], ("token", "cache slot"), strict=False))
+            log.info("captured a CUDA graph: %s %s step, %s (%.2f s)", self.label, key[0], sizes,
+                     time.perf_counter() - start)
         captured = _Graph(graph, inputs, out)
         self._graphs[key] = captured
         return captured

@@ -41,6 +41,26 @@ class SpecStats:
     stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     total_s: float = 0.0
 
+    @classmethod
+    def merged(cls, parts: list[SpecStats]) -> SpecStats:
+        """The stats of several generations taken together (a request's choices): counts, times and
+        per-position counts added."""
+        total = cls()
+        for part in parts:
+            total.rounds += part.rounds
+            total.drafted += part.drafted
+            total.accepted += part.accepted
+            total.generated += part.generated
+            total.total_s += part.total_s
+            for name, seconds in part.stage_s.items():
+                total.stage_s[name] += seconds
+            for mine, theirs in ((total.accepted_per_position, part.accepted_per_position),
+                                 (total.accepted_histogram, part.accepted_histogram)):
+                mine.extend([0] * (len(theirs) - len(mine)))
+                for i, count in enumerate(theirs):
+                    mine[i] += count
+        return total
+
     def record_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
         self.drafted += drafted

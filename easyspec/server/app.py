@@ -1,4 +1,8 @@
-"""HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics.
+"""HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics, and vLLM's
+/tokenize, /detokenize and /version.
+
+A request for n choices runs n generations one after another (seeds seed, seed + 1, ...);
+streamed, each choice's chunks come in turn, with its index.
 
 Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
 token of context and must arrive within --read-timeout; a text prompt may
@@ -12,6 +16,8 @@ logged, so a request cannot forge log lines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -24,18 +30,22 @@ import jinja2
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
+from easyspec import __version__
 from easyspec.engine.engine import Engine
-from easyspec.options import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from easyspec.model.tokenizer import Tokenizer
+from easyspec.options import EngineOptions, SamplingError, SamplingParams
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import (
+    OPENAI_DEFAULTS,
     ApiError,
     GenerationRequest,
-    ResponseShape,
     parse_body,
     parse_chat,
     parse_completion,
 )
-from easyspec.server.scheduler import Delta, Job, Scheduler
+from easyspec.server.responses import ResponseShape, collect, stream
+from easyspec.server.scheduler import Job, Scheduler
+from easyspec.server.tokenization import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("easyspec.server")
 
@@ -62,6 +72,18 @@ class Limits:
                    read_timeout_s)
 
 
+# Settings that cannot change a single generated token, left out of the system fingerprint.
+NOT_FINGERPRINTED = ("progress", "profile_stages", "timeout_s")
+
+
+def system_fingerprint(options: EngineOptions) -> str:
+    """OpenAI's system_fingerprint: names the backend configuration (easyspec's version and every engine
+    setting that can change the output of a seeded request), so a client can tell when it changed."""
+    settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_FINGERPRINTED}
+    text = json.dumps([__version__, settings], sort_keys=True)
+    return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 @dataclass
 class ServerState:
     scheduler: Scheduler
@@ -69,6 +91,7 @@ class ServerState:
     model_name: str
     api_key: str | None
     limits: Limits
+    fingerprint: str  # system_fingerprint(the engine's settled options)
 
     @property
     def engine(self) -> Engine:
@@ -144,21 +167,40 @@ async def _read_json(request: web.Request) -> dict:
     return parse_body(raw)
 
 
-def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
-    """Token ids of the prompt; run in a worker thread, tokenizing and templating take CPU time."""
-    tok = engine.tokenizer
-    if isinstance(req.prompt, list):
-        return req.prompt
-    if tok is None:
-        raise ApiError(400, f"the model {engine.options.model} has no tokenizer.json; send the prompt as token ids "
-                            "to /v1/completions", code="no_tokenizer")
-    if req.messages is None:
-        return tok.encode(req.prompt or "")
+def _tokenizer(engine: Engine) -> Tokenizer:
+    if engine.tokenizer is None:
+        raise ApiError(400, f"the model {engine.options.model} has no tokenizer.json, so this server cannot turn "
+                            "text into tokens or back; send the prompt as token ids to /v1/completions",
+                       code="no_tokenizer")
+    return engine.tokenizer
+
+
+def _check_prompt_chars(state: ServerState, chars: int) -> None:
+    """A text prompt too long to fit the context, refused before it is tokenized."""
+    if chars > state.limits.prompt_chars:
+        raise ApiError(400, f"the prompt has {chars} characters; this server takes at most "
+                            f"{state.limits.prompt_chars} ({MAX_CHARS_PER_TOKEN} per token of its "
+                            f"{state.engine.options.max_context}-token context)", code="context_length_exceeded")
+
+
+def _encode(engine: Engine, prompt: str | list[int] | None, messages: list[dict] | None,
+            add_special_tokens: bool | None = None, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+            template_kwargs: dict | None = None, continue_final_message: bool = False) -> list[int]:
+    """Token ids of a prompt (text, or ids as they are) or of chat messages through the chat template, the
+    one path of generation requests and /tokenize. Special tokens are added to text (the tokenizer's own,
+    such as BOS) but not to a rendered chat, whose template writes them, unless `add_special_tokens` says
+    otherwise. Run in a worker thread: tokenizing and templating take CPU time."""
+    if isinstance(prompt, list):
+        return prompt
+    tok = _tokenizer(engine)
+    if messages is None:
+        return tok.encode(prompt or "", add_special_tokens=add_special_tokens is not False)
     if tok.chat_template is None:
         raise ApiError(400, "the model has no chat template (tokenizer_config.json 'chat_template' or "
                             "chat_template.jinja); use /v1/completions with a plain prompt", code="no_chat_template")
     try:
-        return tok.encode_chat(req.messages)
+        text = tok.render_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
+                               **(template_kwargs or {}))
     except jinja2.TemplateError as err:  # raise_exception() calls in the template speak to the caller
         raise ApiError(400, f"the chat template could not render these messages: {err}", param="messages",
                        code="chat_template_error") from None
@@ -167,20 +209,34 @@ def _prompt_ids(engine: Engine, req: GenerationRequest) -> list[int]:
         raise ApiError(400, "the chat template could not render these messages; check that their fields "
                             "are what a chat template expects (role and content strings)", param="messages",
                        code="chat_template_error") from None
+    return tok.encode(text, add_special_tokens=bool(add_special_tokens))
 
 
-def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> SamplingParams:
+def _sampling(engine: Engine, req: GenerationRequest, prompt_ids: list[int]) -> list[SamplingParams]:
+    """Each choice's settings: the request's, then the engine's defaults (--generation-config), then
+    OpenAI's; an absent max_tokens is bounded by the context left. With a seed, choice i takes seed + i."""
     options = engine.options
     room = options.max_context - len(prompt_ids) - options.draft_room
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
     try:
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                                max_new_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
+        params = engine.sampling_params(len(prompt_ids), defaults=OPENAI_DEFAULTS, **req.sampling)
         engine.worker.check_request(prompt_ids, params)
-    except ValueError as err:  # SamplingParams' checks and the engine's OptionsError both say what to change
-        code = "context_length_exceeded" if max_tokens > room else None
+    except SamplingError as err:
+        raise ApiError(400, str(err), param=req.param(err.field)) from None
+    except ValueError as err:  # the engine's OptionsError says what to change
+        wanted = req.sampling.get("max_new_tokens", 1)  # an absent max_tokens asks for at least one
+        code = "context_length_exceeded" if wanted > room else None
         raise ApiError(400, str(err), code=code) from None
-    return params
+    if params.seed is None:
+        return [params] * req.n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(req.n)]
+
+
+def _token_text(engine: Engine) -> Callable[[int], str]:
+    """A token id's text in log-probabilities: its own decoding, special tokens shown."""
+    tok = engine.tokenizer
+    if tok is None:
+        return lambda token: f"token_id:{token}"
+    return lambda token: tok.decode([token], skip_special_tokens=False)
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -194,65 +250,22 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if not state.scheduler.healthy:
         raise state.scheduler.down_error()
     engine = state.engine
-    if req.text_chars > state.limits.prompt_chars:
-        raise ApiError(400, f"the prompt has {req.text_chars} characters; this server takes at most "
-                            f"{state.limits.prompt_chars} ({MAX_CHARS_PER_TOKEN} per token of its "
-                            f"{engine.options.max_context}-token context)", code="context_length_exceeded")
-    prompt_ids = await asyncio.to_thread(_prompt_ids, engine, req)
-    params = _sampling(engine, req, prompt_ids)
-    job = Job(prompt_ids, params, asyncio.get_running_loop())
-    state.scheduler.submit(job)
-    shape = ResponseShape(chat, state.model_name)
+    _check_prompt_chars(state, req.text_chars)
+    prompt_ids = await asyncio.to_thread(_encode, engine, req.prompt, req.messages, None, req.add_generation_prompt,
+                                         template_kwargs=req.template_kwargs,
+                                         continue_final_message=req.continue_final_message)
+    loop = asyncio.get_running_loop()
+    jobs = [Job(prompt_ids, params, loop) for params in _sampling(engine, req, prompt_ids)]
+    state.scheduler.submit(jobs)
+    shape = ResponseShape(chat, state.model_name, state.fingerprint, _token_text(engine))
     try:
         if req.stream:
-            return await _stream(request, job, shape, req.include_usage)
-        return await _collect(job, shape)
+            return await stream(request, jobs, shape, req.include_usage)
+        return await collect(jobs, shape)
     finally:
-        # A no-op once finished; frees the queue slot or stops generation if the client went away.
-        state.scheduler.withdraw(job)
-
-
-async def _collect(job: Job, shape: ResponseShape) -> web.Response:
-    pieces = []
-    while True:
-        event = await job.events.get()
-        if isinstance(event, ApiError):
-            raise event
-        pieces.append(event.text)
-        if event.finish_reason is not None:
-            usage = shape.usage(len(job.prompt_ids), event.completion_tokens)
-            return web.json_response(shape.full("".join(pieces), event.finish_reason, usage, event.stats))
-
-
-async def _stream(request: web.Request, job: Job, shape: ResponseShape, include_usage: bool) -> web.StreamResponse:
-    # Headers go out once the job is queued, so a client sees 200 while it waits its turn.
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    # With include_usage every chunk carries "usage": null and a last chunk carries the totals, as OpenAI does.
-    extra = {"usage": None} if include_usage else {}
-
-    async def send(payload: dict) -> None:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    try:
-        if shape.chat:
-            await send({**shape.chunk("", role=True), **extra})
-        while True:
-            event: Delta | ApiError = await job.events.get()
-            if isinstance(event, ApiError):
-                await send(event.body())
-                break
-            if event.text:
-                await send({**shape.chunk(event.text), **extra})
-            if event.finish_reason is not None:
-                await send({**shape.chunk(None, event.finish_reason), **extra, "easyspec": event.stats})
-                if include_usage:
-                    await send(shape.usage_chunk(shape.usage(len(job.prompt_ids), event.completion_tokens)))
-                break
-        await response.write(b"data: [DONE]\n\n")
-    except ConnectionResetError:
-        pass  # the client left; the caller cancels the job
-    return response
+        # A no-op once finished; frees the queue slots or stops generation if the client went away.
+        for job in jobs:
+            state.scheduler.withdraw(job)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -268,6 +281,31 @@ async def models(request: web.Request) -> web.Response:
     card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "easyspec",
             "max_model_len": state.engine.options.max_context}
     return web.json_response({"object": "list", "data": [card]})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: a prompt's or a chat's token ids, as a generation request would count them."""
+    state = request.app[STATE]
+    req = parse_tokenize(await _read_json(request))
+    _check_prompt_chars(state, req.text_chars)
+    engine = state.engine
+    ids = await asyncio.to_thread(_encode, engine, req.prompt, req.messages, req.add_special_tokens,
+                                  req.add_generation_prompt, req.tools, req.template_kwargs, req.continue_final_message)
+    strs = [_tokenizer(engine).backend.id_to_token(i) for i in ids] if req.return_token_strs else None
+    return web.json_response({"count": len(ids), "max_model_len": engine.options.max_context, "tokens": ids,
+                              "token_strs": strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's /detokenize: the text of token ids, special tokens kept."""
+    tok = _tokenizer(request.app[STATE].engine)
+    ids = parse_detokenize(await _read_json(request), tok.vocab_size)
+    text = await asyncio.to_thread(tok.decode, ids, skip_special_tokens=False)
+    return web.json_response({"prompt": text})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -310,6 +348,9 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_startup.append(_exit_on_engine_failure)

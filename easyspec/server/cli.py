@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from easyspec.cli.args import add_engine_args, options_from_args
+from easyspec.cli.args import HelpFormatter, add_engine_args, options_from_args
 from easyspec.options import EngineOptions
 
 log = logging.getLogger("easyspec.server")
@@ -30,11 +30,16 @@ class EscapingFormatter(logging.Formatter):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` command; called by easyspec.cli.main while it builds the parser."""
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (streaming) over the engine")
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (streaming) over the engine",
+                              description="Loads the model (and draft) and answers /v1/completions, "
+                                          "/v1/chat/completions, /v1/models, /health, /metrics, and vLLM's "
+                                          "/tokenize, /detokenize and /version; needs the "
+                                          "[serve] extra (aiohttp): pip install 'easyspec[serve]'.",
+                              formatter_class=HelpFormatter)
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV}, "
                         f"which is preferred: a flag is visible to every user in `ps`)")
@@ -112,7 +117,7 @@ def serve(options: EngineOptions, sock: socket.socket, api_key: str | None, max_
     from aiohttp import web
 
     from easyspec.engine.engine import Engine
-    from easyspec.server.app import Limits, ServerState, build_app
+    from easyspec.server.app import Limits, ServerState, build_app, system_fingerprint
     from easyspec.server.metrics import Metrics
     from easyspec.server.scheduler import Scheduler
 
@@ -120,7 +125,7 @@ def serve(options: EngineOptions, sock: socket.socket, api_key: str | None, max_
     scheduler = Scheduler(lambda on_failure: Engine(options, on_worker_failure=on_failure), max_queue, metrics)
     engine = scheduler.start()
     limits = Limits.for_context(engine.options.max_context, read_timeout_s)
-    app = build_app(ServerState(scheduler, metrics, model_name, api_key, limits))
+    app = build_app(ServerState(scheduler, metrics, model_name, api_key, limits, system_fingerprint(engine.options)))
     host, port = sock.getsockname()[:2]
     log.info("serving %s (method %s, %d device%s, context %d) on http://%s:%d; limits: %d prompt characters, "
              "%d body bytes", model_name, options.method, options.devices, "" if options.devices == 1 else "s",

@@ -17,6 +17,27 @@ import threading
 from collections import defaultdict
 
 PREFIX = "easyspec_"
+# Each metric family (its name after PREFIX) and vLLM's metric for the same quantity, None where vLLM
+# has none; the HELP lines and the README's table name them, so dashboards can be ported.
+VLLM_NAMES: dict[str, str | None] = {
+    "requests_total": "http_requests_total",
+    "request_finished_total": "vllm:request_success_total",
+    "prompt_tokens_total": "vllm:prompt_tokens_total",
+    "generation_tokens_total": "vllm:generation_tokens_total",
+    "time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "time_per_output_token_seconds": "vllm:time_per_output_token_seconds",
+    "e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "queue_wait_seconds": "vllm:request_queue_time_seconds",
+    "spec_decode_num_drafts_total": "vllm:spec_decode_num_drafts_total",
+    "spec_decode_num_draft_tokens_total": "vllm:spec_decode_num_draft_tokens_total",
+    "spec_decode_num_accepted_tokens_total": "vllm:spec_decode_num_accepted_tokens_total",
+    "spec_decode_num_accepted_tokens_per_pos_total": "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+    "spec_decode_mean_acceptance_length": None,
+    "num_requests_waiting": "vllm:num_requests_waiting",
+    "num_requests_running": "vllm:num_requests_running",
+    "engine_healthy": None,
+    "model_info": None,
+}
 
 # Seconds; spans a tiny CPU model's milliseconds to a large model's queue waits.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
@@ -115,7 +136,8 @@ class Metrics:
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, lines: list[str]) -> None:
-            out.append(f"# HELP {PREFIX}{name} {help_text}")
+            vllm = f" vLLM: {VLLM_NAMES[name]}." if VLLM_NAMES[name] else ""
+            out.append(f"# HELP {PREFIX}{name} {help_text}{vllm}")
             out.append(f"# TYPE {PREFIX}{name} {kind}")
             out.extend(lines)
 

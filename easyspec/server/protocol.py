@@ -4,16 +4,25 @@ Field policy (documented in the README):
 - Unknown fields are accepted and ignored (logged), as OpenAI and vLLM do, so
   clients that send newer fields keep working.
 - Known fields are type-checked: a wrong JSON type is a 400 naming the field.
+- Sampling fields, OpenAI's and vLLM's extensions alike, map onto SamplingParams
+  (easyspec.options), whose checks give a 400 naming the field: temperature,
+  top_p, top_k (-1 or 0 = off), min_p, repetition_penalty, presence_penalty,
+  frequency_penalty, seed, max_tokens (chat: max_completion_tokens too),
+  min_tokens, stop, stop_token_ids, ignore_eos, skip_special_tokens, logprobs
+  (completions: a count; chat: logprobs true with top_logprobs).
+- n: that many choices, each an independent sample, run one after another;
+  with a seed, choice i uses seed + i (vLLM's rule).
+- Chat: chat_template_kwargs (extra template variables), add_generation_prompt
+  and continue_final_message, as vLLM takes them.
+- Responses carry system_fingerprint and, on each choice, vLLM's stop_reason.
 - Known fields the engine cannot honour are a 400 when set to anything but
   their neutral value, rather than silently ignored, because ignoring them
-  would change the output without telling: n / best_of > 1, echo, suffix,
-  logprobs / top_logprobs, logit_bias, presence / frequency penalties, tools,
-  and a response_format other than text. `user` is ignored.
-- Extensions (as in vLLM): top_k (-1 or 0 = off) and ignore_eos.
+  would change the output without telling: best_of > 1, echo, suffix,
+  logit_bias, tools, and a response_format other than text. `user` is ignored.
 - `model` may be any string: one model is served, and the response names it.
-- Numbers are range-checked here, before anything reaches the engine: a
-  non-finite number (1e999, NaN, Infinity), a seed outside the signed 64-bit
-  range or a count below its minimum is a 400 naming the field.
+- Numbers are range-checked before anything reaches the engine: a non-finite
+  number (1e999, NaN, Infinity), a seed outside the signed 64-bit range or a
+  count below its minimum is a 400 naming the field.
 - The body must be valid JSON text: no NaN / Infinity constants, no lone
   UTF-16 surrogates in any string, nesting at most MAX_JSON_DEPTH deep.
 """
@@ -22,16 +31,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from easyspec.options import SEED_RANGE
+from easyspec.options import MAX_LOGPROBS, SEED_RANGE
 
 MAX_JSON_DEPTH = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_CHOICES = 16  # n: the choices of one request run one after another on the engine
+# Variables a chat template gets from the request itself, which chat_template_kwargs cannot replace.
+TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -44,6 +55,11 @@ ERROR_TYPES = {
     500: "internal_error",
     503: "service_unavailable",
 }
+
+
+# What a request that sets neither the field nor has it set by the model's generation_config.json
+# gets (OpenAI's API reference); other fields default to SamplingParams'.
+OPENAI_DEFAULTS = {"temperature": 1.0}
 
 
 class ApiError(Exception):
@@ -69,7 +85,7 @@ def _json_type(value: object) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
+def get_field(body: dict, name: str, types: tuple[type, ...], expected: str, default: Any = None,
          param: str | None = None) -> Any:
     """body[name] if it has one of `types` (null counts as absent); a 400 naming the field (as `param`,
     when it is nested) otherwise."""
@@ -85,7 +101,7 @@ def _get(body: dict, name: str, types: tuple[type, ...], expected: str, default:
 
 
 def _number(body: dict, name: str) -> float | None:
-    value = _get(body, name, (int, float), "a number")
+    value = get_field(body, name, (int, float), "a number")
     if value is None:
         return None
     # JSON has no inf, but 1e999 parses to it; an int too large for a float fails to convert.
@@ -97,7 +113,7 @@ def _number(body: dict, name: str) -> float | None:
 
 def _count(body: dict, name: str, default: int, minimum: int) -> int:
     """An integer field that counts something, at least `minimum`."""
-    value = _get(body, name, (int,), "an integer", default)
+    value = get_field(body, name, (int,), "an integer", default)
     if value < minimum:
         raise ApiError(400, f"'{name}' must be at least {minimum}, got {value}", param=name)
     return value
@@ -161,7 +177,7 @@ def _check_text(text: str, param: str) -> None:
                        param=shown, code="invalid_unicode") from None
 
 
-def _unsupported(name: str, what: str) -> ApiError:
+def unsupported(name: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported by this server", param=name, code="unsupported")
 
 
@@ -171,16 +187,17 @@ class GenerationRequest:
 
     prompt: str | list[int] | None  # completions: text or token ids
     messages: list[dict] | None  # chat: messages for the chat template
-    max_tokens: int | None  # None: the default, bounded by the context left
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    ignore_eos: bool
+    # The SamplingParams fields the request sets, by SamplingParams' names; the others take the engine's
+    # defaults (--generation-config), then OPENAI_DEFAULTS. An absent max_new_tokens is bounded by the context.
+    sampling: dict[str, Any]
+    n: int  # choices, each an independent sample
     stream: bool
     include_usage: bool
     ignored: tuple[str, ...]  # unknown fields, reported in the log
+    aliases: dict[str, str] = field(default_factory=dict)  # SamplingParams name -> the request's, where they differ
+    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs, extra template variables
+    add_generation_prompt: bool = True  # chat: open the assistant's turn after the messages
+    continue_final_message: bool = False  # chat: leave the last message open for the model to continue
 
     @property
     def text_chars(self) -> int:
@@ -189,41 +206,65 @@ class GenerationRequest:
             return sum(len(m["content"]) for m in self.messages)
         return len(self.prompt) if isinstance(self.prompt, str) else 0
 
+    def param(self, name: str) -> str:
+        """The request's name for a SamplingParams field (for the `param` of a 400)."""
+        return self.aliases.get(name, name)
 
-_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
-                  "stream_options", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                  "ignore_eos"}
+
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                  "stop", "stop_token_ids", "n", "stream", "stream_options", "user", "presence_penalty",
+                  "frequency_penalty", "logit_bias", "logprobs", "ignore_eos", "min_tokens", "skip_special_tokens"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                                "parallel_tool_calls", "response_format"}
+                                "parallel_tool_calls", "response_format", "chat_template_kwargs",
+                                "add_generation_prompt", "continue_final_message"}
 
 
 def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
-    _get(body, "model", (str,), "a string")
-    _get(body, "user", (str,), "a string")
-    if _count(body, "n", 1, 1) > 1:
-        raise ApiError(400, "n > 1 is not supported yet; send one request per completion", param="n",
-                       code="unsupported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name):
-            raise _unsupported(name, f"a non-zero {name}")
-    if _get(body, "logit_bias", (dict,), "an object"):
-        raise _unsupported("logit_bias", "logit_bias")
-    max_tokens = _get(body, max_tokens_field, (int,), "an integer")
+    """The fields completions and chat share, as GenerationRequest's."""
+    get_field(body, "model", (str,), "a string")
+    get_field(body, "user", (str,), "a string")
+    if get_field(body, "logit_bias", (dict,), "an object"):
+        raise unsupported("logit_bias", "logit_bias")
+    sampling: dict[str, Any] = {name: _number(body, name) for name in
+                                ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                 "frequency_penalty")}
+    max_tokens = sampling["max_new_tokens"] = get_field(body, max_tokens_field, (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{max_tokens_field}' must be at least 1, got {max_tokens}", param=max_tokens_field)
-    temperature = _number(body, "temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if temperature < 0:
-        raise ApiError(400, f"'temperature' must be >= 0, got {temperature}", param="temperature")
-    top_p = _number(body, "top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    top_k = _get(body, "top_k", (int,), "an integer", 0)
-    if top_k < -1:
+    sampling["min_tokens"] = get_field(body, "min_tokens", (int,), "an integer")
+    top_k = get_field(body, "top_k", (int,), "an integer")
+    if top_k is not None and top_k < -1:
         raise ApiError(400, f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}", param="top_k")
-    stop = _get(body, "stop", (str, list), "a string or an array of strings", [])
+    sampling["top_k"] = None if top_k is None else max(top_k, 0)
+    sampling["stop"] = _stops(body)
+    sampling["stop_token_ids"] = _stop_token_ids(body)
+    seed = sampling["seed"] = get_field(body, "seed", (int,), "an integer")
+    n = _count(body, "n", 1, 1)
+    if n > MAX_CHOICES:
+        raise ApiError(400, f"'n' must be at most {MAX_CHOICES}, got {n}", param="n")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - (n - 1):
+        raise ApiError(400, f"'seed' must be a signed 64-bit integer (-2**63 to 2**63 - 1) that stays one when the "
+                            f"n - 1 = {n - 1} choices after the first add their index, got {seed}", param="seed")
+    for name in ("ignore_eos", "skip_special_tokens"):
+        sampling[name] = get_field(body, name, (bool,), "a boolean")
+    stream = get_field(body, "stream", (bool,), "a boolean", False)
+    options = get_field(body, "stream_options", (dict,), "an object", {})
+    include_usage = get_field(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
+    return dict(
+        sampling={name: value for name, value in sampling.items() if value is not None},
+        n=n,
+        stream=stream,
+        include_usage=stream and include_usage,
+        ignored=tuple(sorted(set(body) - known)),
+        aliases={"max_new_tokens": max_tokens_field},
+    )
+
+
+def _stops(body: dict) -> tuple[str, ...] | None:
+    stop = get_field(body, "stop", (str, list), "a string or an array of strings")
+    if stop is None:
+        return None
     stops = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a string or an array of non-empty strings", param="stop",
@@ -232,25 +273,27 @@ def _common(body: dict, known: set[str], max_tokens_field: str) -> dict:
     if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
                             "characters each", param="stop")
-    seed = _get(body, "seed", (int,), "an integer")
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ApiError(400, f"'seed' must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {seed}",
-                       param="seed")
-    stream = _get(body, "stream", (bool,), "a boolean", False)
-    options = _get(body, "stream_options", (dict,), "an object", {})
-    include_usage = _get(options, "include_usage", (bool,), "a boolean", False, "stream_options.include_usage")
-    return dict(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(top_k, 0),
-        seed=seed,
-        stop=tuple(stops),
-        ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
-        stream=stream,
-        include_usage=stream and include_usage,
-        ignored=tuple(sorted(set(body) - known)),
-    )
+    return tuple(stops)
+
+
+def _stop_token_ids(body: dict) -> tuple[int, ...] | None:
+    ids = get_field(body, "stop_token_ids", (list,), "an array of token ids")
+    if ids is None:
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ApiError(400, "'stop_token_ids' must be an array of token ids (integers >= 0)", param="stop_token_ids",
+                       code="invalid_type")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids", param="stop_token_ids")
+    return tuple(ids)
+
+
+def _logprobs_count(body: dict, name: str) -> int | None:
+    """A count of top log-probabilities, 0 to MAX_LOGPROBS."""
+    value = get_field(body, name, (int,), "an integer")
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(400, f"'{name}' must be from 0 to {MAX_LOGPROBS}, got {value}", param=name)
+    return value
 
 
 def _parse_prompt(body: dict) -> str | list[int]:
@@ -272,19 +315,20 @@ def _parse_prompt(body: dict) -> str | list[int]:
 
 def parse_completion(body: dict) -> GenerationRequest:
     if _count(body, "best_of", 1, 1) > 1:
-        raise _unsupported("best_of", "best_of > 1")
-    if _get(body, "echo", (bool,), "a boolean", False):
-        raise _unsupported("echo", "echo")
-    if _get(body, "suffix", (str,), "a string"):
-        raise _unsupported("suffix", "suffix")
-    if _get(body, "logprobs", (int,), "an integer") is not None:
-        raise _unsupported("logprobs", "logprobs")
+        raise unsupported("best_of", "best_of > 1")
+    if get_field(body, "echo", (bool,), "a boolean", False):
+        raise unsupported("echo", "echo")
+    if get_field(body, "suffix", (str,), "a string"):
+        raise unsupported("suffix", "suffix")
     fields = _common(body, COMPLETION_FIELDS, "max_tokens")
+    logprobs = _logprobs_count(body, "logprobs")
+    if logprobs is not None:
+        fields["sampling"]["logprobs"] = logprobs
     return GenerationRequest(prompt=_parse_prompt(body), messages=None, **fields)
 
 
-def _parse_messages(body: dict) -> list[dict]:
-    messages = _get(body, "messages", (list,), "an array")
+def parse_messages(body: dict) -> list[dict]:
+    messages = get_field(body, "messages", (list,), "an array")
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     out = []
@@ -311,61 +355,42 @@ def _parse_messages(body: dict) -> list[dict]:
     return out
 
 
+def chat_template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs: extra variables for the chat template (e.g. Qwen3's enable_thinking)."""
+    kwargs = get_field(body, "chat_template_kwargs", (dict,), "an object", {})
+    taken = next((name for name in TEMPLATE_ARGUMENTS if name in kwargs), None)
+    if taken is not None:
+        raise ApiError(400, f"'chat_template_kwargs' cannot set {taken!r}, which the request itself gives the "
+                            "template", param="chat_template_kwargs")
+    return kwargs
+
+
+def turn_options(body: dict) -> dict[str, bool]:
+    """add_generation_prompt and continue_final_message. As in vLLM, add_generation_prompt is on unless
+    set; here an absent one is off when continue_final_message is on."""
+    keep_open = get_field(body, "continue_final_message", (bool,), "a boolean", False)
+    new_turn = get_field(body, "add_generation_prompt", (bool,), "a boolean", not keep_open)
+    if keep_open and new_turn:
+        raise ApiError(400, "'continue_final_message' continues the last message and 'add_generation_prompt' starts "
+                            "a new one: set add_generation_prompt to false", param="continue_final_message")
+    return {"add_generation_prompt": new_turn, "continue_final_message": keep_open}
+
+
 def parse_chat(body: dict) -> GenerationRequest:
-    if _get(body, "logprobs", (bool,), "a boolean", False):
-        raise _unsupported("logprobs", "logprobs")
-    if _get(body, "top_logprobs", (int,), "an integer", 0):
-        raise _unsupported("top_logprobs", "top_logprobs")
-    if _get(body, "tools", (list,), "an array"):
-        raise _unsupported("tools", "tool calling")
-    response_format = _get(body, "response_format", (dict,), "an object", {})
+    logprobs = get_field(body, "logprobs", (bool,), "a boolean", False)
+    top_logprobs = _logprobs_count(body, "top_logprobs")
+    if top_logprobs and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if get_field(body, "tools", (list,), "an array"):
+        raise unsupported("tools", "tool calling")
+    response_format = get_field(body, "response_format", (dict,), "an object", {})
     if response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"response_format {response_format.get('type')!r}")
+        raise unsupported("response_format", f"response_format {response_format.get('type')!r}")
     # The newer name wins when a client sends both.
     max_tokens_field = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     fields = _common(body, CHAT_FIELDS, max_tokens_field)
-    return GenerationRequest(prompt=None, messages=_parse_messages(body), **fields)
-
-
-class ResponseShape:
-    """Builds the JSON bodies of one completion or chat response, streamed or not."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.model = model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _envelope(self, chunk: bool) -> dict:
-        if self.chat:
-            kind = "chat.completion.chunk" if chunk else "chat.completion"
-        else:
-            kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    def full(self, text: str, finish_reason: str | None, usage: dict, stats: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(False), "choices": [choice], "usage": usage, "easyspec": stats}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
-        """A streamed chunk of one choice; chat deltas carry the role on the first chunk only."""
-        if self.chat:
-            delta: dict = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(True), "choices": [choice]}
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return {**self._envelope(True), "choices": [], "usage": usage}
+    if logprobs:
+        fields["sampling"]["logprobs"] = top_logprobs or 0
+        fields["aliases"]["logprobs"] = "top_logprobs"
+    return GenerationRequest(prompt=None, messages=parse_messages(body), template_kwargs=chat_template_kwargs(body),
+                             **turn_options(body), **fields)

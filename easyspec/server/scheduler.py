@@ -22,6 +22,9 @@ server exit non-zero so that its supervisor starts a fresh one.
 The text of each Delta is the engine's Chunk.text: the engine ends generation
 at stop strings and never releases any part of one, so streamed pieces add up
 to the non-streamed text.
+
+A request for n choices is n Jobs, queued together (all or none) and so run
+one after another.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from dataclasses import dataclass, field
 from easyspec.engine.decision import RequestFailed
 from easyspec.engine.engine import Engine, WorkerFailure
 from easyspec.options import SamplingParams
+from easyspec.runtime.stats import SpecStats
 from easyspec.server.metrics import Metrics
 from easyspec.server.protocol import ApiError
+from easyspec.verify.logprobs import TokenLogprob
 
 log = logging.getLogger("easyspec.server")
 
@@ -48,9 +53,11 @@ log = logging.getLogger("easyspec.server")
 @dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # the step's tokens', when the request asked for them
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # on the final Delta: the stop string or stop token that ended it
     completion_tokens: int = 0  # on the final Delta: tokens generated in all
-    stats: dict = field(default_factory=dict)  # on the final Delta: SpecStats.to_dict()
+    stats: SpecStats = field(default_factory=SpecStats)  # on the final Delta: the generation's
 
 
 class Job:
@@ -129,16 +136,20 @@ class Scheduler:
         if first and self.on_failure is not None:
             self.on_failure()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs (one per choice), all of them or, when the queue has no room, none."""
+        if len(jobs) > self.max_queue:
+            raise ApiError(400, f"'n' ({len(jobs)}) is more than this server queues at once (--max-queue "
+                                f"{self.max_queue}); ask for fewer choices", param="n")
         with self._wake:
             if self._closing:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             if self.failure is not None:
                 raise self.down_error()
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(jobs) > self.max_queue:
                 raise ApiError(429, f"the request queue is full ({self.max_queue} waiting); retry later",
                                code="queue_full")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._wake.notify()
 
     def withdraw(self, job: Job) -> None:
@@ -243,15 +254,15 @@ class Scheduler:
                     reason = "cancelled"
                     break
                 if not chunk.finished:
-                    if chunk.text:
-                        job.push(Delta(chunk.text))
+                    if chunk.text or chunk.logprobs:
+                        job.push(Delta(chunk.text, chunk.logprobs))
                     continue
                 reason = chunk.finish_reason
                 # Count the request before the client sees its end, so /metrics read right
                 # after a response already includes it.
                 record()
                 recorded = True
-                job.push(Delta(chunk.text, reason, stats.generated, stats.to_dict()))
+                job.push(Delta(chunk.text, chunk.logprobs, reason, chunk.stop_reason, stats.generated, stats))
         finally:
             # Stops the engine between steps (on every rank) if it is not done yet.
             generation.close()

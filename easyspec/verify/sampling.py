@@ -6,9 +6,16 @@ on ``SamplingParams`` (fixed per request), never on tensor values, and every
 intermediate has a shape known ahead of time.
 
 ``process_logits`` follows the order used by HF transformers and vLLM:
-temperature, then top-k, then top-p, then softmax. The draft model and the
-target model must be processed with the same parameters, otherwise rejection
-sampling would correct towards the wrong distribution.
+temperature, then top-k, then top-p, then min-p, then softmax (the settings
+that depend on the tokens so far, penalties and min_tokens, come before, in
+easyspec.verify.penalties). The draft model and the target model must be
+processed with the same parameters, otherwise rejection sampling would correct
+towards the wrong distribution.
+
+min-p keeps a token when its probability is at least min_p times the most
+likely token's. Top-k and top-p never drop the most likely token, which after
+the shift below scores 0, so the test is score >= log(min_p) on the scores
+themselves: no softmax, no sort.
 
 Any temperature > 0 samples. The logits are shifted so that the largest is 0
 before they are divided by the temperature, which leaves the distribution
@@ -26,7 +33,7 @@ from torch import Tensor
 
 from easyspec.options import SamplingParams
 
-__all__ = ["greedy", "process_logits", "sample"]
+__all__ = ["greedy", "process_logits", "process_scores", "sample"]
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -55,10 +62,15 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     stochastic decoding uniformly (sampling a one-hot returns its argmax).
     Each row along the leading dims is processed independently.
     """
-    vocab = logits.shape[-1]
     if params.greedy:
-        return torch.nn.functional.one_hot(greedy(logits), vocab).to(torch.float32)  # [..., V]
+        return torch.nn.functional.one_hot(greedy(logits), logits.shape[-1]).to(torch.float32)  # [..., V]
+    return process_scores(logits, params).softmax(dim=-1)  # [..., V]
 
+
+def process_scores(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The sampling distribution's log-scores, float32 [..., V]: its softmax is process_logits'
+    (its log_softmax the log-probabilities); -inf marks dropped tokens. Sampling params only."""
+    vocab = logits.shape[-1]
     # Work in float32: half-precision cumulative sums would move the top-p cut. Shifting the
     # largest logit to 0 first keeps a tiny temperature from dividing its way to inf (see above).
     scores = logits.to(torch.float32)  # [..., V]
@@ -78,8 +90,9 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         if params.top_p < 1:
             candidates = _top_p_ascending(candidates, params.top_p)
         scores = torch.full_like(scores, -math.inf).scatter(-1, candidate_idx, candidates)
-
-    return scores.softmax(dim=-1)  # [..., V]
+    if params.min_p > 0:
+        scores = scores.masked_fill(scores < math.log(params.min_p), -math.inf)  # the best scores 0: kept
+    return scores  # [..., V]
 
 
 def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
