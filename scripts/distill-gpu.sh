@@ -4,17 +4,18 @@
 #   DEADLINE=460 scripts/distill-gpu.sh BASE   # BASE: SmolLM2-135M-Instruct.Q4_1.gguf, or a Hugging Face folder
 #
 # The base first writes its text (greedy and sampled replies to the shipped training prompts, kept in
-# WORK/data.pt), then three drafts of one shape (LAYERS of the base's layers, started from them) train on
-# one GPU, each for a share of the time left:
+# WORK/data.pt: what it has written when its share of the time ends, greedy replies first), then three
+# drafts of one shape (LAYERS of the base's layers, started from them) train on one GPU, each for a share
+# of the time left:
 #   distilled    KL to the base + next-token loss on the base's text
 #   lp-aware     the same, also trained through the layer-parallel forward at N=2 and N=4
 #   corpus-only  next-token loss on Python standard-library source, no text or distributions from the base
 # then `easyspec acceptance` on the held-out chat prompts (greedy, k=4, categories in turn, as many as its
 # time limit allows): each draft sequential and layer-parallel at N=2 and N=4 (emulated on the one GPU:
-# acceptance, not speed), and the ngram drafter. Last, if time is left, `easyspec generate --json` on the
-# first measured prompt checks that the engine (on BASE itself) reports the rounds the acceptance
-# measurement counted and that sd gives plain decoding's text. Both run the reference kernels (float32,
-# no Triton compiling inside the budget). The best draft (highest sequential mean accepted length) is named.
+# acceptance, not speed), and the ngram drafter. The best draft (highest sequential mean accepted length)
+# is named. With ENGINE_CHECK=1, `easyspec generate --json` on the first measured prompt then checks that
+# the engine (on BASE itself) reports the rounds the acceptance measurement counted and that sd gives
+# plain decoding's text. Both run the reference kernels (float32, no Triton compiling inside the budget).
 #
 # The drafts stay in WORK (default /tmp/easyspec-distill, emptied first): WORK/distilled, WORK/lp-aware,
 # WORK/corpus-only (and WORK/base, a GGUF base converted once). Results under $OUT: acceptance.md (the
@@ -23,11 +24,11 @@
 # after every prompt. Everything ends by DEADLINE seconds after the start (default 460), training cut short
 # first (a stopped run still writes its draft). A missing piece (base, gguf package, CUDA) stops it at once
 # with one line.
-# Knobs (env): DEVICE (cuda; cpu for a dry run), LAYERS (7), SAMPLES (15), GEN_TOKENS (256), GEN_BATCH
+# Knobs (env): DEVICE (cuda; cpu for a dry run), LAYERS (7), SAMPLES (7), GEN_TOKENS (256), GEN_BATCH
 # (1024), BATCH (64), SEQ_LEN (512), LR (distill's default), CHAT_PROMPTS / CODE_PROMPTS (training prompt
 # files; default the shipped sets), HELD_OUT (the held-out prompt file), PROMPTS_LIMIT (all), MAX_NEW
-# (128), ACCEPT_S (seconds kept for acceptance, 130), GGUF_WHEEL (a gguf wheel installed first when the
-# package is missing), WORK.
+# (128), ACCEPT_S (seconds kept for acceptance, 120), ENGINE_CHECK (0), GGUF_WHEEL (a gguf wheel installed
+# first when the package is missing), WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -36,8 +37,8 @@ out="${OUT:-out}"
 work="${WORK:-/tmp/easyspec-distill}"
 deadline="${DEADLINE:-460}"
 device="${DEVICE:-cuda}"
-accept_s="${ACCEPT_S:-130}"  # kept for acceptance (its own loading included)
-check_s=50                   # kept for the engine check
+accept_s="${ACCEPT_S:-120}"  # kept for acceptance (its own loading included)
+check_s=$(( ${ENGINE_CHECK:-0} ? 50 : 0 ))  # kept for the engine check (ENGINE_CHECK=1)
 final_s=10                   # kept for packing the logs
 overhead_s=25                # per training run: start, loading the base, export
 logs="$work/logs"
@@ -92,7 +93,7 @@ stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 [ -d "$stdlib" ] || die "no Python standard library at $stdlib for the corpus-only draft"
 
 common=(--model "$teacher" --device "$device" --layers "${LAYERS:-7}" --batch-size "${BATCH:-64}"
-        --seq-len "${SEQ_LEN:-512}" --samples "${SAMPLES:-15}" --gen-tokens "${GEN_TOKENS:-256}"
+        --seq-len "${SEQ_LEN:-512}" --samples "${SAMPLES:-7}" --gen-tokens "${GEN_TOKENS:-256}"
         --gen-batch "${GEN_BATCH:-1024}")
 [ -n "${CHAT_PROMPTS:-}" ] && common+=(--prompts "$CHAT_PROMPTS")
 [ -n "${CODE_PROMPTS:-}" ] && common+=(--code-prompts "$CODE_PROMPTS")
@@ -125,9 +126,13 @@ train() {
     fi
 }
 
+# The base's text: a time budget of its own, what is written by then kept (greedy replies first).
 data_s=$(( ($(left) - reserve) * 2 / 5 ))
 echo "== the base's text, at most ${data_s}s (t=${SECONDS}s)"
-[ "$data_s" -gt 10 ] && distill data "$data_s" --data-only --data "$work/data.pt"
+if [ "$data_s" -gt $((overhead_s + 10)) ]; then
+    distill data $((data_s + 20)) --data-only --data "$work/data.pt" \
+        --gen-minutes "$(python3 -c "print(round(($data_s - $overhead_s) / 60, 2))")"
+fi
 if [ -f "$work/data.pt" ]; then
     train distilled 2 5 3 --data "$work/data.pt"
     train lp-aware 2 3 2 --data "$work/data.pt" --layer-parallel 2,4
@@ -172,7 +177,7 @@ PY
 
 # The engine itself on the first measured prompt: plain decoding and sd with the best draft, float32 greedy.
 best=$(sed -n 's/^best draft: \([^ ]*\) .*/\1/p' "$out/acceptance.md")
-if [ -n "$best" ] && [ "$(left)" -gt $((check_s - 5)) ]; then
+if [ -n "$best" ] && [ "$check_s" -gt 0 ] && [ "$(left)" -gt $((check_s - 5)) ]; then
     echo "== engine check (t=${SECONDS}s)"
     prompt=$(python3 - "$out/acceptance.json" "$held_out" <<'PY'
 import json, sys

@@ -23,7 +23,7 @@ from easyspec.distill import HELD_OUT_PROMPTS, TRAIN_CHAT_PROMPTS, TRAIN_CODE_PR
 from easyspec.distill.data import Batches, Rows
 from easyspec.distill.evaluate import continue_prompts, measure_cases
 from easyspec.distill.forward import DraftForward, distill_loss, teacher_log_probs
-from easyspec.distill.generate import generate
+from easyspec.distill.generate import generate, generate_batch
 from easyspec.distill.run import distill
 from easyspec.distill.settings import DistillOptions, DraftShape, TrainSettings
 from easyspec.distill.shape import ShapeError, draft_config, init_draft, spaced_layers
@@ -117,6 +117,10 @@ def test_batched_generation_equals_one_sequence_at_a_time(pair_dir):
     first = generate(model, prompts, 12, sampled, batch_size=2, seed=3)
     assert first == generate(model, prompts, 12, sampled, batch_size=2, seed=3)
     assert first != generate(model, prompts, 12, sampled, batch_size=2, seed=4)
+    # Past the deadline a batch in progress ends at its next check (every 16 tokens) and no batch starts.
+    cut = generate_batch(model, prompts, 40, SamplingParams(), deadline=time.monotonic())
+    assert cut == [greedy_continuation(model, p, 16, []) for p in prompts]
+    assert generate(model, prompts, 40, SamplingParams(), batch_size=2, deadline=time.monotonic()) == [None] * 3
 
 
 def test_draft_starts_from_spaced_base_layers(pair_dir):

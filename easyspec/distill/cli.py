@@ -81,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampled continuations per prompt, besides the greedy one")
     g.add_argument("--gen-tokens", type=int, default=DEFAULTS.gen_tokens, help="longest continuation")
     g.add_argument("--gen-batch", type=int, help="continuations generated at once (default: 1024 on CUDA, 16 on CPU)")
+    g.add_argument("--gen-minutes", type=float,
+                   help="stop generating after this long and keep what the base has written (greedy replies first)")
     g.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="of the sampled continuations")
     g.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="of the sampled continuations")
     g.add_argument("--data", help="file of generated text: read if it exists, else written (to share between runs)")
@@ -153,7 +155,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         layer_parallel=args.layer_parallel, keep_first=args.keep_first, keep_last=args.keep_last,
         groups=args.groups, parallel_policy=args.parallel_policy, prompts=args.prompts,
         code_prompts=args.code_prompts, samples=args.samples, gen_tokens=args.gen_tokens, gen_batch=args.gen_batch,
-        temperature=args.temperature, top_p=args.top_p, data=args.data, data_only=args.data_only,
+        gen_minutes=args.gen_minutes, temperature=args.temperature, top_p=args.top_p, data=args.data,
+        data_only=args.data_only,
         corpus=args.corpus, corpus_share=args.corpus_share, corpus_only=args.corpus_only,
         corpus_max_mb=args.corpus_max_mb,
         save_dtype=args.save_dtype, compile=args.compile, train=train, command=shlex.join(["easyspec", *sys.argv[1:]]))

@@ -80,8 +80,11 @@ def read_prompt_set(path: str | Path) -> list[Prompt]:
 
 def generate_rows(base: Transformer, tokenizer: Tokenizer, chat: Sequence[Prompt], code: Sequence[Prompt],
                   samples: int, max_new: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                  log: Callable[[str], None]) -> tuple[Rows, dict[str, Any]]:
-    """One greedy and `samples` sampled continuations of every prompt (first turn), stopping at EOS."""
+                  log: Callable[[str], None], deadline: float | None = None) -> tuple[Rows, dict[str, Any]]:
+    """One greedy and `samples` sampled continuations of every prompt (first turn), stopping at EOS.
+
+    Past `deadline` (time.monotonic()) generation ends and keeps what it has: the greedy continuations
+    come first, so a short budget still covers every prompt once."""
     prompts = [tokenizer.encode_prompt(p.turns[0]) for p in chat]
     prompts += [tokenizer.encode_prompt(p.turns[0], raw=True) for p in code]
     stops = eos_ids(base.config, tokenizer)
@@ -102,15 +105,20 @@ def generate_rows(base: Transformer, tokenizer: Tokenizer, chat: Sequence[Prompt
         passes.append(SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new))
     for params in passes:
         batch = prompts if params.greedy else [p for p in prompts for _ in range(samples)]
-        outs = generate(base, batch, max_new, params, batch_size, stops, seed, on_batch=progress)
+        outs = generate(base, batch, max_new, params, batch_size, stops, seed, on_batch=progress, deadline=deadline)
         for prompt, out in zip(batch, outs, strict=True):
-            rows.append(prompt + out)
-            starts.append(len(prompt))
+            if out:  # None: never started before the deadline; []: cut before its first token
+                rows.append(prompt + out)
+                starts.append(len(prompt))
+    if not rows:
+        raise DataError("the generation time budget ended before the base wrote any text; raise --gen-minutes")
+    if len(rows) < total:
+        log(f"the generation time budget ended: kept {len(rows)} of {total} continuations")
     data = Rows.from_lists(rows, starts)
     generated = data.num_tokens - sum(starts)
     seconds = time.perf_counter() - begin
     summary = {"chat_prompts": len(chat), "code_prompts": len(code), "samples_per_prompt": samples,
-               "rows": len(data), "generated_tokens": generated, "max_new_tokens": max_new,
+               "rows": len(data), "rows_asked": total, "generated_tokens": generated, "max_new_tokens": max_new,
                "temperature": temperature, "top_p": top_p, "seconds": round(seconds, 1),
                "generated_tokens_per_s": round(generated / max(seconds, 1e-9))}
     return data, summary

@@ -42,6 +42,7 @@ from easyspec.options import Calibration, ParallelPolicy, SamplingParams
 from easyspec.parallel.layer_parallel import LayerLayout, LocalLayerParallelForward
 from easyspec.runtime.runner import LAYER_PARALLEL, ModelRunner
 from easyspec.runtime.stats import SpecStats, StageTimer
+from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.types import Verdict
 from easyspec.zoo.prompts import Prompt
 
@@ -115,17 +116,25 @@ def base_cases(base_path: str, prompts: Sequence[Prompt], k: int, max_new: int, 
     return continue_prompts(base, prompts, ids, k, max_new, batch_size), eos_ids(base.config, tokenizer)
 
 
-def run_rounds(drafter: Drafter, case: Case, k: int, params: SamplingParams, eos: set[int],
+# A drafter for one prompt, given the request's history of committed tokens (as the engine's).
+DrafterFor = Callable[[TokenHistory], Drafter]
+
+
+def run_rounds(drafter_for: DrafterFor, case: Case, k: int, params: SamplingParams, eos: set[int], vocab: int,
                device: torch.device) -> SpecStats:
-    """The engine's greedy loop for one prompt, with the base's tokens read from the continuation
-    and each round settled by the engine's own rule (EOS, the token budget)."""
+    """The engine's greedy loop for one prompt, with the base's tokens read from the continuation,
+    each round settled by the engine's own rule (EOS, the token budget) and committed to the
+    request's history as the engine commits it."""
     stats = SpecStats()
     timer = StageTimer(stats, device, synchronize=False)
+    history = TokenHistory(params, case.ids, vocab, device, set() if params.ignore_eos else eos)
     cont = case.continuation
     decision = settle(cont[:1], 0, (), params, 0, eos, None, False)  # the prefill's token
     stats.generated = len(decision.tokens)
+    history.commit(decision.tokens)
     if decision.finished:
         return stats
+    drafter = drafter_for(history)
     drafter.start(case.ids, cont[0], timer)
     while True:
         drafted = drafter.propose(k, timer).tokens.tolist()
@@ -135,6 +144,7 @@ def run_rounds(drafter: Drafter, case: Case, k: int, params: SamplingParams, eos
         decision = settle(cont[done:done + accepted + 1], accepted, (), params, done, eos, None, False)
         stats.record_round(len(drafted), decision.accepted)
         stats.generated += len(decision.tokens)
+        history.commit(decision.tokens)
         if decision.finished:
             return stats
         drafter.observe(Verdict(decision.accepted, decision.tokens, len(drafted)))
@@ -170,7 +180,7 @@ def measure_cases(cases: Sequence[Case], stops: Sequence[int], vocab: int, draft
     graphs = dev.type == "cuda"
     kernels.use_fused(fused and graphs)  # on a GPU, as the engine runs drafts unless told otherwise
     try:
-        rows: list[tuple[Row, Callable[[], Drafter]]] = []  # each row with a new drafter per prompt
+        rows: list[tuple[Row, DrafterFor]] = []  # each row with a new drafter per prompt
         for name, folder in drafts:
             model = load_model(folder, dtype, device)
             if model.config.vocab_size != vocab:
@@ -186,14 +196,14 @@ def measure_cases(cases: Sequence[Case], stops: Sequence[int], vocab: int, draft
                              partial(ModelDrafter, runner, params, None, k, layer_parallel=True,
                                      calibrate=calibrate)))
         if ngram:
-            rows.append((Row("ngram", None, "ngram"), partial(NgramDrafter, dev)))
+            rows.append((Row("ngram", None, "ngram"), lambda _: NgramDrafter(dev)))
         for done, case in enumerate(cases):
             # A prompt counts once every row has measured it; one the time limit cuts short is dropped.
             results = []
             for _, drafter in rows:
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                results.append(run_rounds(drafter(), case, k, params, eos, dev))
+                results.append(run_rounds(drafter, case, k, params, eos, vocab, dev))
             if len(results) < len(rows):
                 log(f"time limit: stopped after {done} of {len(cases)} prompts")
                 break

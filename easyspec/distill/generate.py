@@ -14,6 +14,7 @@ key/value heads, G = H / Hkv, hd head dim, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -84,8 +85,9 @@ def forward_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache: B
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new: int, params: SamplingParams,
                   stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
-                  pad_id: int = 0) -> list[list[int]]:
-    """One batch: each prompt's continuation of at most `max_new` tokens, ending at the first stop id.
+                  pad_id: int = 0, deadline: float | None = None) -> list[list[int]]:
+    """One batch: each prompt's continuation of at most `max_new` tokens, ending at the first stop id
+    (or, past `deadline` (time.monotonic()), where it has got to).
 
     Greedy when params.temperature == 0, else sampled (temperature, top-k, top-p as in the engine).
     """
@@ -110,30 +112,37 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
         lengths = torch.where(stopped, step + 1, lengths)
         done |= stopped
         # One host read every 16 steps: a batch whose rows all stopped ends early without a sync per token.
-        if step + 1 == max_new or (step % 16 == 15 and bool(done.all())):
+        if step + 1 == max_new or step % 16 == 15 and (
+                bool(done.all()) or deadline is not None and time.monotonic() > deadline):
             break
         logits = forward_rows(model, picked[:, None], (width - pads + step)[:, None], cache, width + step)
+    lengths = torch.where(done, lengths, step + 1)  # rows cut by the deadline end where they got to
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)]
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new: int, params: SamplingParams,
              batch_size: int, stop_ids: Sequence[int] = (), seed: int = 0,
-             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+             on_batch: Callable[[int], None] | None = None,
+             deadline: float | None = None) -> list[list[int] | None]:
     """Continuations of every prompt, in prompt order, in batches of prompts of similar length.
 
     Sampling is seeded: the same prompts, settings and batch size give the same text.
-    `on_batch(rows)` is called after each batch (progress).
+    `on_batch(rows)` is called after each batch (progress). Past `deadline` (time.monotonic()) the
+    batch in progress ends where it has got to and no other starts: their prompts get None.
     """
     if batch_size < 1:
         raise ValueError(f"the generation batch size must be >= 1, got {batch_size}")
     device = model.embed_tokens.weight.device
     generator = None if params.greedy else torch.Generator(device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
-    results: list[list[int]] = [[] for _ in prompts]
+    results: list[list[int] | None] = [None] * len(prompts)
     for begin in range(0, len(order), batch_size):
+        if deadline is not None and time.monotonic() > deadline:
+            break
         chunk = order[begin:begin + batch_size]
-        for index, continuation in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], max_new, params,
-                                                            stop_ids, generator), strict=True):
+        batch = generate_batch(model, [prompts[i] for i in chunk], max_new, params, stop_ids, generator,
+                               deadline=deadline)
+        for index, continuation in zip(chunk, batch, strict=True):
             results[index] = continuation
         if on_batch is not None:
             on_batch(len(chunk))

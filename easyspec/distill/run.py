@@ -77,8 +77,9 @@ def _generated(opts: DistillOptions, base: Transformer, tokenizer: Tokenizer, pa
     code = data.read_prompt_set(opts.code_prompts) if opts.code_prompts else []
     _log(f"generating {1 + opts.samples} continuations of {len(chat)} chat and {len(code)} code prompts, "
          f"up to {opts.gen_tokens} tokens, {gen_batch} at once")
+    deadline = None if opts.gen_minutes is None else time.monotonic() + 60 * opts.gen_minutes
     rows, summary = data.generate_rows(base, tokenizer, chat, code, opts.samples, opts.gen_tokens,
-                                       opts.temperature, opts.top_p, gen_batch, opts.train.seed, _log)
+                                       opts.temperature, opts.top_p, gen_batch, opts.train.seed, _log, deadline)
     data.save_rows(rows, path, base.config, summary)
     _log(f"{summary['generated_tokens']:,} tokens in {summary['seconds']}s "
          f"({summary['generated_tokens_per_s']:,} tokens/s), saved to {path}")

@@ -60,6 +60,7 @@ class DistillOptions:
     samples: int = 15
     gen_tokens: int = 256
     gen_batch: int | None = None  # None: 1024 on CUDA, 16 on CPU
+    gen_minutes: float | None = None  # generation stops after this long, keeping what was written
     temperature: float = 0.8
     top_p: float = 0.95
     data: str | None = None  # generated rows: read if the file exists, else written there
@@ -97,6 +98,8 @@ def check_options(opts: DistillOptions) -> None:
         raise ValueError(f"--corpus-share must be between 0 and 1, got {opts.corpus_share}")
     if opts.samples < 0 or opts.gen_tokens < 1 or (opts.gen_batch is not None and opts.gen_batch < 1):
         raise ValueError("--samples must be >= 0, --gen-tokens and --gen-batch >= 1")
+    if opts.gen_minutes is not None and not opts.gen_minutes > 0:
+        raise ValueError(f"--gen-minutes must be positive, got {opts.gen_minutes}")
     if not opts.temperature > 0 or not 0 < opts.top_p <= 1:
         raise ValueError("--temperature must be > 0 and --top-p in (0, 1]")
     if any(n < 1 for n in opts.layer_parallel):
