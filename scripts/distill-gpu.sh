@@ -172,7 +172,7 @@ if rows and acc["settings"]["num_prompts"]:
     print(f"next: GPUS=1 scripts/bench-gpu.sh real {base} {work}/{best['draft']} "
           f"{acc['settings']['prompts']}")
 else:
-    print("\nbest draft: none (no draft was written, or no prompt measured in time)")
+    print("\nno best draft: no draft was written, or no prompt measured in time")
 PY
 
 # The engine itself on the first measured prompt: plain decoding and sd with the best draft, float32 greedy.
