@@ -27,7 +27,8 @@
 # Knobs (env): DEVICE (cuda; cpu for a dry run), LAYERS (7), SAMPLES (7), GEN_TOKENS (256), GEN_BATCH
 # (1024), BATCH (64), SEQ_LEN (512), LR (distill's default), CHAT_PROMPTS / CODE_PROMPTS (training prompt
 # files; default the shipped sets), HELD_OUT (the held-out prompt file), PROMPTS_LIMIT (all), MAX_NEW
-# (128), ACCEPT_S (seconds kept for acceptance, 120), ENGINE_CHECK (0), GGUF_WHEEL (a gguf wheel installed
+# (128), ACCEPT_S (seconds kept for acceptance, 120), ENGINE_CHECK (0), DRAFTS (the drafts to train, of
+# "distilled lp-aware corpus-only"; fewer drafts get more time each), GGUF_WHEEL (a gguf wheel installed
 # first when the package is missing), WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,13 @@ case "$work" in /|"$HOME"|.|"") die "WORK=$work: choose a scratch folder of its 
 case "$(realpath "$base")/" in
     "$(realpath -m "$work")"/*) die "BASE $base lies inside WORK=$work, which is emptied first";;
 esac
+# The drafts asked for (DRAFTS), in order, each with its share of the training time.
+declare -A weight=([distilled]=2 [lp-aware]=2 [corpus-only]=1)
+names=()
+for name in ${DRAFTS:-distilled lp-aware corpus-only}; do
+    [ -n "${weight[$name]:-}" ] || die "DRAFTS: unknown draft $name; choose among distilled lp-aware corpus-only"
+    names+=("$name")
+done
 mkdir -p "$out" || die "cannot create OUT=$out"
 rm -rf "$work" && mkdir -p "$logs" || die "cannot create WORK=$work"
 pack() { tar -czf "$out/logs.tgz" -C "$work" logs 2>/dev/null; }
@@ -109,11 +117,11 @@ distill() {
         | tee "$logs/distill-$name.log" | grep --line-buffered -v "^step "
     grep "^step " "$logs/distill-$name.log" | tail -n 1  # the last progress line: steps, tokens/s, losses
 }
-# train NAME WEIGHT WEIGHTS_LEFT ARGS...: training minutes are this run's share of the time left.
+# train NAME SHARE SHARES_LEFT RUNS_LEFT ARGS...: training minutes are this run's share of the time left.
 train() {
-    local name=$1 weight=$2 weights_left=$3 runs_left=$4
+    local name=$1 share=$2 shares_left=$3 runs_left=$4
     shift 4
-    local budget=$(( ($(left) - reserve - overhead_s * runs_left) * weight / weights_left ))
+    local budget=$(( ($(left) - reserve - overhead_s * runs_left) * share / shares_left ))
     if [ "$budget" -lt 6 ]; then echo "!! $name: no time left to train (t=${SECONDS}s)"; return; fi
     local minutes
     minutes=$(python3 -c "print(round($budget / 60, 2))")
@@ -126,20 +134,28 @@ train() {
     fi
 }
 
-# The base's text: a time budget of its own, what is written by then kept (greedy replies first).
-data_s=$(( ($(left) - reserve) * 2 / 5 ))
-echo "== the base's text, at most ${data_s}s (t=${SECONDS}s)"
-if [ "$data_s" -gt $((overhead_s + 10)) ]; then
-    distill data $((data_s + 20)) --data-only --data "$work/data.pt" \
-        --gen-minutes "$(python3 -c "print(round(($data_s - $overhead_s) / 60, 2))")"
+# The base's text (for distilled and lp-aware): a time budget of its own, what is written by then kept
+# (greedy replies first).
+if [[ " ${names[*]} " == *" distilled "* || " ${names[*]} " == *" lp-aware "* ]]; then
+    data_s=$(( ($(left) - reserve) * 2 / 5 ))
+    echo "== the base's text, at most ${data_s}s (t=${SECONDS}s)"
+    if [ "$data_s" -gt $((overhead_s + 10)) ]; then
+        distill data $((data_s + 20)) --data-only --data "$work/data.pt" \
+            --gen-minutes "$(python3 -c "print(round(($data_s - $overhead_s) / 60, 2))")"
+    fi
+    [ -f "$work/data.pt" ] || echo "!! the base wrote no text in time: distilled and lp-aware skipped"
 fi
-if [ -f "$work/data.pt" ]; then
-    train distilled 2 5 3 --data "$work/data.pt"
-    train lp-aware 2 3 2 --data "$work/data.pt" --layer-parallel 2,4
-else
-    echo "!! the base wrote no text in time: distilled and lp-aware skipped"
-fi
-train corpus-only 1 1 1 --corpus-only --corpus "$stdlib" --corpus-max-mb 8
+for i in "${!names[@]}"; do
+    name=${names[$i]} weights_left=0
+    for later in "${names[@]:$i}"; do weights_left=$((weights_left + weight[$later])); done
+    case $name in
+        distilled) extra=(--data "$work/data.pt");;
+        lp-aware) extra=(--data "$work/data.pt" --layer-parallel 2,4);;
+        corpus-only) extra=(--corpus-only --corpus "$stdlib" --corpus-max-mb 8);;
+    esac
+    if [ "$name" != corpus-only ] && [ ! -f "$work/data.pt" ]; then continue; fi
+    train "$name" "${weight[$name]}" "$weights_left" $(( ${#names[@]} - i )) "${extra[@]}"
+done
 
 drafts=()
 for name in distilled lp-aware corpus-only; do
