@@ -45,6 +45,10 @@ NOT_RUN = {
     "easyspec bench --device cuda": "needs a CUDA GPU (and the 8B-shaped folders below)",
     "easyspec bench-steps": "times random-weight 8B/1B models on CUDA GPUs",
     "scripts/bench-gpu.sh": "a GPU machine's job of several minutes",
+    "easyspec distill --model BASE": "BASE is the reader's model, trained for minutes on a GPU; the demo-base block "
+                                     "after it runs distill and acceptance on the CPU",
+    "easyspec acceptance --model BASE": "measures the drafts of the BASE block above (not run)",
+    "easyspec generate --model BASE": "uses the drafts of the BASE block above (not run)",
 }
 PORTS = ("8000", "8001", "8002")
 COMMAND_TIMEOUT_S = 300
