@@ -99,6 +99,7 @@ def test_each_capture_is_logged_on_the_driver(pair_dir, fake_graphs, caplog):
         logged[progress] = [r.getMessage() for r in caplog.records
                             if r.getMessage().startswith("captured a CUDA graph")]
         assert len(logged[progress]) == (len(fake_graphs) if progress else 0) and fake_graphs
-    assert any(line.startswith("captured a CUDA graph: base prefill step, 1 token, 256 cache slots (")
+    # The 3-token prompt, padded to a power of two.
+    assert any(line.startswith("captured a CUDA graph: base prefill step, 4 tokens, 256 cache slots (")
                for line in logged[True])
     assert any(line.startswith("captured a CUDA graph: draft ") for line in logged[True])

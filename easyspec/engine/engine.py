@@ -192,7 +192,7 @@ class Engine:
         self.worker.check_request(prompt_ids, params)
         try:
             seed = int(seed_box(params.seed)[0])
-        except (RuntimeError, OverflowError) as err:
+        except (RuntimeError, OverflowError, ValueError) as err:
             raise OptionsError(f"seed {params.seed} does not fit a signed 64-bit integer") from err
         self._next_id += 1
         return Join(self._next_id - 1, prompt_ids, params, seed)

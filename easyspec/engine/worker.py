@@ -124,7 +124,9 @@ class Worker:
                 text = StopText(self.tokenizer, params.stop, params.min_tokens, params.skip_special_tokens)
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
             history = TokenHistory(params, join.prompt_ids, self.base_config.vocab_size, device, ends)
-            row = self.free_rows.pop(0)
+            # The lowest free row: a batched step reads the cache up to its highest row in use.
+            row = min(self.free_rows)
+            self.free_rows.remove(row)
             self.running.append(Running(
                 join.request_id, row, join.prompt_ids, params,
                 torch.Generator(device).manual_seed(join.seed) if self.state.is_driver else None,

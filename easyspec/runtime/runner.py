@@ -248,11 +248,12 @@ class ModelRunner:
         if masked:
             kv_len = self.kv_len_for(max(self.row_base(f.row) + f.mask.shape[1] for f in feeds))
             args = self._masked_inputs(feeds, width, kv_len, pad_slot)
-            key = (mode, width, kv_len, "rows-masked", last_only and len(feeds))
+            key = ("prefill" if last_only else mode, width, kv_len, "rows-masked", last_only and len(feeds))
         else:
             kv_len = self.kv_len_for(max(self.row_base(f.row) + f.start + f.num_tokens for f in feeds))
             args = (self._causal_inputs(feeds, width, pad_slot),)
-            key = (mode, width, kv_len, "rows", last_only and len(feeds))
+            # Named "prefill" when only the last logits are kept (prompts): the capture log says so.
+            key = ("prefill" if last_only else mode, width, kv_len, "rows", last_only and len(feeds))
         fn = self.steps[mode]
         cols = self._arange[:kv_len]
 
