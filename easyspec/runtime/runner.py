@@ -246,7 +246,9 @@ class ModelRunner:
         if any((feed.mask is not None) != masked for feed in feeds):
             raise ValueError("forward_rows takes causal feeds or masked feeds, not both")
         if masked:
-            kv_len = self.kv_len_for(max(self.row_base(f.row) + f.mask.shape[1] for f in feeds))
+            # A row-local mask may run past its row (its width is rounded up to KV_BUCKET); those columns
+            # are the next row's slots, never attended: a feed reads at most max_len of them.
+            kv_len = self.kv_len_for(max(self.row_base(f.row) + min(f.mask.shape[1], self.max_len) for f in feeds))
             args = self._masked_inputs(feeds, width, kv_len, pad_slot)
             key = ("prefill" if last_only else mode, width, kv_len, "rows-masked", last_only and len(feeds))
         else:
@@ -317,7 +319,7 @@ class ModelRunner:
         mask[total:, 0] = True
         first = 0
         for feed in feeds:
-            local = feed.mask  # [T, L]
+            local = feed.mask[:, : self.max_len]  # [T, L], L <= max_len
             if window is not None:
                 keys = self._arange[: local.shape[1]]
                 local = local & (keys[None, :] > feed.positions[:, None] - window)
