@@ -40,3 +40,37 @@ def test_tree_near_the_end_of_a_later_row(long_pair):
         results = engine.generate_many([[1, 2, 3], long_prompt], GREEDY, progress=False)
     assert results[1].token_ids == alone
     assert results[1].stats.rounds > 0 and results[1].stats.drafted > 0  # it went through tree rounds
+
+
+def test_closing_a_generator_after_its_last_chunk(pair_dir):
+    """Stopping at the chunk that says finished, then closing (or dropping) the generator, is the end of
+    it: nothing raises, and a request another caller added runs on, its outputs left for step()."""
+    with Engine(options(pair_dir, method="vanilla", max_num_seqs=2)) as engine:
+        expected = run(engine, [5, 6, 7], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]
+        other = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        generation = engine.generate([1, 2, 3], GREEDY)
+        for chunk in generation:
+            if chunk.finished:
+                break
+        generation.close()
+        tokens = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.request_id == other
+                tokens += out.chunk.token_ids
+        assert tokens == expected
+
+
+def test_outputs_a_generator_stepped_past_count_as_unfinished(pair_dir):
+    """A request added with add_request that a generate() ran to its end: has_unfinished() stays True
+    until step() has handed out its outputs, the last one finished."""
+    with Engine(options(pair_dir, method="vanilla", max_num_seqs=2)) as engine:
+        other = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        run(engine, [1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+        assert engine.num_running == engine.num_waiting == 0
+        assert engine.has_unfinished()
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        assert [out.request_id for out in outputs] == [other] * 3
+        assert outputs[-1].chunk.finished and len([t for o in outputs for t in o.chunk.token_ids]) == 3

@@ -177,7 +177,9 @@ class Engine:
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._aborted)
+        """Whether step() has outputs still to give: requests waiting or running, or outputs a
+        generate() stepped past for step()'s callers."""
+        return bool(self._waiting or self._running or self._aborted or self._unclaimed)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request (checked now: OptionsError says what is wrong); returns its id. It joins the
@@ -289,7 +291,7 @@ class Engine:
                     raise RequestFailed(out.error)
                 yield out.chunk
         except GeneratorExit:
-            if not self._closed:  # cancel, and run the batch to the request's last decision
+            if not self._closed and not finished:  # cancel, and run the batch to the request's last decision
                 self.abort(request_id)
                 while not self._next_output(request_id).chunk.finished:
                     pass
