@@ -1,6 +1,6 @@
 """Edges of batched decoding (issue 22) that the main batch tests do not reach: a tree near the end
-of a row whose context is not a multiple of the KV bucket, and the engine's bookkeeping when
-generate() iterators and step() callers share it."""
+of a row whose context is not a multiple of the KV bucket, a request cancelled while its prompt is
+still being read, and the engine's bookkeeping when generate() iterators and step() callers share it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from conftest import SPREAD
 from engine_cases import options, run
 from hf_models import make_hf_checkpoint
 
+import easyspec.engine.worker as worker_module
 from easyspec import Engine, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -16,11 +17,12 @@ GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def long_pair(tmp_path_factory):
-    """base/ and near/ (base plus noise) reaching 512 positions: room for a context past one KV bucket."""
+    """base/ and near/ (base plus noise) reaching 1024 positions: room for contexts past one KV bucket and
+    prompts longer than a prefill chunk."""
     import torch
 
     root = tmp_path_factory.mktemp("long-pair")
-    base = make_hf_checkpoint("llama3", root / "base", seed=0, num_hidden_layers=2, max_position_embeddings=512,
+    base = make_hf_checkpoint("llama3", root / "base", seed=0, num_hidden_layers=2, max_position_embeddings=1024,
                               **SPREAD)
     with torch.no_grad():
         for p in base.parameters():
@@ -74,3 +76,46 @@ def test_outputs_a_generator_stepped_past_count_as_unfinished(pair_dir):
             outputs += engine.step()
         assert [out.request_id for out in outputs] == [other] * 3
         assert outputs[-1].chunk.finished and len([t for o in outputs for t in o.chunk.token_ids]) == 3
+
+
+def _cancel_while_reading(engine: Engine, long_prompt: list[int]) -> None:
+    """A request decodes; a long prompt joins and reads its first chunk; it is aborted, and a third
+    request comes: the next step ends the long one ("cancelled", no tokens), reading no more of it,
+    and reads the third's prompt instead."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    running = engine.add_request([1, 2, 3], params)
+    engine.step()
+    reader = engine.add_request(long_prompt, params)
+    assert {out.request_id for out in engine.step()} == {running}  # the first chunk of the long prompt
+    engine.abort(reader)
+    third = engine.add_request([4, 5, 6, 7], params)
+    outs = {out.request_id: out for out in engine.step()}
+    assert outs[reader].chunk.finished and outs[reader].chunk.finish_reason == "cancelled"
+    assert outs[reader].chunk.token_ids == []
+    assert outs[third].chunk.token_ids  # its prompt was read, and its first token came, in that same step
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_cancel_while_the_prompt_is_read_in_chunks(pair_dir, monkeypatch):
+    """With 8-token chunks, a cancelled 40-token prompt is not read to its end before it ends; the
+    others are untouched."""
+    monkeypatch.setattr(worker_module, "PREFILL_CHUNK", 8)
+    long_prompt = [(7 * i) % 120 + 1 for i in range(40)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with Engine(options(pair_dir, method="sd", draft="near", max_num_seqs=3)) as engine:
+        expected = run(engine, [4, 5, 6, 7], params)[0]
+        _cancel_while_reading(engine, long_prompt)
+        assert run(engine, [4, 5, 6, 7], params)[0] == expected
+
+
+def test_cancel_while_reading_on_two_processes(long_pair):
+    """The same with the real chunk (PREFILL_CHUNK tokens) on 2 processes: rank 1 learns of the
+    cancel too, so both ranks drop the prompt at the same step and stay in step afterwards."""
+    long_prompt = [(7 * i) % 120 + 1 for i in range(worker_module.PREFILL_CHUNK + 100)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with Engine(options(long_pair, method="sd", draft="near", draft_tp=2, devices=2, max_num_seqs=3,
+                        max_context=1024, timeout_s=60)) as engine:
+        expected = run(engine, [4, 5, 6, 7], params)[0]
+        _cancel_while_reading(engine, long_prompt)
+        assert run(engine, [4, 5, 6, 7], params)[0] == expected

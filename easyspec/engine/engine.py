@@ -103,6 +103,7 @@ class Engine:
         self._running: set[int] = set()
         self._next_id = 0
         self._aborted: list[RequestOutput] = []  # waiting requests aborted: their last output, at the next step
+        self._cancels: list[int] = []  # running requests aborted since the last step, for the followers
         self._kept: dict[int, deque[RequestOutput]] = {}  # outputs of requests a generate() streams
         self._unclaimed: list[RequestOutput] = []  # outputs a generate() stepped past for step()'s callers
         self._closed = False
@@ -210,6 +211,7 @@ class Engine:
                 return
         if request_id in self._running:
             self.worker.cancel(request_id)
+            self._cancels.append(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests while the batch has room, then advance every running one by a step;
@@ -230,9 +232,11 @@ class Engine:
             joins.append(self._waiting.popleft())
         if not joins and not self._running:
             return []
+        # Every rank knows which requests are cancelled, so that one still reading its prompt ends at once.
+        cancels, self._cancels = self._cancels, []
         try:
             if self.followers is not None:
-                self.followers.send(("step", joins))
+                self.followers.send(("step", joins, cancels))
             elif self.state.distributed and joins:
                 self._agree_seeds(joins)
             self.worker.admit(joins)
@@ -374,8 +378,10 @@ def _follower_main(rank: int, world: int, conn: Connection, parent_pid: int, opt
             message = conn.recv()
             if message[0] == "close":
                 break
-            _, joins = message
+            _, joins, cancels = message
             worker.admit(joins)
+            for request_id in cancels:
+                worker.cancel(request_id)
             worker.step()
     except (EOFError, KeyboardInterrupt):
         pass

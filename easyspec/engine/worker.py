@@ -134,7 +134,8 @@ class Worker:
                 self.options.initial_num_draft, time.perf_counter()))
 
     def cancel(self, request_id: int) -> None:
-        """Rank 0: end the request at its next decision."""
+        """End the request: one still reading its prompt at the next step, before its next piece
+        (every rank is told, at the same step); one decoding at its next decision (rank 0's)."""
         for seq in self.running:
             if seq.request_id == request_id:
                 seq.cancel = True
@@ -143,9 +144,15 @@ class Worker:
     def step(self) -> list[RequestOutput]:
         """The next pieces of the prompts being read, then one round for every running sequence.
         Returns what each request committed (rank 0; the other ranks get the same list, texts aside)."""
-        reading = [seq for seq in self.running if not seq.started]
+        outputs = []
+        for seq in self.running:
+            if seq.cancel and not seq.started:  # the rest of its prompt would hold up the others' for nothing
+                seq.finished = True
+                outputs.append(self._output(seq, Decision([], 0, "cancelled")))
+        reading = [seq for seq in self.running if not seq.started and not seq.finished]
         decoding = [seq for seq in self.running if seq.started]
-        outputs = self._prefill(reading) if reading else []
+        if reading:
+            outputs += self._prefill(reading)
         if decoding:
             outputs += self._round(decoding)
         for seq in self.running:
