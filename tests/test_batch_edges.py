@@ -1,8 +1,12 @@
 """Edges of batched decoding (issue 22) that the main batch tests do not reach: a tree near the end
 of a row whose context is not a multiple of the KV bucket, a request cancelled while its prompt is
-still being read, and the engine's bookkeeping when generate() iterators and step() callers share it."""
+still being read, a follower that dies between steps, and the engine's bookkeeping when generate()
+iterators and step() callers share it."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 from conftest import SPREAD
@@ -11,6 +15,7 @@ from hf_models import make_hf_checkpoint
 
 import easyspec.engine.worker as worker_module
 from easyspec import Engine, SamplingParams
+from easyspec.engine.engine import WorkerFailure
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
@@ -119,3 +124,23 @@ def test_cancel_while_reading_on_two_processes(long_pair):
         expected = run(engine, [4, 5, 6, 7], params)[0]
         _cancel_while_reading(engine, long_prompt)
         assert run(engine, [4, 5, 6, 7], params)[0] == expected
+
+
+def test_a_follower_killed_between_steps_is_a_worker_failure(pair_dir):
+    """The pipe to the followers is written at every step: after a follower dies, the next step raises
+    WorkerFailure naming it, not the pipe's BrokenPipeError."""
+    failures: list[str] = []
+    engine = Engine(options(pair_dir, method="sd", draft="near", devices=2, max_num_seqs=2, timeout_s=30),
+                    on_worker_failure=failures.append)
+    try:
+        params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+        engine.add_request([1, 2, 3], params)
+        engine.add_request([4, 5], params)
+        engine.step()
+        follower = engine.followers.procs[0]
+        os.kill(follower.pid, signal.SIGKILL)
+        follower.join(10)
+        with pytest.raises(WorkerFailure, match="worker rank 1 failed"):
+            engine.step()
+    finally:
+        engine.close()

@@ -242,8 +242,9 @@ class Engine:
             self.worker.admit(joins)
             self._running.update(join.request_id for join in joins)
             outputs = self.worker.step()
-        except RuntimeError as err:
-            # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
+        except (RuntimeError, OSError) as err:
+            # A collective that fails (or the pipe to a follower: it is written every step) usually means a peer
+            # died or hangs: name it rather than the transport error.
             culprit = self.followers.diagnose(err, self.options.timeout_s) if self.followers is not None else None
             if culprit is not None:
                 self.followers.kill()  # out of step for good; a stopped one would hold up close() too
