@@ -1,10 +1,11 @@
 """Edges of batched decoding (issue 22) that the main batch tests do not reach: a tree near the end
 of a row whose context is not a multiple of the KV bucket, a request cancelled while its prompt is
 still being read, a follower that dies between steps, and the engine's bookkeeping when generate()
-iterators and step() callers share it."""
+iterators (closed, collected, interrupted) and step() callers share it."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
@@ -144,3 +145,63 @@ def test_a_follower_killed_between_steps_is_a_worker_failure(pair_dir):
             engine.step()
     finally:
         engine.close()
+
+
+def test_a_generator_the_garbage_collector_closes_inside_a_step(pair_dir, monkeypatch):
+    """A started generate() that only a reference cycle holds is closed whenever the collector runs,
+    which may be inside a step: its request is cancelled there without a step starting inside the
+    step, and no step() caller ever gets one of its outputs; the other request is untouched."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with Engine(options(pair_dir, method="sd", draft="near", max_num_seqs=2)) as engine:
+        expected = run(engine, [4, 5], params)[0]
+
+        class Holder:
+            pass
+
+        holder = Holder()
+        holder.cycle, holder.generation = holder, engine.generate([1, 2, 3], params)
+        next(holder.generation)  # queued, admitted, its first token out
+        del holder
+        other = engine.add_request([4, 5], params)
+        real_step, depth = engine.worker.step, []
+
+        def step_with_a_collection():  # the collector runs at some allocation inside the step
+            assert not depth, "a step started inside a step"
+            depth.append(1)
+            try:
+                gc.collect()
+                return real_step()
+            finally:
+                depth.pop()
+
+        monkeypatch.setattr(engine.worker, "step", step_with_a_collection)
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        assert {out.request_id for out in outputs} == {other}
+        assert [t for out in outputs for t in out.chunk.token_ids] == expected
+        assert engine.num_running == engine.num_waiting == 0
+
+
+def test_an_interrupted_generate_many_leaves_nothing_running(pair_dir, monkeypatch):
+    """Ctrl-C in the middle of generate_many: its requests are cancelled (those running end at their
+    next decision), none of their outputs reaches a later step() caller, and the engine serves on."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    with Engine(options(pair_dir, method="sd", draft="near", max_num_seqs=2)) as engine:
+        expected = run(engine, [4, 5], params)[0]
+        real_step, calls = engine.worker.step, []
+
+        def interrupted_step():
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_step()
+
+        monkeypatch.setattr(engine.worker, "step", interrupted_step)
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate_many([[1, 2, 3], [5, 9, 4], [7, 7, 7]], params, progress=False)
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        assert outputs == [] and engine.num_running == engine.num_waiting == 0
+        assert run(engine, [4, 5], params)[0] == expected

@@ -106,6 +106,8 @@ class Engine:
         self._cancels: list[int] = []  # running requests aborted since the last step, for the followers
         self._kept: dict[int, deque[RequestOutput]] = {}  # outputs of requests a generate() streams
         self._unclaimed: list[RequestOutput] = []  # outputs a generate() stepped past for step()'s callers
+        self._dropped: set[int] = set()  # running requests whose reader left mid-step: their outputs go nowhere
+        self._stepping = False  # inside _step (a generator the garbage collector closes then must not step)
         self._closed = False
         launched = torchrun_rank()
         if launched:
@@ -219,12 +221,19 @@ class Engine:
         WorkerFailure when a worker process died or a collective broke: the engine is then unusable."""
         outputs = self._unclaimed + self._aborted
         self._unclaimed, self._aborted = [], []
-        for out in self._step():
-            if out.request_id in self._kept:  # an open generate()'s
-                self._kept[out.request_id].append(out)
-            else:
-                outputs.append(out)
+        self._route(self._step(), outputs)
         return outputs
+
+    def _route(self, outputs: list[RequestOutput], others: list[RequestOutput]) -> None:
+        """Each output to its open generate(), nowhere (a dropped request's), or else onto `others`."""
+        for out in outputs:
+            if out.request_id in self._kept:
+                self._kept[out.request_id].append(out)
+            elif out.request_id in self._dropped:
+                if out.chunk.finished:
+                    self._dropped.discard(out.request_id)
+            else:
+                others.append(out)
 
     def _step(self) -> list[RequestOutput]:
         joins = []
@@ -234,6 +243,7 @@ class Engine:
             return []
         # Every rank knows which requests are cancelled, so that one still reading its prompt ends at once.
         cancels, self._cancels = self._cancels, []
+        self._stepping = True
         try:
             if self.followers is not None:
                 self.followers.send(("step", joins, cancels))
@@ -250,6 +260,8 @@ class Engine:
                 self.followers.kill()  # out of step for good; a stopped one would hold up close() too
                 raise WorkerFailure(culprit) from err
             raise
+        finally:
+            self._stepping = False
         for out in outputs:
             if out.chunk.finished:
                 self._running.discard(out.request_id)
@@ -269,12 +281,17 @@ class Engine:
         while not kept:
             if not self._waiting and not self._running:
                 raise RuntimeError(f"request {request_id} is neither waiting nor running")
-            for out in self._step():
-                if out.request_id in self._kept:
-                    self._kept[out.request_id].append(out)
-                else:
-                    self._unclaimed.append(out)
+            self._route(self._step(), self._unclaimed)
         return kept.popleft()
+
+    def _leave(self, request_ids: Sequence[int]) -> None:
+        """Cancel requests whose reader is gone without running the batch (a generator closed by the
+        garbage collector in the middle of a step, or an interrupted generate_many): their outputs from
+        now on are dropped."""
+        for request_id in request_ids:
+            self.abort(request_id)
+            if request_id in self._running:
+                self._dropped.add(request_id)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Yield Chunks as tokens are committed; stop iterating (or close the generator) to cancel.
@@ -296,7 +313,9 @@ class Engine:
                     raise RequestFailed(out.error)
                 yield out.chunk
         except GeneratorExit:
-            if not self._closed and not finished:  # cancel, and run the batch to the request's last decision
+            if self._stepping and not finished:  # the garbage collector, inside a step: a step must not start
+                self._leave([request_id])
+            elif not self._closed and not finished:  # cancel, and run the batch to the request's last decision
                 self.abort(request_id)
                 while not self._next_output(request_id).chunk.finished:
                     pass
@@ -339,6 +358,10 @@ class Engine:
                         out = self._next_output(request_id)
                         parts[request_id].append(out)
                     counter.update(1)
+        except BaseException:  # interrupted (Ctrl-C, a worker failure): the requests left are nobody's
+            self._leave([request_id for request_id in order if not parts[request_id]
+                         or not parts[request_id][-1].chunk.finished])
+            raise
         finally:
             for request_id in order:
                 del self._kept[request_id]
