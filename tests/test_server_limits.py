@@ -185,7 +185,8 @@ def test_empty_api_key_is_refused(model_dirs, how):
 
 
 def test_client_leaving_the_queue_frees_its_slot(request, model_dirs):
-    slow = start(request, model_dirs, "--model", str(model_dirs["slow"]), "--max-context", "16384", "--max-queue", "1")
+    slow = start(request, model_dirs, "--model", str(model_dirs["slow"]), "--max-context", "16384",
+                 "--max-num-seqs", "1", "--max-queue", "1")
     client = slow.client()
     long_kw = dict(model="m", prompt="the quick brown fox", max_tokens=16000, temperature=0, stream=True,
                    extra_body={"ignore_eos": True})
