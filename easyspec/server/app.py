@@ -2,7 +2,7 @@
 /tokenize, /detokenize and /version.
 
 A request for n choices runs n generations (seeds seed, seed + 1, ...), side by side when the
-batch has room; streamed, each choice's chunks come in turn, with its index.
+batch has room; streamed, each choice's chunks come as its tokens do (interleaved), with its index.
 
 Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
 token of context and must arrive within --read-timeout; a text prompt may
