@@ -44,7 +44,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from easyspec.engine.engine import Engine, WorkerFailure
-from easyspec.engine.worker import RequestOutput
+from easyspec.engine.request import RequestOutput
 from easyspec.options import SamplingParams
 from easyspec.runtime.stats import SpecStats
 from easyspec.server.metrics import Metrics
