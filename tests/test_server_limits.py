@@ -148,7 +148,10 @@ def test_log_lines_escape_request_text(server):
     reply = server.post("/v1/completions", json.dumps({"prompt": "the", "max_tokens": 1, forged: 1}),
                         **{"User-Agent": b"agent\xff"})
     assert reply.status == 200
-    log = server.log.read_text()
+    # aiohttp writes the access line once the response has gone out, so it may trail the reply.
+    deadline = time.monotonic() + 30
+    while "agent" not in (log := server.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "ignored unknown request fields: 'evil\\nERROR easyspec.server: forged line'" in log
     assert not any(line.startswith("ERROR easyspec.server: forged") for line in log.splitlines())
     assert "agent\\udcff" in log  # not UTF-8: escaped, rather than a logging error with a traceback
