@@ -33,7 +33,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for weight in slow.parameters():
-            weight.add_(torch.randn(weight.shape, generator=generator) * 0.05)
+            weight.add_(torch.randn(weight.shape, generator=generator) * 0.01)
     slow.save_pretrained(root / "draft", safe_serialization=True)
     return {**dirs, "slow": root / "slow", "draft": root / "draft"}
 
