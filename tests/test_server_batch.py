@@ -8,6 +8,7 @@ for as long as a test needs: the engine keeps decoding them, unread, until they 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -162,6 +163,23 @@ def test_disconnect_mid_stream_leaves_the_others_intact(server):
     held.close()
     after = wait_for(server, 0, 0)
     assert (delta(before, after, CANCELLED), delta(before, after, LENGTH)) == (2, 3)
+
+
+def test_sigterm_answers_running_and_waiting_requests_then_exits_0(request, model_dirs):
+    """Shutting down mid-batch: the running streams and the waiting one each get a 503 saying so, the
+    engine ends its batch between steps, and the server exits 0."""
+    server = start(request, model_dirs, "--model", str(model_dirs["slow"]), "--max-context", "16384",
+                   "--max-num-seqs", "2", "--max-queue", "1")
+    client = server.client()
+    streams = [hold(client, PROMPTS[0]), hold(client, PROMPTS[1])]
+    streams.append(client.completions.create(model="m", prompt=PROMPTS[2], max_tokens=HOLD_TOKENS, stream=True))
+    wait_for(server, 2, 1)
+    server.proc.send_signal(signal.SIGTERM)
+    for stream in streams:
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _ in stream:
+                pass
+    assert server.wait_exit() == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker process through /proc")

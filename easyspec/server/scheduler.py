@@ -243,7 +243,7 @@ class Scheduler:
                 self._wake.wait()
             if self._closing:
                 return False
-            while self._waiting and engine.num_running + engine.num_waiting < self.max_num_seqs:
+            while self._waiting and engine.num_running + engine.num_waiting < engine.options.max_num_seqs:
                 job = self._waiting.popleft()
                 try:
                     job.request_id = engine.add_request(job.prompt_ids, job.params)
