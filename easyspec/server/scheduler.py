@@ -3,8 +3,8 @@ wait in a bounded queue.
 
 The engine thread loops: it hands waiting Jobs to the engine while the engine has a free
 sequence slot (engine.add_request; FIFO), aborts the Jobs whose client went away
-(engine.abort), runs one engine.step() (one round for every running sequence, or a chunk
-of a newcomer's prefill) and gives each RequestOutput's tokens to its Job; with nothing
+(engine.abort), runs one engine.step() (a chunk of each newcomer's prompt, one round for
+every decoding sequence) and gives each RequestOutput's tokens to its Job; with nothing
 waiting or running it sleeps on a condition that submit() signals. The engine is built
 inside this thread, not the main one, because CUDA's current device
 (torch.cuda.set_device) is per thread and every step must run where the engine was set up.
@@ -25,7 +25,9 @@ its detail in the log under an incident id, and the batch goes on. An error rais
 (a worker process that died or a broken collective, WorkerFailure; or anything else, since
 a batched step that raised leaves no sequence's state to trust) marks the engine failed:
 every running and waiting request gets 503 and `on_failure` is called, which makes the
-server exit non-zero so that its supervisor starts a fresh one.
+server exit non-zero so that its supervisor starts a fresh one. On shutdown every outstanding
+request gets 503 and the engine thread aborts its batch, stepping until every rank has ended
+it, before the engine closes.
 
 The text of each Delta is the engine's Chunk.text: the engine ends generation at stop
 strings and never releases any part of one, so streamed pieces add up to the non-streamed text.
