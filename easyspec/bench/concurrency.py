@@ -72,7 +72,7 @@ class LevelResult:
 
 
 @dataclass
-class _Trace:
+class Trace:
     """What one request's outputs said, and when the step that returned each ended."""
 
     added: float
@@ -111,13 +111,13 @@ def serve_level(engine: Engine, prompts: list[list[int]], params: SamplingParams
                 label: str = "") -> LevelResult:
     """Run every prompt with at most `level` requests in flight; a failed request or one the engine
     drops without a final output raises RuntimeError."""
-    traces: list[_Trace] = []
+    traces: list[Trace] = []
     running: dict[int, int] = {}  # request id -> prompt index
     start = time.perf_counter()
 
     def admit() -> None:
         if len(traces) < len(prompts):
-            traces.append(_Trace(time.perf_counter()))
+            traces.append(Trace(time.perf_counter()))
             running[engine.add_request(prompts[len(traces) - 1], params)] = len(traces) - 1
 
     for _ in range(level):
@@ -136,14 +136,18 @@ def serve_level(engine: Engine, prompts: list[list[int]], params: SamplingParams
             if out.chunk.finished:
                 del running[out.request_id]
                 admit()
-    wall = time.perf_counter() - start
+    return level_result(level, label, traces, time.perf_counter() - start)
+
+
+def level_result(level: int, label: str, traces: list[Trace], wall_s: float) -> LevelResult:
+    """The level's figures from its requests' traces (in prompt order) and its wall time."""
     ttft = [1000 * (t.first - t.added) for t in traces if t.first is not None]
     itl = [1000 * gap / n for t in traces for gap, n in t.gaps for _ in range(n)]
     generated = sum(len(t.tokens) for t in traces)
     return LevelResult(
-        level=level, label=label, requests=len(traces), generated=generated, wall_s=wall,
-        tokens_per_s=generated / wall if wall > 0 else 0.0, ttft_ms=ttft, ttft_p50_ms=percentile(ttft, 50) or 0.0,
-        itl_p50_ms=percentile(itl, 50), itl_p99_ms=percentile(itl, 99),
+        level=level, label=label, requests=len(traces), generated=generated, wall_s=wall_s,
+        tokens_per_s=generated / wall_s if wall_s > 0 else 0.0, ttft_ms=ttft,
+        ttft_p50_ms=percentile(ttft, 50) or 0.0, itl_p50_ms=percentile(itl, 50), itl_p99_ms=percentile(itl, 99),
         mean_accepted_length=statistics.fmean(t.stats.get("mean_accepted_length", 0.0) for t in traces),
         finish_reasons=[t.finish_reason for t in traces], outputs=[t.tokens for t in traces],
         stats=[t.stats for t in traces])
