@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="untimed prompts per method before the timed runs (default: every prompt once, so that "
                         "one-time costs, a CUDA graph captured per prompt piece and context bucket or a kernel "
                         "compiled for a new shape, stay out of the timings; a server meets them on the first "
-                        "requests of each new length); with --concurrency also the untimed prompts served at each "
-                        "level before it is timed (default there: as many as the level keeps in flight)")
+                        "requests of each new length); with --concurrency each level is also timed after an untimed "
+                        "wave of as many prompts as it keeps in flight, unless --warmup is 0")
     b.add_argument("--concurrency", metavar="LEVELS",
                    help="comma list of request concurrency levels, e.g. 1,2,4,8,16: after the main table's runs, "
                         "each method's engine (built with --max-num-seqs of at least the largest level) serves the "

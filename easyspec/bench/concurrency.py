@@ -154,18 +154,18 @@ def level_result(level: int, label: str, traces: list[Trace], wall_s: float) -> 
 
 
 def run_levels(engine: Engine, label: str, prompts: list[list[int]], params: SamplingParams, levels: list[int],
-               warmup: int | None, report: Callable[[str], None]) -> list[LevelResult]:
-    """Every level in turn on the same engine (its CUDA graphs captured once for all), each after an
-    untimed run of its first `warmup` prompts (None: as many as the level keeps in flight, so the
-    batch sizes and contexts the level meets are captured before it is timed)."""
+               warm: bool, report: Callable[[str], None]) -> list[LevelResult]:
+    """Every level in turn on the same engine (its CUDA graphs captured once for all). When `warm`,
+    each level is timed after an untimed wave of as many prompts as it keeps in flight: the batch
+    sizes and contexts the level meets are captured before it is timed, at the cost of about one
+    request's time per level."""
     if engine.options.max_num_seqs < max(levels):
         raise RuntimeError(f"the engine decodes at most {engine.options.max_num_seqs} sequences together, fewer "
                            f"than --concurrency {max(levels)}")
     results = []
     for level in levels:
-        untimed = level if warmup is None else warmup
-        if untimed > 0:
-            serve_level(engine, prompts[:untimed], params, level)
+        if warm:
+            serve_level(engine, prompts[:level], params, level)
         results.append(serve_level(engine, prompts, params, level, label))
         report(f"concurrency {level}: {results[-1].tokens_per_s:.1f} tok/s")
     return results

@@ -254,7 +254,8 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
         if levels:
             from easyspec.bench.concurrency import run_levels  # it imports this module
 
-            served = run_levels(engine, spec.label, [ids for _, ids in prompts], params, levels, warmup, report)
+            served = run_levels(engine, spec.label, [ids for _, ids in prompts], params, levels, warmup != 0,
+                                report)
     return result, served
 
 
