@@ -10,15 +10,17 @@ from easyspec.options import EngineOptions, SamplingParams
 if TYPE_CHECKING:
     from easyspec.engine.decision import RequestFailed
     from easyspec.engine.engine import Engine, GenerationResult
-    from easyspec.engine.worker import Chunk
+    from easyspec.engine.request import Chunk, RequestOutput
 
-__all__ = ["Chunk", "Engine", "EngineOptions", "GenerationResult", "RequestFailed", "SamplingParams"]
+__all__ = ["Chunk", "Engine", "EngineOptions", "GenerationResult", "RequestFailed", "RequestOutput",
+           "SamplingParams"]
 __version__ = "0.1.0"
 
-# Engine, Chunk, GenerationResult and RequestFailed bring torch with them: loaded on first use, so that
+# Engine, Chunk, GenerationResult, RequestOutput and RequestFailed bring torch with them: loaded on first use, so that
 # `easyspec --help` and option parsing (easyspec.options) stay light.
 _LAZY = {"Engine": "easyspec.engine.engine", "GenerationResult": "easyspec.engine.engine",
-         "Chunk": "easyspec.engine.worker", "RequestFailed": "easyspec.engine.decision"}
+         "Chunk": "easyspec.engine.request", "RequestOutput": "easyspec.engine.request",
+         "RequestFailed": "easyspec.engine.decision"}
 
 
 def __getattr__(name: str) -> object:

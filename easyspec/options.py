@@ -29,6 +29,15 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 ACTIVATION_RESERVE_BYTES = 2 << 30  # CUDA: activations, captured graphs' pools, the CUDA context
 CPU_KV_CACHE_BYTES = 4 << 30
 MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or what the models support)
+# Sequences decoded together when --max-num-seqs is not given: as many as the KV cache memory holds at
+# the context length, at most this.
+DEFAULT_MAX_NUM_SEQS = 16
+MAX_NUM_SEQS = 256
+# Draft tokens per round across the batch (--draft-token-budget): each running sequence drafts at most
+# budget // running tokens, so a batch of 8 keeps 4 draft tokens each and one of 16 two; past the budget
+# a round is plain decoding. Verification then carries at most budget + running tokens per base forward,
+# which keeps it in the regime where the step costs about as much as one token's (weights streamed once).
+DEFAULT_DRAFT_TOKEN_BUDGET = 32
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 # Seeds are signed 64-bit integers, as in vLLM: they travel between ranks as int64 tensors.
@@ -145,6 +154,8 @@ class EngineOptions:
     ngram_min: int = 1
     ngram_max: int = 4
     max_context: int | None = None  # None: the models' max_position_embeddings, capped by memory (see above)
+    max_num_seqs: int | None = None  # sequences decoded together; None: what the memory holds, at most 16
+    draft_token_budget: int = DEFAULT_DRAFT_TOKEN_BUDGET  # draft tokens per round across the batch
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: share of each GPU easyspec may use
     generation_config: str = GenerationConfig.AUTO.value  # or a folder holding a generation_config.json
     chat_template: str | None = None  # a Jinja file that replaces the tokenizer's chat template
@@ -224,6 +235,10 @@ class EngineOptions:
             fail(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min}, {self.ngram_max}")
         if self.max_context is not None and self.max_context < MIN_CONTEXT:
             fail(f"--max-context must be at least {MIN_CONTEXT}, got {self.max_context}")
+        if self.max_num_seqs is not None and not 1 <= self.max_num_seqs <= MAX_NUM_SEQS:
+            fail(f"--max-num-seqs must be between 1 and {MAX_NUM_SEQS}, got {self.max_num_seqs}")
+        if self.draft_token_budget < 0:
+            fail(f"--draft-token-budget must be 0 or more, got {self.draft_token_budget}")
         if not 0 < self.gpu_memory_utilization <= 1:  # NaN fails too
             fail(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.generation_config not in GenerationConfig.names() and not Path(self.generation_config).is_dir():

@@ -8,6 +8,7 @@ import os
 from easyspec.options import (
     AUTO_DTYPE,
     CPU_KV_CACHE_BYTES,
+    DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MODEL_DIR,
     DTYPE_NAMES,
     SPECULATIVE_CONFIG_KEYS,
@@ -55,7 +56,7 @@ def torchrun_world_size() -> int | None:
 
 
 def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_defaults: bool = True,
-                    progress: bool = True) -> None:
+                    progress: bool = True, batch: bool = True) -> None:
     """The engine's flags. `bench` leaves out what it sets itself: --method (each row has its own),
     --generation-config (its requests set every sampling field), --no-progress (its own bar)."""
     g = p.add_argument_group("models and placement")
@@ -82,6 +83,10 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
                         "what it chose")
     g.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS.gpu_memory_utilization,
                    help="CUDA: share of each GPU's memory that weights, KV cache and activations may take")
+    if batch:
+        g.add_argument("--max-num-seqs", type=int,
+                       help="requests decoded together, each with a KV cache of the whole context (vLLM's name); "
+                            f"default: as many as the memory holds, at most {DEFAULT_MAX_NUM_SEQS}")
     if request_defaults:
         g.add_argument("--generation-config", default=ENGINE_DEFAULTS.generation_config,
                        help="sampling defaults of requests that do not set them: auto = the model's "
@@ -135,6 +140,10 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
                    help="ngram: shortest suffix to match")
     s.add_argument("--ngram-max", type=int, default=ENGINE_DEFAULTS.ngram_max, action=Given,
                    help="ngram: longest suffix to match")
+    if batch:
+        s.add_argument("--draft-token-budget", type=int, default=ENGINE_DEFAULTS.draft_token_budget,
+                       help="draft tokens per round over the whole batch: each running request drafts at most "
+                            "this divided by the running count (fewer as the batch grows); 0 = plain decoding")
 
 
 # Sampling flags whose default is the engine's (the model's generation_config.json, see
@@ -225,6 +234,9 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         ngram_min=speculation["ngram_min"],
         ngram_max=speculation["ngram_max"],
         max_context=args.max_context,
+        # One prompt (`generate`) needs one sequence's cache; serve and bench batch.
+        max_num_seqs=getattr(args, "max_num_seqs", 1),
+        draft_token_budget=getattr(args, "draft_token_budget", ENGINE_DEFAULTS.draft_token_budget),
         gpu_memory_utilization=args.gpu_memory_utilization,
         generation_config=getattr(args, "generation_config", ENGINE_DEFAULTS.generation_config),
         chat_template=args.chat_template,

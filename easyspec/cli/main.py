@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
     gen.add_argument("--raw", action="store_true", help="encode --prompt as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and stats")
-    add_engine_args(gen)
+    add_engine_args(gen, batch=False)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     from easyspec.bench.cli import register as register_bench

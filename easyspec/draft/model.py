@@ -7,7 +7,7 @@ layers in parallel groups (easyspec.parallel.layer_parallel) and so writes
 approximate KV.
 
 Each round opens with one exact forward over the tokens whose draft KV is
-missing or not exact, padded to a fixed length so its shape never changes:
+missing or not exact (in pieces of at most max_num_draft + 1 tokens):
 in standard SD that is last round's bonus (and the last draft token when all
 were accepted); under EasySpec calibration it is every token committed last
 round, which rewrites the KV that layer-parallel steps wrote. Its last logits give the
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from easyspec.draft.base import Drafter
+from easyspec.draft.base import Drafter, ProposeSteps
 from easyspec.options import Calibration, SamplingParams
-from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
+from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, Feed, ModelRunner
 from easyspec.runtime.stats import StageTimer
 from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.sampling import process_logits, sample
@@ -42,26 +42,29 @@ class ModelDrafter(Drafter):
         history: TokenHistory,
         layer_parallel: bool = False,
         calibrate: str = Calibration.EVERY_ROUND,
+        row: int = 0,
     ) -> None:
         """history: the request's committed tokens (the engine commits each decision to it), which
         the penalties and min_tokens read, as they do for the base; layer_parallel: draft steps after
-        a round's first run the runner's LAYER_PARALLEL step."""
+        a round's first run the runner's LAYER_PARALLEL step; row: the sequence's row of the runner."""
         self.runner = runner
+        self.row = row
         self.params = params
         self.history = history
         self.generator = generator
         self.layer_parallel = layer_parallel
         self.calibrate = calibrate
-        self.opening_len = max_num_draft + 1  # the fixed token count of the opening exact forward
+        self.opening_len = max_num_draft + 1  # the longest piece of the opening exact forward
         self.tokens: list[int] = []
         self.written_upto = self.exact_upto = 0
         self.calibrate_next = False
         self.last_num_draft = 0
 
-    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer) -> None:
-        device = self.runner.device
-        with timer.stage("prefill"):
-            self.runner.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
+    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer, prefilled: bool = False) -> None:
+        if not prefilled:
+            with timer.stage("prefill"):
+                tokens = torch.tensor(prompt_ids, dtype=torch.long, device=self.runner.device)
+                self.runner.forward_rows([Feed(self.row, tokens, 0)], last_only=True)
         self.tokens = [*prompt_ids, first_token]
         self.written_upto = self.exact_upto = len(prompt_ids)
         self.calibrate_next = False
@@ -78,41 +81,36 @@ class ModelDrafter(Drafter):
         probs = process_logits(logits[None], self.params)[0]
         return sample(probs[None], self.generator)[0], probs
 
-    def _feed_exact(self, start: int) -> Tensor:
-        """Run committed tokens [start, end) exactly, in fixed-size padded chunks.
-
-        Returns the logits [V] after the last of them. Padding slots lie past the
-        last real position; later steps overwrite them before anything reads them.
-        """
+    def _feed_exact(self, start: int) -> ProposeSteps:
+        """Run committed tokens [start, end) exactly, in pieces of at most opening_len tokens.
+        Returns the logits [V] after the last of them."""
         device = self.runner.device
         pending = self.tokens[start:]
         logits = None
         for begin in range(0, len(pending), self.opening_len):
-            piece = pending[begin : begin + self.opening_len]
-            padded = torch.zeros(self.opening_len, dtype=torch.long)
-            padded[: len(piece)] = torch.tensor(piece)
-            logits = self.runner.forward(padded.to(device, non_blocking=True), start + begin)
-            last = len(piece) - 1
-        return logits[last]
+            piece = torch.tensor(pending[begin : begin + self.opening_len], dtype=torch.long)
+            logits = yield EXACT, Feed(self.row, piece.to(device, non_blocking=True), start + begin)
+        return logits[-1]
 
-    @torch.inference_mode()
-    def propose(self, num_draft: int, timer: StageTimer) -> Proposal:
+    def propose_steps(self, num_draft: int) -> ProposeSteps:
         last_pos = len(self.tokens) - 1
         start = self.exact_upto if self.calibrate_next else self.written_upto
-        with timer.stage("calibrate"):
-            token, probs = self._sample(self._feed_exact(start), [])
+        token, probs = self._sample((yield from self._feed_exact(start)), [])
         self.written_upto = self.exact_upto = last_pos + 1
         drafted, dists = [token], [probs]
         mode = LAYER_PARALLEL if self.layer_parallel else EXACT
-        with timer.stage("draft"):
-            for i in range(1, num_draft):
-                logits = self.runner.forward(drafted[-1].view(1), last_pos + i, mode)
-                token, probs = self._sample(logits[0], drafted)
-                drafted.append(token)
-                dists.append(probs)
+        for i in range(1, num_draft):
+            logits = yield mode, Feed(self.row, drafted[-1].view(1), last_pos + i)
+            token, probs = self._sample(logits[0], drafted)
+            drafted.append(token)
+            dists.append(probs)
         self.last_num_draft = num_draft
         q = None if self.params.greedy else torch.stack(dists)
         return Proposal(torch.stack(drafted), q)
+
+    def skip(self, tokens: list[int]) -> None:
+        # Their draft KV is missing: the next opening forward feeds them from written_upto on.
+        self.tokens.extend(tokens)
 
     def observe(self, verdict: Verdict) -> None:
         last_pos = len(self.tokens) - 1

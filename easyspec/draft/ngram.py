@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from easyspec.draft.base import Drafter
+from easyspec.draft.base import Drafter, ProposeSteps
 from easyspec.runtime.stats import StageTimer
 from easyspec.verify.types import Proposal, Verdict
 
@@ -24,7 +24,7 @@ class NgramDrafter(Drafter):
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.tokens: list[int] = []
 
-    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer) -> None:
+    def start(self, prompt_ids: list[int], first_token: int, timer: StageTimer, prefilled: bool = False) -> None:
         self.tokens = []
         # n-gram -> (end of its latest occurrence, end of the one before), kept up to
         # date per token so a lookup costs O(max_ngram) however long the context.
@@ -48,10 +48,13 @@ class NgramDrafter(Drafter):
                 return seq[earlier : earlier + num_draft]
         return []
 
-    def propose(self, num_draft: int, timer: StageTimer) -> Proposal:
-        with timer.stage("draft"):
-            found = self.lookup(num_draft)
-        return Proposal(torch.tensor(found, dtype=torch.long, device=self.device))
+    def propose_steps(self, num_draft: int) -> ProposeSteps:
+        """The lookup's tokens, with no forward at all (a generator that yields nothing)."""
+        yield from ()
+        return Proposal(torch.tensor(self.lookup(num_draft), dtype=torch.long, device=self.device))
 
     def observe(self, verdict: Verdict) -> None:
         self._extend(verdict.tokens)
+
+    def skip(self, tokens: list[int]) -> None:
+        self._extend(tokens)

@@ -22,10 +22,10 @@ import math
 import torch
 from torch import Tensor
 
+from easyspec.draft.base import ProposeSteps
 from easyspec.draft.model import ModelDrafter
 from easyspec.options import SamplingParams, TreeSampling
-from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, ModelRunner
-from easyspec.runtime.stats import StageTimer
+from easyspec.runtime.runner import EXACT, LAYER_PARALLEL, Feed, ModelRunner
 from easyspec.verify.penalties import TokenHistory
 from easyspec.verify.sampling import process_logits
 from easyspec.verify.tree import choose_children, extend_ancestors, tree_depths, tree_mask
@@ -43,10 +43,11 @@ class TreeDrafter(ModelDrafter):
         history: TokenHistory,
         layer_parallel: bool = False,
         sampling: str = TreeSampling.WITHOUT_REPLACEMENT,
+        row: int = 0,
     ) -> None:
         """depth: the tree's num_draft; sampling: how a node's children are drawn from q when not
-        greedy (easyspec.verify.tree)."""
-        super().__init__(runner, params, generator, depth, history, layer_parallel=layer_parallel)
+        greedy (easyspec.verify.tree); row: the sequence's row of the runner."""
+        super().__init__(runner, params, generator, depth, history, layer_parallel=layer_parallel, row=row)
         self.width, self.depth = width, depth
         self.rule = "greedy" if params.greedy else sampling
         device = runner.device
@@ -66,15 +67,13 @@ class TreeDrafter(ModelDrafter):
             return logits.float().softmax(dim=-1)
         return process_logits(logits, self.params)
 
-    @torch.inference_mode()
-    def propose(self, num_draft: int, timer: StageTimer) -> TreeProposal:
+    def propose_steps(self, num_draft: int) -> ProposeSteps:
         """A tree of the drafter's fixed width and depth (num_draft is not used: the shape never changes)."""
         width, depth = self.width, self.depth
         n = width * depth
         device = self.runner.device
         root = len(self.tokens) - 1  # slot and position of the root
-        with timer.stage("calibrate"):
-            root_logits = self._feed_exact(self.written_upto)  # [V]
+        root_logits = yield from self._feed_exact(self.written_upto)  # [V]
         self.written_upto = self.exact_upto = root + 1
         kv_len = self.runner.kv_len_for(root + 1 + n)
         mode = LAYER_PARALLEL if self.layer_parallel else EXACT
@@ -90,23 +89,22 @@ class TreeDrafter(ModelDrafter):
         scores[0] = 0.0
         frontier = torch.zeros(width, dtype=torch.long, device=device)  # tree-order ids
         dists = [root_dist]
-        with timer.stage("draft"):
-            for level in range(depth):
-                first = level * width
-                nodes = slice(first, first + width)
-                parent, tokens[nodes], scores = choose_children(scores, probs, self.rule, self.generator)
-                parents[nodes] = frontier[parent]
-                valid[nodes] = scores.isfinite()
-                extend_ancestors(anc, parents[nodes], first)
-                if level == depth - 1:
-                    break
-                rows = slice(1 + first, 1 + first + width)  # this level in tree order
-                logits = self.runner.forward_masked(tokens[nodes], root + self.depths[rows], root + self.order[rows],
-                                                    tree_mask(anc[rows], root, kv_len), mode)  # [W, V]
-                filled = first + width  # nodes drawn so far
-                probs = self._dist(logits, tokens[:filled], anc[rows, 1 : 1 + filled])
-                dists.append(probs)
-                frontier = self.order[rows]
+        for level in range(depth):
+            first = level * width
+            nodes = slice(first, first + width)
+            parent, tokens[nodes], scores = choose_children(scores, probs, self.rule, self.generator)
+            parents[nodes] = frontier[parent]
+            valid[nodes] = scores.isfinite()
+            extend_ancestors(anc, parents[nodes], first)
+            if level == depth - 1:
+                break
+            rows = slice(1 + first, 1 + first + width)  # this level in tree order
+            logits = yield mode, Feed(self.row, tokens[nodes], positions=root + self.depths[rows],
+                                      slots=root + self.order[rows], mask=tree_mask(anc[rows], root, kv_len))  # [W, V]
+            filled = first + width  # nodes drawn so far
+            probs = self._dist(logits, tokens[:filled], anc[rows, 1 : 1 + filled])
+            dists.append(probs)
+            frontier = self.order[rows]
         q = None if self.params.greedy else torch.cat(dists)  # [1 + (D - 1) W, V]
         return TreeProposal(tokens, parents, valid, width, q, self.rule == "with-replacement", anc)
 

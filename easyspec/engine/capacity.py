@@ -1,4 +1,5 @@
-"""How long a context the KV caches may hold: settled once per engine, before any process starts.
+"""How long a context the KV caches may hold, and for how many sequences at once: settled once per
+engine, before any process starts.
 
 Default: the models' max_position_embeddings (base and draft), capped so that the caches fit.
 On CUDA the rank that holds the most (rank 0: its share of the base plus the draft, whole or
@@ -6,6 +7,10 @@ sharded) must fit its weights, its caches and ACTIVATION_RESERVE_BYTES in
 --gpu-memory-utilization of the GPU's memory; on the CPU the caches may take CPU_KV_CACHE_BYTES.
 An explicit --max-context is taken as given when the models reach it (and, on CUDA, it fits).
 Weights are estimated from the configs (parameter count x dtype size), not measured.
+
+Each of the --max-num-seqs sequences of a batch has a cache of the whole context. Without the flag,
+the context is settled for one sequence first, then the batch is as many sequences as the memory
+holds at that context, at most DEFAULT_MAX_NUM_SEQS (a shorter --max-context leaves room for more).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from easyspec.model.config import ModelConfig
 from easyspec.options import (
     ACTIVATION_RESERVE_BYTES,
     CPU_KV_CACHE_BYTES,
+    DEFAULT_MAX_NUM_SEQS,
     MIN_CONTEXT,
     EngineOptions,
     OptionsError,
@@ -59,8 +65,8 @@ class Capacity:
             draft_kv = kv_bytes_per_token(draft, options.dtype, shards)
         return cls(weights, base_kv, draft_kv)
 
-    def cache_bytes(self, context: int) -> int:
-        return (self.base_kv + self.draft_kv) * (context + SCRATCH_SLOTS)
+    def cache_bytes(self, context: int, rows: int = 1) -> int:
+        return (self.base_kv + self.draft_kv) * (rows * context + SCRATCH_SLOTS)
 
 
 def kv_budget(options: EngineOptions, capacity: Capacity) -> tuple[int, str]:
@@ -77,8 +83,9 @@ def kv_budget(options: EngineOptions, capacity: Capacity) -> tuple[int, str]:
     return budget, why
 
 
-def settle_context(options: EngineOptions, base: ModelConfig, draft: ModelConfig | None) -> tuple[int, str]:
-    """The context length in tokens, and one line saying how it was chosen and what the cache takes."""
+def settle_context(options: EngineOptions, base: ModelConfig, draft: ModelConfig | None) -> tuple[int, int, str]:
+    """The context length in tokens, the sequences decoded together, and one line saying how they
+    were chosen and what the cache takes."""
     limits = {"the base model": base.max_position_embeddings}
     if draft is not None:
         limits["the draft"] = draft.max_position_embeddings
@@ -89,29 +96,36 @@ def settle_context(options: EngineOptions, base: ModelConfig, draft: ModelConfig
                            f"{MIN_CONTEXT} easyspec needs; check their config.json")
     capacity = Capacity.of(options, base, draft)
     budget, why = kv_budget(options, capacity)
-    fits = max(0, budget // (capacity.base_kv + capacity.draft_kv) - SCRATCH_SLOTS)
+    slots = max(0, budget // (capacity.base_kv + capacity.draft_kv) - SCRATCH_SLOTS)  # cache slots that fit
+    rows = options.max_num_seqs or 1
+    fits = slots // rows  # the context each of `rows` sequences can have
     if options.max_context is not None:
         context = options.max_context
         if context > model_limit:
             raise OptionsError(f"--max-context {context} exceeds {shortest}'s max_position_embeddings "
                                f"({model_limit}); lower it")
         if options.device == "cuda" and context > fits:
-            raise OptionsError(f"--max-context {context} needs {gib(capacity.cache_bytes(context))} of KV cache, "
-                               f"more than the {gib(max(budget, 0))} left ({why}); lower --max-context, raise "
+            raise OptionsError(f"--max-context {context} for --max-num-seqs {rows} needs "
+                               f"{gib(capacity.cache_bytes(context, rows))} of KV cache, more than the "
+                               f"{gib(max(budget, 0))} left ({why}); lower --max-context or --max-num-seqs, raise "
                                "--gpu-memory-utilization or use more --devices")
         source = "--max-context"
     elif fits < model_limit:
         context = fits
         if context < MIN_CONTEXT:
-            raise OptionsError(f"no room for a KV cache of {MIN_CONTEXT} tokens ({why}); raise "
-                               "--gpu-memory-utilization, use more --devices or a smaller --dtype")
+            raise OptionsError(f"no room for {rows} KV cache(s) of {MIN_CONTEXT} tokens ({why}); lower "
+                               "--max-num-seqs, raise --gpu-memory-utilization, use more --devices or a smaller "
+                               "--dtype")
         source = f"{shortest}'s max_position_embeddings {model_limit}, capped by {why}"
     else:
         context = model_limit
         source = f"{shortest}'s max_position_embeddings"
-    base_bytes = capacity.base_kv * (context + SCRATCH_SLOTS)
-    parts = f"base {gib(base_bytes)}, draft {gib(capacity.cache_bytes(context) - base_bytes)}" \
+    if options.max_num_seqs is None:
+        rows = max(1, min(DEFAULT_MAX_NUM_SEQS, slots // context))
+    base_bytes = capacity.base_kv * (rows * context + SCRATCH_SLOTS)
+    parts = f"base {gib(base_bytes)}, draft {gib(capacity.cache_bytes(context, rows) - base_bytes)}" \
         if draft is not None else "base model"
     per = " on rank 0" if options.devices > 1 else ""
-    line = f"context {context} tokens ({source}): KV cache {gib(capacity.cache_bytes(context))}{per} ({parts})"
-    return context, line
+    line = (f"context {context} tokens ({source}), {rows} sequence{'s' if rows > 1 else ''} at once: KV cache "
+            f"{gib(capacity.cache_bytes(context, rows))}{per} ({parts})")
+    return context, rows, line

@@ -74,22 +74,30 @@ def settle(candidates: list[int], accepted: int, nodes: tuple[int, ...], params:
     return Decision(tokens, accepted, reason, nodes[:accepted], stop_reason)
 
 
-def share(decision: Decision | None, state: ParallelState, max_num_draft: int, tree: bool) -> Decision:
-    """Rank 0's `decision` (None on the other ranks) on every rank, in one broadcast of
-    [count, accepted, reason, nodes padded to max_num_draft, tokens]; a tree's decision has
-    one accepted node per accepted token."""
+def share(decisions: list[Decision] | None, count: int, state: ParallelState, max_num_draft: int,
+          tree: bool) -> list[Decision]:
+    """Rank 0's `count` decisions (None on the other ranks) on every rank, in one broadcast of a
+    [count, 3 + 2 * max_num_draft + 1] box, a row [tokens, accepted, reason, nodes padded to
+    max_num_draft, tokens] per decision; a tree's decision has one accepted node per accepted token."""
     if not state.distributed:
-        return decision
-    box = torch.zeros(3 + 2 * max_num_draft + 1, dtype=torch.long)  # [3 + 2 * max_num_draft + 1]
+        return decisions
+    width = 3 + 2 * max_num_draft + 1
+    box = torch.zeros(count, width, dtype=torch.long)  # [count, width]
     if state.is_driver:
-        d = decision
-        padding = [0] * (max_num_draft - len(d.nodes))
-        message = [len(d.tokens), d.accepted, FINISH_REASONS.index(d.reason), *d.nodes, *padding, *d.tokens]
-        box[: len(message)] = torch.tensor(message)
-    message = comm.broadcast(box.to(state.device), 0, state.group).tolist()
-    count, accepted, reason = message[:3]
-    nodes = tuple(message[3 : 3 + accepted]) if tree else ()
-    return Decision(message[3 + max_num_draft : 3 + max_num_draft + count], accepted, FINISH_REASONS[reason], nodes)
+        for row, d in zip(box, decisions, strict=True):
+            padding = [0] * (max_num_draft - len(d.nodes))
+            message = [len(d.tokens), d.accepted, FINISH_REASONS.index(d.reason), *d.nodes, *padding, *d.tokens]
+            row[: len(message)] = torch.tensor(message)
+    rows = comm.broadcast(box.to(state.device), 0, state.group).tolist()
+    if state.is_driver:
+        return decisions
+    shared = []
+    for message in rows:
+        size, accepted, reason = message[:3]
+        nodes = tuple(message[3 : 3 + accepted]) if tree else ()
+        tokens = message[3 + max_num_draft : 3 + max_num_draft + size]
+        shared.append(Decision(tokens, accepted, FINISH_REASONS[reason], nodes))
+    return shared
 
 
 def seed_box(seed: int | None) -> Tensor:

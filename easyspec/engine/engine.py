@@ -1,9 +1,16 @@
 """The public entry point: `Engine(options).generate(prompt, params)` yields Chunks;
-`generate_many(prompts)` returns whole results.
+`generate_many(prompts)` returns whole results, decoded together.
+
+Underneath, requests wait in a queue and run in a batch of up to --max-num-seqs
+sequences: `add_request` queues one, `step` admits what fits and advances every
+running sequence by one round, `abort` cancels one. `generate` drives `step`
+itself and keeps the other requests' outputs for them, so several generators
+may be open at once; the server drives `step` from its own thread.
 
 The Engine process is rank 0. With `devices > 1` it spawns the other ranks
 itself (or, under torchrun, every rank builds an Engine and runs the same
-calls). Followers receive each request through a pipe and run it in lockstep.
+calls). Followers receive each step's joining requests through a pipe and run
+the step in lockstep.
 """
 
 from __future__ import annotations
@@ -12,14 +19,19 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import torch
+
 from easyspec.draft.setup import check_draft
 from easyspec.engine.capacity import settle_context
-from easyspec.engine.worker import Chunk, Worker
+from easyspec.engine.decision import RequestFailed, seed_box
+from easyspec.engine.request import Chunk, Join, RequestOutput
+from easyspec.engine.worker import Worker
 from easyspec.model.checkpoint import read_text
 from easyspec.model.loader import generation_defaults, is_gguf, load_config, stored_dtype
 from easyspec.model.progress import bar
@@ -34,6 +46,7 @@ from easyspec.options import (
     SamplingParams,
     auto_dtype,
 )
+from easyspec.parallel import comm
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
 from easyspec.parallel.tp import check_divisible
@@ -92,8 +105,8 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
             raise OptionsError(
                 f"--devices {options.devices} but only {torch.cuda.device_count()} CUDA devices are visible"
             )
-    context, line = settle_context(options, base, draft)
-    options = options.replace(max_context=context)
+    context, rows, line = settle_context(options, base, draft)
+    options = options.replace(max_context=context, max_num_seqs=rows)
     if draft is not None:
         check_draft(base, draft, options)
     return options, line
@@ -111,10 +124,6 @@ def request_defaults(options: EngineOptions) -> dict[str, object]:
     return defaults
 
 
-class EngineBusyError(RuntimeError):
-    """A second request started on an Engine while another's generator was still open."""
-
-
 @dataclass
 class GenerationResult:
     """One prompt's whole generation (Engine.generate_many)."""
@@ -129,10 +138,11 @@ class GenerationResult:
 
 
 class Engine:
-    """One model (and draft) on its devices, serving one request at a time.
+    """One model (and draft) on its devices, decoding a batch of requests.
 
-    `generate` streams one prompt's Chunks; `generate_many` runs a list of prompts and returns
-    their results. A prompt is a string (encoded as raw text, with the tokenizer's own special
+    `generate` streams one prompt's Chunks; `generate_many` runs a list of prompts together and
+    returns their results; `add_request` / `step` / `abort` drive the batch directly (one thread
+    at a time). A prompt is a string (encoded as raw text, with the tokenizer's own special
     tokens, as vLLM's LLM.generate does; `encode_prompt` applies the chat template) or token ids.
     Without SamplingParams a request takes the engine's defaults (`sampling_params()`).
     """
@@ -148,7 +158,12 @@ class Engine:
         self.options = options
         self.request_defaults = request_defaults(options)
         self.followers: Followers | None = None
-        self._busy = False  # a request's generator is open (one request at a time: one KV cache)
+        self._waiting: deque[Join] = deque()  # checked requests, not yet in the batch
+        self._running: set[int] = set()
+        self._next_id = 0
+        self._aborted: list[RequestOutput] = []  # waiting requests aborted: their last output, at the next step
+        self._kept: dict[int, deque[RequestOutput]] = {}  # outputs of requests a generate() streams
+        self._unclaimed: list[RequestOutput] = []  # outputs a generate() stepped past for step()'s callers
         launched = torchrun_rank()
         if launched:
             rank, world = launched
@@ -209,24 +224,67 @@ class Engine:
             params["max_new_tokens"] = max(1, min(default, room))
         return SamplingParams(**params)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
-        """Yield Chunks as tokens are committed; stop iterating (or close the generator) to cancel.
-        One request at a time: a second generator that starts while one is open raises EngineBusyError."""
+    @property
+    def num_running(self) -> int:
+        """Requests in the batch (reading their prompt or decoding)."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a free place in the batch."""
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._aborted)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request (checked now: OptionsError says what is wrong); returns its id. It joins the
+        batch at a later step() when there is room, first come first served."""
         prompt_ids = self.prompt_ids(prompt)
         params = params or self.sampling_params(len(prompt_ids))
         self.worker.check_request(prompt_ids, params)
-        return self._generate(prompt_ids, params)
+        try:
+            seed = int(seed_box(params.seed)[0])
+        except (RuntimeError, OverflowError) as err:
+            raise OptionsError(f"seed {params.seed} does not fit a signed 64-bit integer") from err
+        request_id = self._next_id
+        self._next_id += 1
+        self._waiting.append(Join(request_id, prompt_ids, params, seed))
+        return request_id
 
-    def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        if self._busy:
-            raise EngineBusyError("another request's generator is still open on this Engine, which runs one "
-                                  "request at a time; exhaust or close() it first, or pass every prompt to "
-                                  "generate_many")
-        self._busy = True
+    def abort(self, request_id: int) -> None:
+        """Cancel a request: a waiting one leaves the queue (its last output comes at the next step), a
+        running one ends with "cancelled" at its next decision. Unknown or finished ids are ignored."""
+        for join in self._waiting:
+            if join.request_id == request_id:
+                self._waiting.remove(join)
+                self._aborted.append(RequestOutput(request_id, Chunk([], finished=True, finish_reason="cancelled")))
+                return
+        if request_id in self._running:
+            self.worker.cancel(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests while the batch has room, then advance every running one by a step;
+        returns what each committed (each request's last output has chunk.finished set). Raises
+        WorkerFailure when a worker process died or a collective broke: the engine is then unusable."""
+        outputs = self._unclaimed + self._aborted
+        self._unclaimed, self._aborted = [], []
+        return outputs + self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        joins = []
+        while self._waiting and len(joins) < self.worker.room:
+            joins.append(self._waiting.popleft())
+        if not joins and not self._running:
+            return []
         try:
             if self.followers is not None:
-                self.followers.send(("generate", prompt_ids, params))
-            yield from self.worker.generate(prompt_ids, params)
+                self.followers.send(("step", joins))
+            elif self.state.distributed and joins:
+                self._agree_seeds(joins)
+            self.worker.admit(joins)
+            self._running.update(join.request_id for join in joins)
+            outputs = self.worker.step()
         except RuntimeError as err:
             # A collective that fails usually means a peer died or hangs: name it rather than the transport error.
             culprit = self.followers.diagnose(err, self.options.timeout_s) if self.followers is not None else None
@@ -234,17 +292,64 @@ class Engine:
                 self.followers.kill()  # out of step for good; a stopped one would hold up close() too
                 raise WorkerFailure(culprit) from err
             raise
+        for out in outputs:
+            if out.chunk.finished:
+                self._running.discard(out.request_id)
+        return outputs
+
+    def _agree_seeds(self, joins: list[Join]) -> None:
+        """Under torchrun every rank queued the same requests itself: rank 0's seeds (drawn where the
+        request gave none) become every rank's."""
+        seeds = comm.broadcast(torch.tensor([j.seed for j in joins], device=self.state.device), 0, self.state.group)
+        for join, seed in zip(joins, seeds.tolist(), strict=True):
+            join.seed = seed
+
+    def _next_output(self, request_id: int) -> RequestOutput:
+        """The request's next output, stepping the engine until there is one; other requests' outputs
+        are kept for their own generate() or handed to the next step() caller."""
+        kept = self._kept[request_id]
+        while not kept:
+            for out in self._step():
+                if out.request_id in self._kept:
+                    self._kept[out.request_id].append(out)
+                else:
+                    self._unclaimed.append(out)
+        return kept.popleft()
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Yield Chunks as tokens are committed; stop iterating (or close the generator) to cancel.
+        Other requests (other generators, add_request) run in the same batch meanwhile. A request that
+        fails on its own raises RequestFailed (the engine goes on)."""
+        request_id = self.add_request(prompt, params)
+        self._kept[request_id] = deque()
+        return self._stream(request_id)
+
+    def _stream(self, request_id: int) -> Iterator[Chunk]:
+        finished = False
+        try:
+            while not finished:
+                out = self._next_output(request_id)
+                finished = out.chunk.finished
+                if out.error is not None:
+                    raise RequestFailed(out.error)
+                yield out.chunk
         finally:
-            self._busy = False
+            if not finished:  # closed early: cancel, and run the batch to its decision
+                self.abort(request_id)
+                while not (finished := self._next_output(request_id).chunk.finished):
+                    pass
+            del self._kept[request_id]
 
     def generate_many(self, prompts: Sequence[str | list[int]],
                       params: SamplingParams | Sequence[SamplingParams] | None = None,
                       progress: bool | None = None) -> list[GenerationResult]:
-        """Every prompt's whole generation, in the order given (as vLLM's LLM.generate(list)).
+        """Every prompt's whole generation, in the order given (as vLLM's LLM.generate(list)), decoded
+        together in batches of up to --max-num-seqs.
 
         `params`: one SamplingParams for all prompts, one per prompt, or None for the engine's
         defaults. Every prompt and its params are checked before the first one runs. `progress`
-        (default: the engine's --no-progress setting) shows one bar over the prompts on stderr."""
+        (default: the engine's --no-progress setting) shows one bar over the prompts on stderr.
+        A prompt whose request fails on its own raises RequestFailed once the others are done."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise TypeError("generate_many takes a list of prompts (each a str or a list of token ids); "
                             "use generate for one")
@@ -258,19 +363,32 @@ class Engine:
                                  f"prompt); got {len(each)} items")
         for prompt_ids, request in zip(ids, each, strict=True):
             self.worker.check_request(prompt_ids, request)
-        results = []
+        order = [self.add_request(prompt_ids, request) for prompt_ids, request in zip(ids, each, strict=True)]
+        for request_id in order:
+            self._kept[request_id] = deque()
+        parts: dict[int, list[RequestOutput]] = {request_id: [] for request_id in order}
         show = self.options.progress if progress is None else progress
-        with bar(len(ids), "prompts", unit="prompt", enabled=show and self.is_driver) as counter:
-            for prompt_ids, request in zip(ids, each, strict=True):
-                tokens, pieces, logprobs, chunk = [], [], [], None
-                for chunk in self._generate(prompt_ids, request):
-                    tokens += chunk.token_ids
-                    pieces.append(chunk.text)
-                    logprobs += chunk.logprobs or ()
-                results.append(GenerationResult(prompt_ids, tokens, "".join(pieces), chunk.finish_reason,
-                                                chunk.stop_reason, chunk.stats,
-                                                logprobs if request.logprobs is not None else None))
-                counter.update(1)
+        try:
+            with bar(len(ids), "prompts", unit="prompt", enabled=show and self.is_driver) as counter:
+                for request_id in order:
+                    while not parts[request_id] or not parts[request_id][-1].chunk.finished:
+                        out = self._next_output(request_id)
+                        parts[request_id].append(out)
+                    counter.update(1)
+        finally:
+            for request_id in order:
+                del self._kept[request_id]
+        failed = next((outs[-1].error for outs in parts.values() if outs[-1].error is not None), None)
+        if failed is not None:
+            raise RequestFailed(failed)
+        results = []
+        for request_id, prompt_ids, request in zip(order, ids, each, strict=True):
+            chunks = [out.chunk for out in parts[request_id]]
+            last = chunks[-1]
+            logprobs = [e for c in chunks for e in c.logprobs or ()] if request.logprobs is not None else None
+            results.append(GenerationResult(prompt_ids, [t for c in chunks for t in c.token_ids],
+                                            "".join(c.text for c in chunks), last.finish_reason, last.stop_reason,
+                                            last.stats, logprobs))
         return results
 
     def close(self) -> None:
@@ -296,9 +414,9 @@ def _follower_main(rank: int, world: int, conn: Connection, parent_pid: int, opt
             message = conn.recv()
             if message[0] == "close":
                 break
-            _, prompt_ids, params = message
-            for _ in worker.generate(prompt_ids, params):
-                pass
+            _, joins = message
+            worker.admit(joins)
+            worker.step()
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception as err:  # any failure must reach rank 0 as one line, then end this rank

@@ -1,35 +1,40 @@
-"""One rank's part of generation: the round loop.
+"""One rank's part of generation: a batch of sequences advanced in rounds.
 
-Every rank runs the same loop; rank 0 drives. After each base-model step it
-decides what is committed (verification, EOS, length, stop strings,
-cancellation) and broadcasts that decision, so all ranks agree on every token
-and on when to stop. A round has one of three shapes, each a method below that
-returns the round's Decision:
-    plain (nothing drafts): one base step, one token;
-    chain: propose -> score (one base forward over the last token and the draft)
-        -> verify (rank 0) -> broadcast decision -> observe (all ranks);
-    tree (--tree-width > 1, easyspec.verify.tree): the same with a tree, scored
-        in one forward with a tree mask, after which every rank moves the
-        accepted path's base KV into place.
-Everything about drafting (which ranks draft, the draft model, the request's
-Drafter, sharing proposals with ranks that do not draft) is easyspec.draft.setup's;
-the decision and its broadcast are easyspec.engine.decision's.
+Every rank runs the same steps on the same batch; rank 0 drives. Sequences join
+between steps (the engine admits them in the same order on every rank) and leave
+when their decision ends them. A step is:
+    prefill: the next pieces of the prompts still being read (at most PREFILL_CHUNK
+        tokens in all, so that running sequences wait at most that long), through
+        the base and the draft together; a prompt read to its end gives its first
+        token, decided like any other;
+    one round for every running sequence, in one of three shapes:
+    plain (nothing drafts, or the batch leaves no room for draft tokens): one base
+        forward over every sequence's last token, one token each;
+    chain: propose (every sequence's drafting together) -> score (one base forward
+        over each sequence's last token and draft) -> verify (rank 0, per sequence)
+        -> broadcast the decisions -> observe;
+    tree (--tree-width > 1, easyspec.verify.tree): the same with a tree per sequence,
+        scored with tree masks, after which every rank moves the accepted paths' base
+        KV into place.
+Each sequence has its own row of the KV caches, position, draft length, acceptance
+and stop state; a round commits a different number of tokens to each. Everything
+about drafting is easyspec.draft.setup's; the decisions and their broadcast are
+easyspec.engine.decision's.
 """
 
 from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from easyspec.draft.base import Drafter
 from easyspec.draft.setup import Drafting
-from easyspec.engine.decision import Decision, RequestFailed, seed_box, settle, share
+from easyspec.engine.decision import Decision, settle, share
+from easyspec.engine.request import Chunk, Join, RequestOutput, Running
 from easyspec.engine.stop import StopText
 from easyspec.model import kernels
 from easyspec.model.checkpoint import parse_dtype
@@ -38,9 +43,9 @@ from easyspec.options import EngineOptions, OptionsError, SamplingParams
 from easyspec.parallel import comm
 from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import load_sharded
-from easyspec.runtime.runner import ModelRunner
+from easyspec.runtime.runner import PREFILL_PIECE, Feed, ModelRunner
 from easyspec.runtime.stats import SpecStats, StageTimer
-from easyspec.verify.logprobs import TokenLogprob, token_logprobs
+from easyspec.verify.logprobs import token_logprobs
 from easyspec.verify.penalties import TokenHistory, chain_precedes
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
 from easyspec.verify.sampling import process_scores, sample
@@ -56,34 +61,7 @@ from easyspec.verify.types import Proposal, TreeProposal, Verdict
 
 T = TypeVar("T")
 
-
-@dataclass
-class Chunk:
-    """Tokens committed by one step of generation, as they are yielded."""
-
-    token_ids: list[int]
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length", "cancelled", "error"
-    # What ended the request with "stop", as vLLM's stop_reason: the stop string, or the token of
-    # stop_token_ids; None for EOS and every other reason.
-    stop_reason: str | int | None = None
-    stats: SpecStats = field(default_factory=SpecStats)
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
-
-
-@dataclass
-class Request:
-    """What the rounds of one request share."""
-
-    params: SamplingParams
-    generator: torch.Generator | None  # rank 0's, for the tokens it samples from the base
-    stats: SpecStats
-    timer: StageTimer
-    text: StopText | None  # rank 0's stop-string watcher and detokenizer
-    history: TokenHistory  # the committed tokens, as penalties and min_tokens read them
-    drafter: Drafter | None = None  # None: plain decoding
-    logprobs: list[TokenLogprob] | None = None  # rank 0: the candidates' of the last step, when asked for
+PREFILL_CHUNK = PREFILL_PIECE  # prompt tokens read per step, over all the prompts being read
 
 
 class Worker:
@@ -95,19 +73,19 @@ class Worker:
         self.base_config = load_config(options.model)
         # A verification step is up to draft_room tokens long; the runners' scratch slots must hold it.
         scratch = max(64, options.draft_room)
+        rows = options.max_num_seqs or 1
         label = "base" if options.progress and state.is_driver else None  # progress bars and lines on rank 0
         self.base = ModelRunner(load_sharded(options.model, dtype, state, tp=state.world_size > 1, progress=label),
-                                options.max_context, options.cuda_graphs, scratch=scratch, label=label)
+                                options.max_context, options.cuda_graphs, scratch=scratch, label=label, rows=rows)
         self.eos = set(eos_ids(self.base_config, self.tokenizer))
         if options.p2p_collectives and state.device.type == "cuda":
             comm.enable_p2p(state.group, state.device, (dtype,))  # collective: every rank takes part
-        self.drafting = Drafting(options, state, dtype, scratch)
-        self.num_draft = options.initial_num_draft  # draft tokens along one path this round
+        self.drafting = Drafting(options, state, dtype, scratch, rows)
         # Tree order: the root then W nodes per depth; positions are root + depth, slots root + index.
         self.tree_depths = tree_depths(options.tree_width, options.initial_num_draft, state.device)  # [1 + N]
         self.tree_order = torch.arange(self.tree_depths.shape[0], device=state.device)  # [1 + N]
-        self._cancel = False
-        self._failure: Exception | None = None  # what a step of rank 0's raised in this request
+        self.free_rows = list(range(rows))
+        self.running: list[Running] = []
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -130,144 +108,191 @@ class Worker:
                 "shorten the prompt, lower max_new_tokens or raise --max-context"
             )
 
-    def _agree_seed(self, seed: int | None) -> int | None:
-        """The request's seed on every rank (drawn by rank 0 when not given), or None on every rank
-        when rank 0 could not settle it: the request then ends before its first step."""
-        box = self._on_driver(seed_box, seed)  # [2]: seed, settled; None on the other ranks
-        if box is None:
-            box = torch.zeros(2, dtype=torch.long)
-        if self.state.distributed:
-            box = comm.broadcast(box.to(self.state.device), 0, self.state.group)
-        return int(box[0]) if box[1] else None
+    @property
+    def room(self) -> int:
+        """Sequences that can still join."""
+        return len(self.free_rows)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        """Yield a Chunk per step; closing the iterator early cancels the request
-        (the ranks finish the round in progress, then stop together)."""
-        self.check_request(prompt_ids, params)
-        self._cancel, self._failure = False, None
-        rounds = self._rounds(prompt_ids, params)
-        try:
-            # A plain loop, not `yield from`: closing would close `rounds` before we could drain it.
-            for chunk in rounds:  # noqa: UP028
-                yield chunk
-        except GeneratorExit:
-            if self.state.distributed:
-                self._cancel = True
-                for _ in rounds:  # run to the next decision, which now says "stop"
-                    pass
-            raise
+    def admit(self, joins: Sequence[Join]) -> None:
+        """Requests that enter the batch (every rank, the same ones in the same order, each
+        request already checked by check_request on rank 0)."""
+        device = self.state.device
+        for join in joins:
+            params = join.params
+            text = None
+            if self.tokenizer and self.state.is_driver:
+                text = StopText(self.tokenizer, params.stop, params.min_tokens, params.skip_special_tokens)
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
+            history = TokenHistory(params, join.prompt_ids, self.base_config.vocab_size, device, ends)
+            row = self.free_rows.pop(0)
+            self.running.append(Running(
+                join.request_id, row, join.prompt_ids, params,
+                torch.Generator(device).manual_seed(join.seed) if self.state.is_driver else None,
+                SpecStats(), text, history, self.drafting.drafter(params, join.seed, history, row),
+                self.options.initial_num_draft, time.perf_counter()))
+
+    def cancel(self, request_id: int) -> None:
+        """Rank 0: end the request at its next decision."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.cancel = True
 
     @torch.inference_mode()
-    def _rounds(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+    def step(self) -> list[RequestOutput]:
+        """The next pieces of the prompts being read, then one round for every running sequence.
+        Returns what each request committed (rank 0; the other ranks get the same list, texts aside)."""
+        reading = [seq for seq in self.running if not seq.started]
+        decoding = [seq for seq in self.running if seq.started]
+        outputs = self._prefill(reading) if reading else []
+        if decoding:
+            outputs += self._round(decoding)
+        for seq in self.running:
+            if seq.finished:
+                self.free_rows.append(seq.row)
+        self.running = [seq for seq in self.running if not seq.finished]
+        return outputs
+
+    def _timer(self, seqs: Sequence[Running]) -> StageTimer:
+        return StageTimer([seq.stats for seq in seqs], self.state.device, self.options.profile_stages)
+
+    def _prefill(self, seqs: list[Running]) -> list[RequestOutput]:
+        """The next pieces of the prompts being read, first come first served, PREFILL_CHUNK tokens in all;
+        the prompts read to their end this step get their first token."""
         device = self.state.device
-        stats = SpecStats()
-        seed = self._agree_seed(params.seed)
-        if seed is None:
-            if self.state.is_driver:
-                raise self._request_failed()
-            return
-        text = None
-        if self.tokenizer and self.state.is_driver:
-            text = StopText(self.tokenizer, params.stop, params.min_tokens, params.skip_special_tokens)
-        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        req = Request(
-            params,
-            torch.Generator(device).manual_seed(seed) if self.state.is_driver else None,
-            stats,
-            StageTimer(stats, device, self.options.profile_stages),
-            text,
-            TokenHistory(params, prompt_ids, self.base_config.vocab_size, device, ends),
-        )
-        self.num_draft = self.options.initial_num_draft
-        begin = time.perf_counter()
+        feeds, done, budget = [], [], PREFILL_CHUNK
+        for seq in seqs:
+            if budget == 0:
+                break
+            piece = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
+            feeds.append(Feed(seq.row, torch.tensor(piece, dtype=torch.long).to(device, non_blocking=True),
+                              seq.prefilled))
+            seq.prefilled += len(piece)
+            budget -= len(piece)
+            done.append(seq.prefilled == len(seq.prompt_ids))
+        members = seqs[: len(feeds)]
+        with self._timer(members).stage("prefill"):
+            logits = self.base.forward_rows(feeds, last_only=True)  # each [1, V]
+            self.drafting.prefill(feeds)
+        finishing = [(seq, out) for seq, out, end in zip(members, logits, done, strict=True) if end]
+        if not finishing:
+            return []
+        firsts = [self._on_driver(seq, self._pick, out, seq) or [] for seq, out in finishing]
+        seqs = [seq for seq, _ in finishing]
+        decisions = self._decide(seqs, firsts, [0] * len(seqs))
+        for seq, decision in zip(seqs, decisions, strict=True):
+            seq.started = True
+            seq.position = len(seq.prompt_ids)
+            if not decision.finished:
+                seq.last = decision.tokens[-1]
+                if seq.drafter is not None:
+                    seq.drafter.start(seq.prompt_ids, seq.last, self._timer([seq]), prefilled=True)
+        return [self._output(seq, d) for seq, d in zip(seqs, decisions, strict=True)]
 
-        with req.timer.stage("prefill"):
-            logits = self.base.prefill(torch.tensor(prompt_ids, dtype=torch.long, device=device))
-            first = self._on_driver(self._pick, logits[None], req) or []
-        decision = self._decide(first, 0, req)
-        chunk = self._chunk(decision, req, begin)
-        yield chunk
-        # The drafter starts after the first token is out: its prefill does not delay it.
-        req.drafter = self.drafting.drafter(params, seed, req.history)
-        if req.drafter is not None and not chunk.finished:
-            req.drafter.start(prompt_ids, decision.tokens[0], req.timer)
-        run_round: Callable[[Request, Tensor, int], Decision] = (
-            self._plain_round if req.drafter is None else self._tree_round if self.options.tree else self._chain_round
-        )
-        position = len(prompt_ids)  # where the newest committed token sits
-        while not chunk.finished:
-            last = torch.tensor([decision.tokens[-1]], device=device)  # [1]
-            decision = run_round(req, last, position)
-            position += len(decision.tokens)
-            chunk = self._chunk(decision, req, begin)
-            yield chunk
+    def _round(self, seqs: list[Running]) -> list[RequestOutput]:
+        room = self.options.draft_token_budget // len(seqs)  # draft tokens each sequence may have
+        opts = self.options
+        if not self.drafting.speculates or room == 0 or (opts.tree and room < opts.tree_width * opts.initial_num_draft):
+            decisions = self._plain_round(seqs)
+        elif opts.tree:
+            decisions = self._tree_round(seqs)
+        else:
+            decisions = self._chain_round(seqs, [min(seq.num_draft, room) for seq in seqs])
+        outputs = []
+        for seq, decision in zip(seqs, decisions, strict=True):
+            seq.position += len(decision.tokens)
+            if decision.tokens:
+                seq.last = decision.tokens[-1]
+            outputs.append(self._output(seq, decision))
+        return outputs
 
-    def _plain_round(self, req: Request, last: Tensor, position: int) -> Decision:
-        """One base step after `last` [1] (at `position`): one token."""
-        with req.timer.stage("verify"):
-            logits = self.base.forward(last, position)  # [1, V]
-            picked = self._on_driver(self._pick, logits, req) or []
-        decision = self._decide(picked, 0, req)
-        req.stats.rounds += 1
-        return decision
+    def _lasts(self, seqs: Sequence[Running]) -> Tensor:
+        return torch.tensor([seq.last for seq in seqs], dtype=torch.long).to(self.state.device, non_blocking=True)
 
-    def _chain_round(self, req: Request, last: Tensor, position: int) -> Decision:
-        """Draft a chain, score it in one base forward after `last` [1] (at `position`), decide, observe."""
-        proposal = req.drafter.propose(self.num_draft, req.timer)
-        with req.timer.stage("verify"):
-            logits = self.base.forward(torch.cat((last, proposal.tokens)), position)  # [n + 1, V]
-            verdict = self._on_driver(self._verify, proposal, logits, req)
-        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0, req)
-        drafted = proposal.num_tokens
-        req.stats.record_round(drafted, decision.accepted)
-        if not decision.finished:
-            # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
-            verdict = Verdict(decision.accepted, decision.tokens, drafted)
-            req.drafter.observe(verdict)
-            self._adapt(verdict)
-        return decision
+    def _plain_round(self, seqs: list[Running]) -> list[Decision]:
+        """One base step after each sequence's last token: one token each."""
+        lasts = self._lasts(seqs)  # [B]
+        with self._timer(seqs).stage("verify"):
+            logits = self.base.forward_rows([Feed(seq.row, lasts[i : i + 1], seq.position)
+                                             for i, seq in enumerate(seqs)])  # each [1, V]
+            picked = [self._on_driver(seq, self._pick, out, seq) or [] for seq, out in zip(seqs, logits, strict=True)]
+        decisions = self._decide(seqs, picked, [0] * len(seqs))
+        for seq, decision in zip(seqs, decisions, strict=True):
+            seq.stats.rounds += 1
+            if not decision.finished and seq.drafter is not None:
+                seq.drafter.skip(decision.tokens)
+        return decisions
 
-    def _tree_round(self, req: Request, last: Tensor, position: int) -> Decision:
-        """Draft a tree, score it in one base forward after `last` [1] (at `position`), decide, move
-        the accepted path's base KV to consecutive slots after the root, observe."""
-        depth = self.num_draft  # a tree's shape is fixed: no adapting
-        tree = req.drafter.propose(depth, req.timer)
-        with req.timer.stage("verify"):
-            end = position + 1 + tree.num_tokens
-            anc = tree.ancestors if tree.ancestors is not None else ancestors(tree.parents, tree.width)
-            mask = tree_mask(anc, position, self.base.kv_len_for(end))
-            logits = self.base.forward_masked(torch.cat((last, tree.tokens)), position + self.tree_depths,
-                                              position + self.tree_order, mask)  # [1 + N, V]
-            verdict = self._on_driver(self._verify, tree, logits, req)
-        decision = self._decide(verdict.tokens if verdict else [], verdict.accepted if verdict else 0,
-                                req, verdict.nodes if verdict else ())
-        req.stats.record_round(depth, decision.accepted)
-        if not decision.finished:
-            moves = torch.tensor(path_moves(decision.nodes, position, depth), device=last.device)  # [2, n]: src, dst
-            self.base.move_kv(moves[0], moves[1])
-            # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
-            req.drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
-        return decision
+    def _chain_round(self, seqs: list[Running], num_drafts: list[int]) -> list[Decision]:
+        """Draft a chain per sequence, score them in one base forward, decide, observe."""
+        proposals = self.drafting.propose([seq.drafter for seq in seqs], num_drafts, self._timer(seqs).stage)
+        lasts = self._lasts(seqs)  # [B]
+        with self._timer(seqs).stage("verify"):
+            feeds = [Feed(seq.row, torch.cat((lasts[i : i + 1], p.tokens)), seq.position)
+                     for i, (seq, p) in enumerate(zip(seqs, proposals, strict=True))]
+            logits = self.base.forward_rows(feeds)  # each [n_i + 1, V]
+            verdicts = [self._on_driver(seq, self._verify, p, out, seq)
+                        for seq, p, out in zip(seqs, proposals, logits, strict=True)]
+        decisions = self._decide(seqs, [v.tokens if v else [] for v in verdicts],
+                                 [v.accepted if v else 0 for v in verdicts])
+        for seq, proposal, decision in zip(seqs, proposals, decisions, strict=True):
+            drafted = proposal.num_tokens
+            seq.stats.record_round(drafted, decision.accepted)
+            if not decision.finished:
+                # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
+                verdict = Verdict(decision.accepted, decision.tokens, drafted)
+                if seq.drafter is not None:
+                    seq.drafter.observe(verdict)
+                self._adapt(seq, verdict)
+        return decisions
 
-    def _on_driver(self, step: Callable[..., T], *args: object) -> T | None:
-        """Run a step only rank 0 takes (sampling, verification, settling). If it raises, the error is kept
-        and the next decision stops the request on every rank, rather than raised here, which would leave
-        the other ranks waiting in a collective for good. None on the other ranks and after a failure."""
-        if not self.state.is_driver or self._failure is not None:
+    def _tree_round(self, seqs: list[Running]) -> list[Decision]:
+        """Draft a tree per sequence, score them in one base forward with tree masks, decide, move
+        the accepted paths' base KV to consecutive slots after their roots, observe."""
+        depth = self.options.initial_num_draft  # a tree's shape is fixed: no adapting
+        trees = self.drafting.propose([seq.drafter for seq in seqs], [depth] * len(seqs), self._timer(seqs).stage)
+        lasts = self._lasts(seqs)  # [B]
+        with self._timer(seqs).stage("verify"):
+            feeds = []
+            for i, (seq, tree) in enumerate(zip(seqs, trees, strict=True)):
+                end = seq.position + 1 + tree.num_tokens
+                anc = tree.ancestors if tree.ancestors is not None else ancestors(tree.parents, tree.width)
+                feeds.append(Feed(seq.row, torch.cat((lasts[i : i + 1], tree.tokens)),
+                                  positions=seq.position + self.tree_depths, slots=seq.position + self.tree_order,
+                                  mask=tree_mask(anc, seq.position, self.base.kv_len_for(end))))
+            logits = self.base.forward_rows(feeds)  # each [1 + N, V]
+            verdicts = [self._on_driver(seq, self._verify, tree, out, seq)
+                        for seq, tree, out in zip(seqs, trees, logits, strict=True)]
+        decisions = self._decide(seqs, [v.tokens if v else [] for v in verdicts],
+                                 [v.accepted if v else 0 for v in verdicts], [v.nodes if v else () for v in verdicts])
+        moves = []
+        for seq, decision in zip(seqs, decisions, strict=True):
+            seq.stats.record_round(depth, decision.accepted)
+            if not decision.finished:
+                base = self.base.row_base(seq.row)
+                moves.append(torch.tensor(path_moves(decision.nodes, seq.position, depth)) + base)  # [2, n]
+                if seq.drafter is not None:
+                    # Only rank 0 verified: every rank rebuilds the verdict from the broadcast decision.
+                    seq.drafter.observe(Verdict(decision.accepted, decision.tokens, depth))
+        if moves:
+            src_dst = torch.cat(moves, dim=1).to(self.state.device)  # [2, n]: sources, destinations
+            self.base.move_kv(src_dst[0], src_dst[1])
+        return decisions
+
+    def _on_driver(self, seq: Running, step: Callable[..., T], *args: object) -> T | None:
+        """Run a step only rank 0 takes for `seq` (sampling, verification, settling). If it raises, the
+        error is kept and the next decision ends that request alone on every rank, rather than raised
+        here, which would leave the other ranks waiting in a collective for good. None on the other
+        ranks and after a failure."""
+        if not self.state.is_driver or seq.failure is not None:
             return None
         try:
             return step(*args)
         except Exception as err:
-            self._failure = err
+            seq.failure = err
             return None
 
-    def _request_failed(self) -> RequestFailed:
-        failed = RequestFailed(f"{type(self._failure).__name__}: {self._failure}")
-        failed.__cause__ = self._failure
-        return failed
-
     @staticmethod
-    def _pick(logits: Tensor, req: Request) -> list[int]:
+    def _pick(logits: Tensor, req: Running) -> list[int]:
         """Rank 0 (through _on_driver) chooses the next token from the base logits [1, V]."""
         params = req.params
         scores = req.history.adjust(logits[-1:])  # [1, V]
@@ -281,7 +306,7 @@ class Worker:
         return [token]
 
     @staticmethod
-    def _verify(proposal: Proposal | TreeProposal, logits: Tensor, req: Request) -> Verdict:
+    def _verify(proposal: Proposal | TreeProposal, logits: Tensor, req: Running) -> Verdict:
         """Rank 0's verdict (through _on_driver) from the base logits (chain [n + 1, V], tree [1 + N, V]),
         each row changed by its own history (the drafted tokens before it: a chain's earlier ones, a
         tree node's ancestors) before it is judged."""
@@ -305,39 +330,47 @@ class Worker:
             req.logprobs = token_logprobs(scores, rows, verdict.tokens, params.logprobs)
         return verdict
 
-    def _adapt(self, verdict: Verdict) -> None:
+    def _adapt(self, seq: Running, verdict: Verdict) -> None:
         """Adaptive draft length: one longer after full acceptance, one shorter after a rejection.
         Every rank sees the same verdicts, so every rank picks the same num_draft."""
         if not self.drafting.adaptive:
             return
         if verdict.all_accepted:
-            self.num_draft = min(self.num_draft + 1, self.options.max_num_draft)
+            seq.num_draft = min(seq.num_draft + 1, self.options.max_num_draft)
         else:
-            self.num_draft = max(self.num_draft - 1, 1)
+            seq.num_draft = max(seq.num_draft - 1, 1)
 
-    def _decide(self, candidates: list[int], accepted: int, req: Request, nodes: tuple[int, ...] = ()) -> Decision:
-        """Rank 0 settles the candidate tokens (EOS / length / stop strings / cancellation) and broadcasts
-        the result; every rank returns the same Decision. `nodes` (trees only) are the accepted tree nodes,
-        shared so every rank can move their KV. After a failure on rank 0 the decision says "error" and
-        rank 0 raises RequestFailed, once every rank has it.
+    def _decide(self, seqs: list[Running], candidates: list[list[int]], accepted: list[int],
+                nodes: list[tuple[int, ...]] | None = None) -> list[Decision]:
+        """Rank 0 settles each sequence's candidate tokens (EOS / length / stop strings / cancellation)
+        and broadcasts the results; every rank returns the same Decisions. `nodes` (trees only) are the
+        accepted tree nodes, shared so every rank can move their KV. After a failure on rank 0 a
+        sequence's decision says "error".
 
-        The decision is the only verification result the other ranks see: the rounds rebuild
-        the Verdict their drafters observe from it (accepted count and committed tokens)."""
-        decision = None
+        The decisions are the only verification results the other ranks see: the rounds rebuild
+        the Verdicts their drafters observe from them (accepted count and committed tokens)."""
+        decisions = None
         if self.state.is_driver:
-            decision = self._on_driver(settle, candidates, accepted, nodes, req.params, req.stats.generated,
-                                       self.eos, req.text, self._cancel) or Decision([], 0, "error")
-        decision = share(decision, self.state, self.options.max_num_draft, self.options.tree)
-        req.stats.generated += len(decision.tokens)
-        req.history.commit(decision.tokens)
-        if decision.reason == "error" and self.state.is_driver:
-            raise self._request_failed()
-        return decision
+            nodes = nodes or [()] * len(seqs)
+            decisions = [self._on_driver(seq, settle, cands, acc, node, seq.params, seq.stats.generated, self.eos,
+                                         seq.text, seq.cancel) or Decision([], 0, "error")
+                         for seq, cands, acc, node in zip(seqs, candidates, accepted, nodes, strict=True)]
+        decisions = share(decisions, len(seqs), self.state, self.options.max_num_draft, self.options.tree)
+        for seq, decision in zip(seqs, decisions, strict=True):
+            seq.stats.generated += len(decision.tokens)
+            seq.history.commit(decision.tokens)
+            seq.finished = decision.finished
+        return decisions
 
-    def _chunk(self, decision: Decision, req: Request, begin: float) -> Chunk:
-        req.stats.total_s = time.perf_counter() - begin
-        piece = req.text.take(decision.finished) if req.text is not None else ""
+    def _output(self, seq: Running, decision: Decision) -> RequestOutput:
+        seq.stats.total_s = time.perf_counter() - seq.begin
+        piece = seq.text.take(decision.finished) if seq.text is not None else ""
         # The last step's log-probabilities (rank 0), cut where the decision cut its tokens.
-        logprobs = req.logprobs[: len(decision.tokens)] if req.logprobs is not None else None
-        return Chunk(decision.tokens, piece, decision.finished, decision.reason, decision.stop_reason, req.stats,
-                     logprobs)
+        logprobs = seq.logprobs[: len(decision.tokens)] if seq.logprobs is not None else None
+        chunk = Chunk(decision.tokens, piece, decision.finished, decision.reason, decision.stop_reason, seq.stats,
+                      logprobs)
+        error = None
+        if decision.reason == "error":
+            failure = seq.failure
+            error = f"{type(failure).__name__}: {failure}" if failure is not None else "the request failed"
+        return RequestOutput(seq.request_id, chunk, error)

@@ -262,11 +262,13 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         mask: Tensor | None = None,
         last_only: bool = False,
+        select: Tensor | None = None,
     ) -> Tensor:
         """tokens: [T] (or [B, T] without a cache), positions: [T] long.
 
         Returns float32 logits [T, V] ([B, T, V] for batched input), or [1, V] for
-        the last token only when `last_only` is set (prefill needs no more).
+        the last token only when `last_only` is set (prefill needs no more), or [S, V]
+        for the tokens at indices `select` [S] (the last of each prompt in a batch).
         """
         batched = tokens.dim() == 2
         x = self.embed_tokens(tokens if batched else tokens[None])  # [B, T, D]
@@ -275,5 +277,7 @@ class Transformer(nn.Module):
             x = block(x, step)
         if last_only:
             x = x[:, -1:]
+        elif select is not None:
+            x = x[:, select]
         out = self.logits(x)
         return out if batched else out[0]

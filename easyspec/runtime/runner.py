@@ -16,13 +16,22 @@ share a position, each attending only to its own ancestors). `prefill` runs a
 prompt as pieces of power-of-two lengths, each a captured step too; their
 warm-up uses the piece's own inputs, since a piece may be longer than the
 scratch area.
+
+Rows: a runner made with `rows` > 1 holds that many sequences, each in its own region
+of `max_len` cache slots (row r owns slots r * max_len ..), with the scratch slots
+after the last row. `forward_rows` runs one Feed per sequence as a single forward over
+all their tokens (a batch): each token writes its row's slots and attends only to its
+own row, through a mask the step builds from per-token slot bounds (causal feeds) or
+from the feed's own row-local mask (trees). The single-sequence methods above work on
+row 0, so a one-row runner is the runner it always was.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -74,6 +83,33 @@ def new_graph_pool() -> object:
     return torch.cuda.graph_pool_handle()
 
 
+@dataclass
+class Feed:
+    """One sequence's tokens in a batched step (ModelRunner.forward_rows).
+
+    tokens: [T] long on the runner's device. A causal feed sits at positions start ..
+    start + T - 1, written at those slots of its row, each token reading its row's slots at or
+    before its position. A masked feed (a tree's tokens) gives positions and row-local slots
+    ([T] long each) and mask: [T, L] bool over its row's slots 0 .. L-1."""
+
+    row: int
+    tokens: Tensor
+    start: int = 0
+    positions: Tensor | None = None
+    slots: Tensor | None = None
+    mask: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+
+def padded_length(tokens: int) -> int:
+    """Tokens of a captured batched step: the next power of two, so that a handful of graphs
+    serve every mix of sequences (padding tokens write scratch slots and are discarded)."""
+    return 1 << max(tokens - 1, 0).bit_length()
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[Tensor, ...], out: Tensor | None) -> None:
         self.graph, self.inputs, self.out = graph, inputs, out
@@ -90,15 +126,19 @@ class ModelRunner:
         steps: dict[str, StepFn] | None = None,
         scratch: int = 64,
         label: str | None = None,
+        rows: int = 1,
     ) -> None:
-        """`label` names the model in a log line per captured graph (None: no lines)."""
+        """`label` names the model in a log line per captured graph (None: no lines); `rows`:
+        sequences held at once, each with max_len slots."""
         self.model = model
         self.label = label
-        # Scratch slots past max_len absorb warm-up writes and padding tokens, so no step
+        # Scratch slots past the rows absorb warm-up writes and padding tokens, so no step
         # may be longer than `scratch` tokens.
-        self.cache = model.allocate_cache(max_len + scratch)
+        self.rows = rows
+        self.cache = model.allocate_cache(rows * max_len + scratch)
         self.max_len = max_len
         self.scratch = scratch
+        self.slots = rows * max_len + scratch  # the cache's length
         self.device = model.embed_tokens.weight.device
         self.use_graphs = use_graphs and graphs_supported(self.device)
         # The model itself is the exact step (same call signature); a bound method here
@@ -106,16 +146,19 @@ class ModelRunner:
         self.steps: dict[str, StepFn] = {EXACT: model, **(steps or {})}
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = new_graph_pool() if self.use_graphs else None
-        self._arange = torch.arange(max_len + scratch, device=self.device)
+        self._arange = torch.arange(self.slots, device=self.device)
 
     def kv_len_for(self, end: int) -> int:
         """Cache slots to read when the highest slot written is end - 1."""
-        return kv_span(end, self.max_len + self.scratch)
+        return kv_span(end, self.slots)
+
+    def row_base(self, row: int) -> int:
+        """The first cache slot of `row`."""
+        return row * self.max_len
 
     def _scratch_slots(self, n: int) -> Tensor:
         """The last n slots of the cache: warm-up runs really execute, so they write here."""
-        end = self.max_len + self.scratch
-        return self._arange[end - n : end].clone()
+        return self._arange[self.slots - n : self.slots].clone()
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start: int, mode: str = EXACT) -> Tensor:
@@ -125,7 +168,7 @@ class ModelRunner:
         output buffer: it stays valid until this same step is run again.
         """
         seq = tokens.shape[0]
-        if start + seq > self.max_len + self.scratch:
+        if start + seq > self.slots:
             raise ValueError(f"position {start + seq - 1} is past the KV cache ({self.max_len} slots)")
         kv_len = self.kv_len_for(start + seq)
         fn = self.steps[mode]
@@ -180,6 +223,107 @@ class ModelRunner:
 
         self._run(("move", src.shape[0]), move, (src, dst), warm)
 
+    @torch.inference_mode()
+    def forward_rows(self, feeds: Sequence[Feed], mode: str = EXACT, last_only: bool = False) -> list[Tensor]:
+        """One forward over every feed's tokens, each feed a sequence in its own row (feeds are
+        all causal or all masked). Returns each feed's float32 logits [T_i, V], or [1, V] for its
+        last token with `last_only` (EXACT steps only); under CUDA graphs these are views of the
+        graph's output buffer, valid until this same step runs again."""
+        sizes = [feed.num_tokens for feed in feeds]
+        total = sum(sizes)
+        width = padded_length(total) if self.use_graphs else total
+        tokens = torch.cat([feed.tokens for feed in feeds])  # [total]
+        if width > total:
+            tokens = torch.cat((tokens, tokens.new_zeros(width - total)))  # [width]
+        # Padding tokens write the last scratch slot and read slot 0: their results are discarded.
+        pad_slot = self.slots - 1
+        select = None
+        if last_only:
+            ends = torch.tensor(sizes).cumsum(0) - 1
+            select = ends.to(self.device, non_blocking=True)  # [F]
+        masked = feeds[0].mask is not None
+        if any((feed.mask is not None) != masked for feed in feeds):
+            raise ValueError("forward_rows takes causal feeds or masked feeds, not both")
+        if masked:
+            kv_len = self.kv_len_for(max(self.row_base(f.row) + f.mask.shape[1] for f in feeds))
+            args = self._masked_inputs(feeds, width, kv_len, pad_slot)
+            key = (mode, width, kv_len, "rows-masked", last_only and len(feeds))
+        else:
+            kv_len = self.kv_len_for(max(self.row_base(f.row) + f.start + f.num_tokens for f in feeds))
+            args = (self._causal_inputs(feeds, width, pad_slot),)
+            key = (mode, width, kv_len, "rows", last_only and len(feeds))
+        fn = self.steps[mode]
+        cols = self._arange[:kv_len]
+
+        def step(tokens: Tensor, rest: Tensor, mask: Tensor | None = None, select: Tensor | None = None) -> Tensor:
+            if mask is None:  # rest: [4, width] positions, slots, lowest and highest slot read
+                positions, slots = rest[0], rest[1]
+                mask = (cols[None, :] >= rest[2][:, None]) & (cols[None, :] <= rest[3][:, None])  # [width, L]
+            else:  # rest: [2, width] positions, slots
+                positions, slots = rest[0], rest[1]
+            view = SlotView(self.cache, slots)
+            if select is None:
+                return fn(tokens, positions, view, kv_len, mask)
+            return fn(tokens, positions, view, kv_len, mask, select=select)
+
+        def warm() -> tuple[Tensor, ...]:
+            zeros = torch.zeros(width, dtype=torch.long, device=self.device)
+            rest = torch.stack((zeros, zeros + pad_slot, zeros, zeros)) if not masked else \
+                torch.stack((zeros, zeros + pad_slot))
+            mask = (torch.zeros(width, kv_len, dtype=torch.bool, device=self.device),) if masked else ()
+            if mask:
+                mask[0][:, 0] = True
+            return (zeros, rest, *mask, *(() if select is None else (torch.zeros_like(select),)))
+
+        inputs = (tokens, *args, *(() if select is None else (select,)))
+        if masked:
+            out = self._run(key, step, inputs, warm)
+        else:
+            out = self._run(key, lambda t, r, *sel: step(t, r, None, *sel), inputs, warm)
+        if last_only:
+            return [out[i : i + 1] for i in range(len(feeds))]
+        return list(out[:total].split(sizes))
+
+    def _causal_inputs(self, feeds: Sequence[Feed], width: int, pad_slot: int) -> Tensor:
+        """[4, width] long: each token's position, the slot it writes, and the lowest and highest
+        slot it reads (its row's start, or where a sliding window begins; its own slot)."""
+        window = self.model.config.sliding_window
+        rows = [[], [], [], []]
+        for feed in feeds:
+            base = self.row_base(feed.row)
+            for position in range(feed.start, feed.start + feed.num_tokens):
+                rows[0].append(position)
+                rows[1].append(base + position)
+                rows[2].append(base if window is None else base + max(0, position - window + 1))
+                rows[3].append(base + position)
+        pad = width - len(rows[0])
+        for row, value in zip(rows, (0, pad_slot, 0, 0), strict=True):
+            row.extend([value] * pad)
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _masked_inputs(self, feeds: Sequence[Feed], width: int, kv_len: int, pad_slot: int) -> tuple[Tensor, Tensor]:
+        """[2, width] long positions and written slots, and the [width, kv_len] bool mask: each
+        feed's row-local mask placed at its row (a sliding window applied row-locally)."""
+        window = self.model.config.sliding_window
+        total = sum(feed.num_tokens for feed in feeds)
+        positions = torch.cat([feed.positions for feed in feeds])  # [total]
+        slots = torch.cat([feed.slots + self.row_base(feed.row) for feed in feeds])  # [total]
+        pad = width - total
+        rest = torch.stack((torch.cat((positions, positions.new_zeros(pad))),
+                            torch.cat((slots, slots.new_full((pad,), pad_slot)))))  # [2, width]
+        mask = torch.zeros(width, kv_len, dtype=torch.bool, device=self.device)
+        mask[total:, 0] = True
+        first = 0
+        for feed in feeds:
+            local = feed.mask  # [T, L]
+            if window is not None:
+                keys = self._arange[: local.shape[1]]
+                local = local & (keys[None, :] > feed.positions[:, None] - window)
+            base = self.row_base(feed.row)
+            mask[first : first + feed.num_tokens, base : base + local.shape[1]] = local
+            first += feed.num_tokens
+        return rest, mask
+
     def _run(self, key: tuple, fn: Callable[..., Tensor | None], args: tuple[Tensor, ...],
              warm: Callable[[], tuple[Tensor, ...]]) -> Tensor | None:
         """fn(*args) eagerly, or by replaying the graph captured for `key`."""
@@ -230,7 +374,7 @@ class ModelRunner:
         for size in prefill_pieces(tokens.shape[0]):
             piece = tokens[pos - start : pos - start + size]
             positions = self._arange[pos : pos + size]
-            kv_len = min(max(KV_BUCKET, 1 << (pos + size - 1).bit_length()), self.max_len + self.scratch)
+            kv_len = min(max(KV_BUCKET, 1 << (pos + size - 1).bit_length()), self.slots)
 
             def step(tokens: Tensor, positions: Tensor, kv_len: int = kv_len) -> Tensor:
                 return model(tokens, positions, self.cache, kv_len, last_only=True)  # [1, V]

@@ -21,7 +21,7 @@ the timer synchronises the device, which costs a little; it is optional.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -103,10 +103,11 @@ class SpecStats:
 
 
 class StageTimer:
-    """Adds wall time per stage into a SpecStats; synchronises the device if asked."""
+    """Adds wall time per stage into a SpecStats (or into each of several: the sequences of a batch
+    that shared the stage); synchronises the device if asked."""
 
-    def __init__(self, stats: SpecStats, device: torch.device, synchronize: bool) -> None:
-        self.stats = stats
+    def __init__(self, stats: SpecStats | Sequence[SpecStats], device: torch.device, synchronize: bool) -> None:
+        self.stats = [stats] if isinstance(stats, SpecStats) else list(stats)
         self.sync = synchronize and device.type == "cuda"
         self.device = device
 
@@ -120,4 +121,6 @@ class StageTimer:
         finally:
             if self.sync:
                 torch.cuda.synchronize(self.device)
-            self.stats.stage_s[name] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            for stats in self.stats:
+                stats.stage_s[name] += seconds
