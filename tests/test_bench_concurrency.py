@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from easyspec.bench.concurrency import Trace, level_result, levels_table, parse_levels, percentile, summarise_levels
 from easyspec.bench.core import MethodResult
-from easyspec.engine.worker import Chunk
+from easyspec.engine.request import Chunk
 from easyspec.runtime.stats import SpecStats
 
 NEW_TOKENS = 10
+DEMO_BASE = Path(__file__).resolve().parent.parent / "easyspec" / "models" / "demo" / "base"  # has a tokenizer
 
 
 def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -98,10 +100,11 @@ def test_bad_levels_get_one_line(pair_dir, tmp_path, args, message):
     assert not (tmp_path / "bench.json").exists()
 
 
-def test_a_prompts_file_shorter_than_the_level_is_refused(pair_dir, tmp_path):
+def test_a_prompts_file_shorter_than_the_level_is_refused(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"category": "qa", "turns": [f"question {i}"]}) + "\n" for i in range(3)))
-    out = _bench("--model", str(pair_dir / "base"), "--methods", "vanilla", "--prompts", str(prompts), "--raw",
+    rows = [{"question_id": i, "category": "qa", "turns": [f"question {i}"]} for i in range(3)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = _bench("--model", str(DEMO_BASE), "--methods", "vanilla", "--prompts", str(prompts), "--raw",
                  "--num-prompts", "8", "--concurrency", "1,4", "--out", str(tmp_path / "out"), timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from easyspec.bench.core import MethodResult, first_divergence
 from easyspec.engine.engine import Engine
-from easyspec.engine.worker import Chunk
+from easyspec.engine.request import Chunk
 from easyspec.options import SamplingParams
 
 ITL_NOTE = ("per token: the time between two outputs of a request that carry tokens, divided by the tokens "
