@@ -48,6 +48,9 @@ bench_until() {
     if [ $left -le 10 ]; then echo "$name: not run, the deadline has passed" | tee -a "$dir/skipped.txt"; return; fi
     echo "== $name ($left s left)"
     timeout $left python3 -m easyspec bench --quiet --out "$dir/$name" "$@" 2>"$dir/$name.log" | tee "$dir/$name.md"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "$name: cut off at the deadline, after $left s" | tee -a "$dir/skipped.txt"
+    [ "$rc" = 0 ] || [ "$rc" = 124 ] || echo "$name: failed (exit $rc), see $name.log" | tee -a "$dir/skipped.txt"
     tail -n 2 "$dir/$name.log"
 }
 case "${1:-demo}" in
