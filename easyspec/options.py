@@ -34,9 +34,11 @@ MIN_CONTEXT = 16  # the shortest KV cache an engine runs with (--max-context, or
 DEFAULT_MAX_NUM_SEQS = 16
 MAX_NUM_SEQS = 256
 # Draft tokens per round across the batch (--draft-token-budget): each running sequence drafts at most
-# budget // running tokens, so a batch of 8 keeps 4 draft tokens each and one of 16 two; past the budget
-# a round is plain decoding. Verification then carries at most budget + running tokens per base forward,
-# which keeps it in the regime where the step costs about as much as one token's (weights streamed once).
+# budget // running tokens, so a batch of 8 keeps 4 draft tokens each and one of 16 two; with less than
+# one each, a round is plain decoding. Verification then carries at most budget + running tokens per
+# base forward, which keeps it in the regime where the step costs about as much as one token's (weights
+# streamed once). A budget below one request's whole draft counts as that draft: a request alone always
+# drafts in full.
 DEFAULT_DRAFT_TOKEN_BUDGET = 32
 DEFAULT_TIMEOUT_S = 120.0  # a collective that has not finished by then means a peer is dead or stuck
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"

@@ -129,25 +129,22 @@ def test_long_prompt_is_read_in_chunks_while_others_decode(pair_dir, monkeypatch
         assert all(outs.get(running) for outs in per_step[: first_of_reader + 1])
 
 
-def test_draft_budget_shrinks_drafting_as_the_batch_grows(pair_dir):
-    """A budget of 6 draft tokens: a request alone drafts its 4 per round; three together (the same
-    prompt, so they stay together to the end) draft 2 each; a budget of 0 decodes plainly. Every output
-    equals plain greedy decoding."""
-    prompts, params = [PROMPTS[1]] * 3, SamplingParams(max_new_tokens=12, ignore_eos=True)
+@pytest.mark.parametrize(("budget", "requests", "each"), [(6, 3, 2), (0, 3, 1), (0, 5, 0)])
+def test_draft_budget_shrinks_drafting_as_the_batch_grows(pair_dir, budget, requests, each):
+    """Requests of the same prompt (so they stay together to the end) draft budget // requests tokens
+    a round each, none below one each; a budget under one request's draft (4) counts as 4, so a
+    request alone drafts its 4. Every output equals plain greedy decoding."""
+    prompts, params = [PROMPTS[1]] * requests, SamplingParams(max_new_tokens=12, ignore_eos=True)
     with Engine(options(pair_dir, method="vanilla")) as reference:
-        plain = [run(reference, prompt, params)[0] for prompt in prompts]
-    for budget in (6, 0):
-        with Engine(options(pair_dir, method="sd", draft="near", num_draft=4, draft_token_budget=budget,
-                            max_num_seqs=3)) as engine:
-            alone = run(engine, prompts[0], params)[1].stats
-            results = engine.generate_many(prompts, params, progress=False)
-        assert [r.token_ids for r in results] == plain
-        assert alone.drafted == min(4, budget) * alone.rounds
-        for stats in (r.stats for r in results):
-            if budget == 0:
-                assert stats.drafted == 0
-            else:
-                assert stats.drafted == 2 * stats.rounds and len(stats.accepted_per_position) <= 2
+        plain = run(reference, prompts[0], params)[0]
+    with Engine(options(pair_dir, method="sd", draft="near", num_draft=4, draft_token_budget=budget,
+                        max_num_seqs=requests)) as engine:
+        alone = run(engine, prompts[0], params)[1].stats
+        results = engine.generate_many(prompts, params, progress=False)
+    assert [r.token_ids for r in results] == [plain] * requests
+    assert alone.drafted == 4 * alone.rounds
+    for stats in (r.stats for r in results):
+        assert stats.drafted == each * stats.rounds and len(stats.accepted_per_position) <= each
 
 
 def test_sampling_in_a_batch_keeps_the_base_distribution(pair_dir):

@@ -18,10 +18,16 @@ from easyspec import Engine, EngineOptions, SamplingParams
 from easyspec.cli.args import options_from_args, sampling_from_args
 from easyspec.cli.main import build_parser
 from easyspec.engine.capacity import Capacity, kv_bytes_per_token, settle_context
-from easyspec.engine.engine import preflight
+from easyspec.engine.preflight import preflight
 from easyspec.model.config import ModelConfig
 from easyspec.model.loader import load_config, stored_dtype
-from easyspec.options import CPU_KV_CACHE_BYTES, DEFAULT_MAX_NEW_TOKENS, OptionsError, auto_dtype
+from easyspec.options import (
+    CPU_KV_CACHE_BYTES,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    OptionsError,
+    auto_dtype,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TOKENIZER = ROOT / "easyspec" / "models" / "demo" / "base" / "tokenizer.json"
@@ -94,15 +100,23 @@ def _config(max_positions: int, layers: int = 2) -> ModelConfig:
 def test_context_defaults_to_the_models_length_capped_by_memory():
     options = EngineOptions(dtype="float32")
     base, draft = _config(4096), _config(2048, layers=1)
-    context, line = settle_context(options.replace(method="sd", draft="d"), base, draft)
+    context, rows, line = settle_context(options.replace(method="sd", draft="d"), base, draft)
     assert context == 2048 and "the draft's max_position_embeddings" in line and "KV cache" in line
-    assert settle_context(options, base, None)[0] == 4096
-    # A model far longer than the CPU cap: the cache is cut to fit CPU_KV_CACHE_BYTES.
+    assert rows == DEFAULT_MAX_NUM_SEQS and f"{rows} sequences at once" in line
+    assert settle_context(options, base, None)[:2] == (4096, DEFAULT_MAX_NUM_SEQS)
+    # A model far longer than the CPU cap: the cache is cut to fit CPU_KV_CACHE_BYTES, one sequence.
     huge = _config(1 << 30)
-    context, line = settle_context(options, huge, None)
-    assert Capacity.of(options, huge, None).cache_bytes(context) <= CPU_KV_CACHE_BYTES
+    context, rows, line = settle_context(options, huge, None)
+    assert Capacity.of(options, huge, None).cache_bytes(context) <= CPU_KV_CACHE_BYTES and rows == 1
     assert context > CPU_KV_CACHE_BYTES // kv_bytes_per_token(huge, "float32") - 100
     assert "capped" in line
+    # --max-num-seqs shares the memory: each sequence gets its part of it.
+    context, rows, _ = settle_context(options.replace(max_num_seqs=4), huge, None)
+    assert rows == 4 and Capacity.of(options, huge, None).cache_bytes(context, 4) <= CPU_KV_CACHE_BYTES
+    # A shorter context leaves room for more sequences, up to the default's cap.
+    per_sequence = Capacity.of(options, huge, None).cache_bytes(1 << 20)
+    rows = settle_context(options.replace(max_context=1 << 20), huge, None)[1]
+    assert rows == min(DEFAULT_MAX_NUM_SEQS, CPU_KV_CACHE_BYTES // per_sequence)
     # An explicit --max-context is taken when the models reach it, refused with one line when not.
     assert settle_context(options.replace(max_context=100), base, None)[0] == 100
     with pytest.raises(OptionsError, match="exceeds the base model's max_position_embeddings"):

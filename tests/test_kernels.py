@@ -185,6 +185,33 @@ def test_split_kv_attention(case, dtype):
     assert_close(got, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_kv_attention_over_a_batch_of_rows(dtype):
+    """Tokens of 3 sequences, each in its own 512-slot row of the cache and seeing only its row up to
+    its position (the batch's block mask): the result matches the reference, and each token's rows
+    equal the token attending alone (bitwise on a GPU; Triton's CPU interpreter multiplies a tile's
+    rows with NumPy, whose rounding depends on the other rows)."""
+    heads, kv_heads, head_dim, row_len = 4, 2, 64, 512
+    positions = [(0, 100), (1, 300), (1, 301), (2, 7)]  # (row, position)
+    kv_len = 3 * row_len
+    q = randn(len(positions), heads, head_dim, dtype=dtype)
+    keys = randn(kv_heads, kv_len, head_dim, dtype=dtype, seed=1)
+    values = randn(kv_heads, kv_len, head_dim, dtype=dtype, seed=2)
+    cols = torch.arange(kv_len, device=DEVICE)
+    mask = torch.stack([(cols >= row * row_len) & (cols <= row * row_len + pos) for row, pos in positions])
+    group_mask = mask.repeat(heads // kv_heads, 1)
+    got = decode_attention.decode_attention(q, keys, values, group_mask, kv_len)
+    expected = kernels.cached_attention_reference(q.float(), keys.float(), values.float(), group_mask, kv_len)
+    assert_close(got, expected, dtype)
+    for i in range(len(positions)):
+        alone = decode_attention.decode_attention(q[i : i + 1], keys, values,
+                                                  mask[i : i + 1].repeat(heads // kv_heads, 1), kv_len)
+        if DEVICE == "cuda":
+            assert torch.equal(alone[0], got[i])
+        else:
+            assert_close(alone[0], got[i], dtype)
+
+
 def _prefill_then_steps(model, fused: bool, positions_split: int, tokens: torch.Tensor) -> tuple:
     """Logits of tokens[positions_split:] after a prefill of the rest, as one step, and the cache."""
     kernels.use_fused(fused)

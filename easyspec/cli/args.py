@@ -143,7 +143,8 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
     if batch:
         s.add_argument("--draft-token-budget", type=int, default=ENGINE_DEFAULTS.draft_token_budget,
                        help="draft tokens per round over the whole batch: each running request drafts at most "
-                            "this divided by the running count (fewer as the batch grows); 0 = plain decoding")
+                            "this divided by the running count (fewer as the batch grows, none below one each); "
+                            "never less than one request's whole draft")
 
 
 # Sampling flags whose default is the engine's (the model's generation_config.json, see

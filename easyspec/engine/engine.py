@@ -27,29 +27,22 @@ from pathlib import Path
 
 import torch
 
-from easyspec.draft.setup import check_draft
-from easyspec.engine.capacity import settle_context
 from easyspec.engine.decision import RequestFailed, seed_box
+from easyspec.engine.preflight import preflight, request_defaults
 from easyspec.engine.request import Chunk, Join, RequestOutput
 from easyspec.engine.worker import Worker
 from easyspec.model.checkpoint import read_text
-from easyspec.model.loader import generation_defaults, is_gguf, load_config, stored_dtype
 from easyspec.model.progress import bar
-from easyspec.model.tokenizer import Tokenizer, check_chat_template
+from easyspec.model.tokenizer import Tokenizer
 from easyspec.options import (
-    AUTO_DTYPE,
     DEFAULT_MAX_NEW_TOKENS,
-    VLLM_SAMPLING_DEFAULTS,
     EngineOptions,
-    GenerationConfig,
     OptionsError,
     SamplingParams,
-    auto_dtype,
 )
 from easyspec.parallel import comm
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
-from easyspec.parallel.tp import check_divisible
 from easyspec.runtime.stats import SpecStats
 from easyspec.verify.logprobs import TokenLogprob
 
@@ -70,58 +63,6 @@ def exit_on_failure(message: str) -> None:
     with _fatal_lock:
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(1)
-
-
-def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
-    """Checks that need only config files, done before any process is started; returns the
-    options with the dtype and the context length settled, and a line saying what the KV cache takes."""
-    options.validate()
-    base = load_config(options.model)
-    draft = load_config(options.draft) if options.draft else None
-    if options.chat_template is not None and not is_gguf(options.model) \
-            and not (Path(options.model) / "tokenizer.json").is_file():
-        raise OptionsError(f"--chat-template needs a tokenizer, and {options.model} has no tokenizer.json")
-    if options.chat_template is not None:
-        check_chat_template(read_text(Path(options.chat_template)), options.chat_template)
-    if options.dtype == AUTO_DTYPE:
-        options = options.replace(dtype=auto_dtype(options.device, stored_dtype(options.model)))
-    if options.devices > 1:
-        check_divisible(base, options.devices, "base model")
-    for name, cfg in (("base model", base), ("draft", draft)):
-        window = cfg.sliding_window if cfg is not None else None
-        if options.tree and window is not None and window <= options.initial_num_draft:
-            # A tree token's key sits at a slot past its position; the mask is exact only for shallower trees.
-            raise OptionsError(f"the {name}'s sliding_window ({window}) must be longer than the tree is deep "
-                               f"({options.initial_num_draft}); lower --tree-depth")
-    if options.tree_width > base.vocab_size:
-        raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
-                           f"({base.vocab_size} tokens); lower it")
-    if options.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise OptionsError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-        if torch.cuda.device_count() < options.devices:
-            raise OptionsError(
-                f"--devices {options.devices} but only {torch.cuda.device_count()} CUDA devices are visible"
-            )
-    context, rows, line = settle_context(options, base, draft)
-    options = options.replace(max_context=context, max_num_seqs=rows)
-    if draft is not None:
-        check_draft(base, draft, options)
-    return options, line
-
-
-def request_defaults(options: EngineOptions) -> dict[str, object]:
-    """The SamplingParams fields a request takes unless it sets them (--generation-config)."""
-    mode = options.generation_config
-    if mode == GenerationConfig.NONE:
-        return {}
-    if mode == GenerationConfig.VLLM:
-        return dict(VLLM_SAMPLING_DEFAULTS)
-    defaults = generation_defaults(options.model if mode == GenerationConfig.AUTO else mode)
-    SamplingParams(**defaults)  # the file's values pass the same checks as a request's
-    return defaults
 
 
 @dataclass
@@ -164,6 +105,7 @@ class Engine:
         self._aborted: list[RequestOutput] = []  # waiting requests aborted: their last output, at the next step
         self._kept: dict[int, deque[RequestOutput]] = {}  # outputs of requests a generate() streams
         self._unclaimed: list[RequestOutput] = []  # outputs a generate() stepped past for step()'s callers
+        self._closed = False
         launched = torchrun_rank()
         if launched:
             rank, world = launched
@@ -240,6 +182,11 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request (checked now: OptionsError says what is wrong); returns its id. It joins the
         batch at a later step() when there is room, first come first served."""
+        join = self._checked(prompt, params)
+        self._waiting.append(join)
+        return join.request_id
+
+    def _checked(self, prompt: str | list[int], params: SamplingParams | None) -> Join:
         prompt_ids = self.prompt_ids(prompt)
         params = params or self.sampling_params(len(prompt_ids))
         self.worker.check_request(prompt_ids, params)
@@ -247,10 +194,8 @@ class Engine:
             seed = int(seed_box(params.seed)[0])
         except (RuntimeError, OverflowError) as err:
             raise OptionsError(f"seed {params.seed} does not fit a signed 64-bit integer") from err
-        request_id = self._next_id
         self._next_id += 1
-        self._waiting.append(Join(request_id, prompt_ids, params, seed))
-        return request_id
+        return Join(self._next_id - 1, prompt_ids, params, seed)
 
     def abort(self, request_id: int) -> None:
         """Cancel a request: a waiting one leaves the queue (its last output comes at the next step), a
@@ -258,7 +203,8 @@ class Engine:
         for join in self._waiting:
             if join.request_id == request_id:
                 self._waiting.remove(join)
-                self._aborted.append(RequestOutput(request_id, Chunk([], finished=True, finish_reason="cancelled")))
+                last = RequestOutput(request_id, Chunk([], finished=True, finish_reason="cancelled"))
+                (self._kept[request_id] if request_id in self._kept else self._aborted).append(last)
                 return
         if request_id in self._running:
             self.worker.cancel(request_id)
@@ -269,7 +215,12 @@ class Engine:
         WorkerFailure when a worker process died or a collective broke: the engine is then unusable."""
         outputs = self._unclaimed + self._aborted
         self._unclaimed, self._aborted = [], []
-        return outputs + self._step()
+        for out in self._step():
+            if out.request_id in self._kept:  # an open generate()'s
+                self._kept[out.request_id].append(out)
+            else:
+                outputs.append(out)
+        return outputs
 
     def _step(self) -> list[RequestOutput]:
         joins = []
@@ -309,6 +260,8 @@ class Engine:
         are kept for their own generate() or handed to the next step() caller."""
         kept = self._kept[request_id]
         while not kept:
+            if not self._waiting and not self._running:
+                raise RuntimeError(f"request {request_id} is neither waiting nor running")
             for out in self._step():
                 if out.request_id in self._kept:
                     self._kept[out.request_id].append(out)
@@ -318,26 +271,30 @@ class Engine:
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Yield Chunks as tokens are committed; stop iterating (or close the generator) to cancel.
-        Other requests (other generators, add_request) run in the same batch meanwhile. A request that
-        fails on its own raises RequestFailed (the engine goes on)."""
-        request_id = self.add_request(prompt, params)
-        self._kept[request_id] = deque()
-        return self._stream(request_id)
+        The request is checked now and queued at the first iteration; other requests (other
+        generators, add_request) run in the same batch meanwhile. A request that fails on its own
+        raises RequestFailed (the engine goes on)."""
+        return self._stream(self._checked(prompt, params))
 
-    def _stream(self, request_id: int) -> Iterator[Chunk]:
-        finished = False
+    def _stream(self, join: Join) -> Iterator[Chunk]:
+        request_id = join.request_id
+        self._kept[request_id] = deque()
+        self._waiting.append(join)
         try:
+            finished = False
             while not finished:
                 out = self._next_output(request_id)
                 finished = out.chunk.finished
                 if out.error is not None:
                     raise RequestFailed(out.error)
                 yield out.chunk
-        finally:
-            if not finished:  # closed early: cancel, and run the batch to its decision
+        except GeneratorExit:
+            if not self._closed:  # cancel, and run the batch to the request's last decision
                 self.abort(request_id)
-                while not (finished := self._next_output(request_id).chunk.finished):
+                while not self._next_output(request_id).chunk.finished:
                     pass
+            raise
+        finally:
             del self._kept[request_id]
 
     def generate_many(self, prompts: Sequence[str | list[int]],
@@ -392,6 +349,7 @@ class Engine:
         return results
 
     def close(self) -> None:
+        self._closed = True
         if self.followers is not None:
             self.followers.stop()
             self.followers = None

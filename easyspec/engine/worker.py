@@ -189,9 +189,12 @@ class Worker:
         return [self._output(seq, d) for seq, d in zip(seqs, decisions, strict=True)]
 
     def _round(self, seqs: list[Running]) -> list[RequestOutput]:
-        room = self.options.draft_token_budget // len(seqs)  # draft tokens each sequence may have
         opts = self.options
-        if not self.drafting.speculates or room == 0 or (opts.tree and room < opts.tree_width * opts.initial_num_draft):
+        tree_size = opts.tree_width * opts.initial_num_draft
+        # The budget never stops a request alone from drafting in full: past that, each gets its share.
+        budget = max(opts.draft_token_budget, tree_size if opts.tree else opts.max_num_draft)
+        room = budget // len(seqs)  # draft tokens each sequence may have this round
+        if not self.drafting.speculates or room == 0 or (opts.tree and room < tree_size):
             decisions = self._plain_round(seqs)
         elif opts.tree:
             decisions = self._tree_round(seqs)

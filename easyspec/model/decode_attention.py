@@ -23,7 +23,9 @@ of 16 whatever T is, and the chunk length depends on the head size only, not
 on how many slots the step reads. A step that reads more slots only adds
 chunks (and key blocks) in which the row sees nothing; they contribute exact
 zeros. So decoding a token alone and verifying it among k+1 others give
-bitwise-equal attention, which lossless speculative decoding relies on.
+bitwise-equal attention, which lossless speculative decoding relies on. Key
+blocks that no row of a tile sees are skipped, reads and all (they would add
+exact zeros): a batch's rows each read their own sequence's part of the cache.
 """
 
 from __future__ import annotations
@@ -79,29 +81,32 @@ if triton is not None:
         for offset in range(0, CHUNK, BLOCK):
             cols = begin + offset + tl.arange(0, BLOCK)
             col_ok = cols < kv_len
-            kv_at = kv_head * stride_kh + cols[:, None] * stride_kl + dims[None, :]
-            kv_ok = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0).to(DOT)  # [BLOCK, hd]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale  # [BLOCK_M, BLOCK]
             visible = tl.load(mask_ptr + rows[:, None] * stride_mask + cols[None, :],
                               mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(visible != 0, s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, axis=1))
-            # Rows that have seen no visible key yet keep a finite reference point.
-            ref = tl.where(new_best == float("-inf"), 0.0, new_best)
-            p = tl.exp(s - ref[:, None])
-            rescale = tl.exp(best - ref)
-            total = total * rescale + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0).to(DOT)
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(p.to(DOT), v, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(p.to(DOT), v)
-            best = new_best
+            # A key block no row of the tile sees adds exact zeros: skip its reads. In a batch,
+            # that is every other sequence's part of the cache.
+            if tl.max(visible.to(tl.int32)) > 0:
+                kv_at = kv_head * stride_kh + cols[:, None] * stride_kl + dims[None, :]
+                kv_ok = col_ok[:, None] & dim_ok[None, :]
+                k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0).to(DOT)  # [BLOCK, hd]
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = s * scale  # [BLOCK_M, BLOCK]
+                s = tl.where(visible != 0, s, float("-inf"))
+                new_best = tl.maximum(best, tl.max(s, axis=1))
+                # Rows that have seen no visible key yet keep a finite reference point.
+                ref = tl.where(new_best == float("-inf"), 0.0, new_best)
+                p = tl.exp(s - ref[:, None])
+                rescale = tl.exp(best - ref)
+                total = total * rescale + tl.sum(p, axis=1)
+                v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0).to(DOT)
+                if IEEE:
+                    acc = acc * rescale[:, None] + tl.dot(p.to(DOT), v, input_precision="ieee")
+                else:
+                    acc = acc * rescale[:, None] + tl.dot(p.to(DOT), v)
+                best = new_best
         lse = tl.where(total > 0, best + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         base = (kv_head * num_splits + split) * GROUP * tokens + rows

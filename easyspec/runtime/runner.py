@@ -218,8 +218,9 @@ class ModelRunner:
                     buf.index_copy_(1, dst, buf.index_select(1, src))
 
         def warm() -> tuple[Tensor, ...]:
-            scratch = self._scratch_slots(src.shape[0])
-            return scratch, scratch.clone()
+            # Every entry onto the last scratch slot: a batch's moves may outnumber the scratch slots.
+            last = torch.full_like(src, self.slots - 1)
+            return last, last.clone()
 
         self._run(("move", src.shape[0]), move, (src, dst), warm)
 
