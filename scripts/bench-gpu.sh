@@ -219,9 +219,11 @@ concurrency)
     # alone) and every 'equal to vanilla' cell too. Then the bfloat16 timings at LEVELS; in bfloat16 a batch
     # may round differently from a single request, so only the float32 check asks for equality. Environment:
     # METHODS, LEVELS (1,2,4,8,16), PROMPTS_N (16: the largest level, each level serves all of them),
-    # NEW_TOKENS (128), CHECK_PROMPTS (4; 0 skips the check), CHECK_METHODS (METHODS), CHECK_S (170: the check's
-    # share of the time), DEVICE (cuda; cpu for a dry run), DEADLINE (540 s after the script started). Tables
-    # come back in concurrency.md (the timing tables last), everything (JSON, logs) in concurrency.tgz.
+    # NEW_TOKENS (128), CHECK_PROMPTS (4; 0 skips the check), CHECK_METHODS (vanilla,sd-tp1,sd-tp1:tree=4x4,
+    # easyspec: a chain, a tree, layer-parallel; scripts/check_batch.py checks more on the demo pair),
+    # CHECK_S (150: the check's share of the time), DEVICE (cuda; cpu for a dry run), DEADLINE (540 s after the
+    # script started). Tables come back in concurrency.md (the timing tables last), everything (JSON, logs) in
+    # concurrency.tgz.
     base_src="${2:-easyspec/models/demo/base}" draft_src="${3:-easyspec/models/demo/draft}"
     prompts="${4:-easyspec/models/demo/prompts.jsonl}"
     device="${DEVICE:-cuda}" deadline="${DEADLINE:-540}"
@@ -236,12 +238,12 @@ concurrency)
     on_one_gpu=(--device "$device" --devices 1 --prompts "$prompts" --repeats 1)
     shape="${BASE_SHAPE:-llama-3.1-8b} base / ${DRAFT_SHAPE:-llama-3.2-1b}-wide draft"
     if [ "$check_n" != 0 ]; then
-        # At most CHECK_S seconds (default 170), so that the timings keep the rest.
-        check_end=$((SECONDS + ${CHECK_S:-170}))
+        # At most CHECK_S seconds, so that the timings keep the rest (about 350 s for the five default methods).
+        check_end=$((SECONDS + ${CHECK_S:-150}))
         check_levels="$([ "$check_n" -gt 1 ] && echo "1,")$check_n"
         deadline=$((check_end < deadline ? check_end : deadline)) bench_until "$c" f32-check \
             --model "$w/base-float32" --draft "$w/draft-float32" "${on_one_gpu[@]}" --dtype float32 \
-            --methods "${CHECK_METHODS:-$methods}" --concurrency "$check_levels" --num-prompts "$check_n" \
+            --methods "${CHECK_METHODS:-vanilla,sd-tp1,sd-tp1:tree=4x4,easyspec}" --concurrency "$check_levels" --num-prompts "$check_n" \
             --max-new-tokens 32 --warmup 0 \
             --title "inflated pair ($shape), 1 GPU, float32, greedy: batched against alone"
     fi
