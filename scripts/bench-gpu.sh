@@ -243,8 +243,8 @@ concurrency)
         check_levels="$([ "$check_n" -gt 1 ] && echo "1,")$check_n"
         deadline=$((check_end < deadline ? check_end : deadline)) bench_until "$c" f32-check \
             --model "$w/base-float32" --draft "$w/draft-float32" "${on_one_gpu[@]}" --dtype float32 \
-            --methods "${CHECK_METHODS:-vanilla,sd-tp1,sd-tp1:tree=4x4,easyspec}" --concurrency "$check_levels" --num-prompts "$check_n" \
-            --max-new-tokens 32 --warmup 0 \
+            --methods "${CHECK_METHODS:-vanilla,sd-tp1,sd-tp1:tree=4x4,easyspec}" --concurrency "$check_levels" \
+            --num-prompts "$check_n" --max-new-tokens 32 --warmup 0 \
             --title "inflated pair ($shape), 1 GPU, float32, greedy: batched against alone"
     fi
     # The main table's runs warm up on 4 prompts; every level warms up on one wave of its own.
