@@ -218,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "not_projected": missing_projection}
     if levels:
         summarise_levels(served, results)
-        skipped = [f"{HF_LABEL}: no concurrency levels (HF generate serves one request at a time)"
+        skipped = [f"{HF_LABEL}: no concurrency levels (the HF baseline runs one prompt at a time)"
                    for r in results if r.label == HF_LABEL]
         extra["concurrency"] = levels_section(served, levels, len(prompts), skipped)
     plot_note = write_outputs(results, Path(args.out), meta, extra)
