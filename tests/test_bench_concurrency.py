@@ -177,3 +177,16 @@ def test_summary_and_table_against_vanilla_and_level_one():
     without_one = rows[2:]
     summarise_levels(without_one, alone)
     assert without_one[0].scaling is None and "| 4 | vanilla | 300.0 | 1.00x | - |" in levels_table(without_one)
+
+
+def test_the_hf_row_has_no_levels_and_says_so(pair_dir, tmp_path):
+    pytest.importorskip("transformers")
+    out = _bench("--model", str(pair_dir / "base"), "--methods", "vanilla,hf", "--concurrency", "1",
+                 "--num-prompts", "1", "--prompt-len", "6", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                 "--quiet", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    note = "hf transformers (1 device): no concurrency levels (the HF baseline runs one prompt at a time)"
+    assert note in out.stdout.splitlines()
+    assert [r[1] for r in _last_table(out.stdout)[1:]] == ["vanilla"]
+    section = json.loads((tmp_path / "bench.json").read_text())["concurrency"]
+    assert section["not_run"] == [note] and [r["label"] for r in section["rows"]] == ["vanilla"]
