@@ -12,6 +12,9 @@
 #   scripts/bench-gpu.sh kernels # ONE GPU (~6 min): the fused kernels' CUDA tests, float32 greedy equality of
 #                                # every method on the demo pair with them, 8B/1B step latencies with and without,
 #                                # each kernel alone
+#   scripts/bench-gpu.sh concurrency [BASE DRAFT [PROMPTS]]
+#                                # ONE GPU (~8 min): the pair inflated as `real` does, every one-GPU method served
+#                                # at 1, 2, 4, 8 and 16 requests in flight (easyspec bench --concurrency)
 #
 # Results (markdown tables, bench.json, bench.png) go to $OUT.
 set -uo pipefail
@@ -24,6 +27,32 @@ mkdir -p "$out" "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
 # End-to-end rows: every method on the same prompts (trees once per drafter kind).
 E2E_METHODS="${METHODS:-vanilla,sd-tp1,sd-tpN,ngram,easyspec,easyspec:attention+tp-mlp,sd-tp1:tree=4x4,easyspec:attention:every-round:2:tree=4x4}"
+# inflate_pair BASE DRAFT DIR DTYPE...: a trained pair at real shapes (easyspec zoo inflate), DIR/base-DTYPE and
+# DIR/draft-DTYPE per dtype: the base at BASE_SHAPE (Llama-3.1-8B's), the draft at DRAFT_SHAPE's width
+# (Llama-3.2-1B's) with its own layers.
+inflate_pair() {
+    local base=$1 draft=$2 dir=$3 dtype
+    shift 3
+    for dtype in "$@"; do
+        python3 -m easyspec zoo inflate --model "$base" --shape "${BASE_SHAPE:-llama-3.1-8b}" \
+            --out "$dir/base-$dtype" --dtype "$dtype" --overwrite
+        python3 -m easyspec zoo inflate --model "$draft" --shape "${DRAFT_SHAPE:-llama-3.2-1b}" --draft \
+            --out "$dir/draft-$dtype" --dtype "$dtype" --overwrite
+    done
+}
+# bench_until DIR NAME ARGS...: one quiet `easyspec bench` run into DIR/NAME (tables in DIR/NAME.md, log in
+# DIR/NAME.log), cut off at $deadline seconds after the script started.
+bench_until() {
+    local dir=$1 name=$2 left=$((deadline - SECONDS))
+    shift 2
+    if [ $left -le 10 ]; then echo "$name: not run, the deadline has passed" | tee -a "$dir/skipped.txt"; return; fi
+    echo "== $name ($left s left)"
+    timeout $left python3 -m easyspec bench --quiet --out "$dir/$name" "$@" 2>"$dir/$name.log" | tee "$dir/$name.md"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "$name: cut off at the deadline, after $left s" | tee -a "$dir/skipped.txt"
+    [ "$rc" = 0 ] || [ "$rc" = 124 ] || echo "$name: failed (exit $rc), see $name.log" | tee -a "$dir/skipped.txt"
+    tail -n 2 "$dir/$name.log"
+}
 case "${1:-demo}" in
 train)
     # The demo pair: base and draft trained at once, one per GPU; packed in pieces small enough to fetch.
@@ -108,21 +137,13 @@ real)
     mkdir -p "$r" "$w"
     # bench NAME ARGS...: one `easyspec bench` run into $r/NAME, cut off at the deadline.
     bench() {
-        local name=$1 left=$((deadline - SECONDS))
+        local name=$1
         shift
-        if [ $left -le 10 ]; then echo "$name: not run, the deadline has passed" | tee -a "$r/skipped.txt"; return; fi
-        echo "== $name ($left s left)"
-        timeout $left python3 -m easyspec bench --device "$device" --prompts "$prompts" --quiet \
-            --out "$r/$name" "$@" 2>"$r/$name.log" | tee "$r/$name.md"
-        tail -n 2 "$r/$name.log"
+        bench_until "$r" "$name" --device "$device" --prompts "$prompts" "$@"
     }
-    for dtype in float32 bfloat16; do
-        [ "$dtype" = float32 ] && [ "${CHECK_PROMPTS:-3}" = 0 ] && continue
-        python3 -m easyspec zoo inflate --model "$base_src" --shape "${BASE_SHAPE:-llama-3.1-8b}" \
-            --out "$w/base-$dtype" --dtype $dtype --overwrite
-        python3 -m easyspec zoo inflate --model "$draft_src" --shape "${DRAFT_SHAPE:-llama-3.2-1b}" --draft \
-            --out "$w/draft-$dtype" --dtype $dtype --overwrite
-    done 2>&1 | tee "$r/inflate.log"
+    dtypes=bfloat16
+    [ "${CHECK_PROMPTS:-3}" = 0 ] || dtypes="float32 bfloat16"
+    inflate_pair "$base_src" "$draft_src" "$w" $dtypes 2>&1 | tee "$r/inflate.log"
     echo "inflated by $SECONDS s"
     if [ "${CHECK_PROMPTS:-3}" != 0 ]; then
         quick=(--dtype float32 --num-prompts "${CHECK_PROMPTS:-3}" --max-new-tokens 64 --repeats 1 --warmup 0)
@@ -190,8 +211,55 @@ kernels)
     grep -i "warn\|fall" "$k/steps.log" "$k/demo-bench.log" | head -n 5
     cat "$k/demo.md" "$k/kernels.md" "$k/steps-fused.md" "$k/steps-reference.md" 2>/dev/null
     ;;
+concurrency)
+    # ONE GPU. `easyspec bench --concurrency` on the pair inflated as `real` does it (BASE DRAFT [PROMPTS]; default:
+    # the bundled demo pair): each method's one engine serves the prompts at every level, keeping that many
+    # requests in flight. Correctness first, in float32 on CHECK_PROMPTS prompts at levels 1 and CHECK_PROMPTS:
+    # every 'equal to alone' cell must read n/n (each output at a level equals the method's output served
+    # alone) and every 'equal to vanilla' cell too. Then the bfloat16 timings at LEVELS; in bfloat16 a batch
+    # may round differently from a single request, so only the float32 check asks for equality. Environment:
+    # METHODS, LEVELS (1,2,4,8,16), PROMPTS_N (16: the largest level, each level serves all of them),
+    # NEW_TOKENS (128), CHECK_PROMPTS (4; 0 skips the check), CHECK_METHODS (vanilla,sd-tp1,sd-tp1:tree=4x4,
+    # easyspec: a chain, a tree, layer-parallel; scripts/check_batch.py checks more on the demo pair),
+    # CHECK_S (150: the check's share of the time), DEVICE (cuda; cpu for a dry run), DEADLINE (540 s after the
+    # script started). Tables come back in concurrency.md (the timing tables last), everything (JSON, logs) in
+    # concurrency.tgz.
+    base_src="${2:-easyspec/models/demo/base}" draft_src="${3:-easyspec/models/demo/draft}"
+    prompts="${4:-easyspec/models/demo/prompts.jsonl}"
+    device="${DEVICE:-cuda}" deadline="${DEADLINE:-540}"
+    methods="${METHODS:-vanilla,sd-tp1,ngram,sd-tp1:tree=4x4,easyspec}"
+    check_n="${CHECK_PROMPTS:-4}"
+    c="$out/concurrency" w="$work/concurrency"
+    mkdir -p "$c" "$w"
+    dtypes=bfloat16
+    [ "$check_n" = 0 ] || dtypes="float32 bfloat16"
+    inflate_pair "$base_src" "$draft_src" "$w" $dtypes > "$c/inflate.log" 2>&1
+    echo "inflated ($dtypes) by $SECONDS s: $(grep -c "inflated to" "$c/inflate.log") of 4 models"
+    on_one_gpu=(--device "$device" --devices 1 --prompts "$prompts" --repeats 1)
+    shape="${BASE_SHAPE:-llama-3.1-8b} base / ${DRAFT_SHAPE:-llama-3.2-1b}-wide draft"
+    if [ "$check_n" != 0 ]; then
+        # At most CHECK_S seconds, so that the timings keep the rest (about 350 s for the five default methods).
+        check_end=$((SECONDS + ${CHECK_S:-150}))
+        check_levels="$([ "$check_n" -gt 1 ] && echo "1,")$check_n"
+        deadline=$((check_end < deadline ? check_end : deadline)) bench_until "$c" f32-check \
+            --model "$w/base-float32" --draft "$w/draft-float32" "${on_one_gpu[@]}" --dtype float32 \
+            --methods "${CHECK_METHODS:-vanilla,sd-tp1,sd-tp1:tree=4x4,easyspec}" --concurrency "$check_levels" \
+            --num-prompts "$check_n" --max-new-tokens 32 --warmup 0 \
+            --title "inflated pair ($shape), 1 GPU, float32, greedy: batched against alone"
+    fi
+    # The main table's runs warm up on 4 prompts; every level warms up on one wave of its own.
+    bench_until "$c" bf16-levels --model "$w/base-bfloat16" --draft "$w/draft-bfloat16" "${on_one_gpu[@]}" \
+        --dtype bfloat16 --methods "$methods" --concurrency "${LEVELS:-1,2,4,8,16}" \
+        --num-prompts "${PROMPTS_N:-16}" --max-new-tokens "${NEW_TOKENS:-128}" --warmup 4 \
+        --title "inflated pair ($shape), 1 GPU, bfloat16, greedy, concurrency"
+    echo "done by $SECONDS s"
+    mv "$out/gpus.txt" "$c/" 2>/dev/null
+    (cd "$c" && cat skipped.txt f32-check.md bf16-levels.md 2>/dev/null) > "$out/concurrency.md"
+    tar -czf "$out/concurrency.tgz" -C "$out" concurrency && rm -rf "$c"
+    cat "$out/concurrency.md"
+    ;;
 *)
-    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|real|kernels" >&2
+    echo "usage: scripts/bench-gpu.sh full|pair|steps|steps-main|demo|train|real|kernels|concurrency" >&2
     exit 2
     ;;
 esac

@@ -30,16 +30,17 @@ CHAT_TEMPLATE = (
     "{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
 PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(10)]
+SPECIALS = ["<unk>", "<s>", "</s>"]  # </s> is id 2, the models' EOS
+# write_tokenizer's words, indexed by token id: all 128 ids of the tiny models, so every id decodes to a word.
+VOCAB = SPECIALS + ["user", "assistant", "system", ":"] + WORDS
+VOCAB += [f"w{i}" for i in range(128 - len(VOCAB))]
 
 
 def write_tokenizer(folder: Path, chat_template: str | None) -> None:
-    """A word-level tokenizer covering all 128 ids of the tiny models, so every id decodes to a word."""
-    specials = ["<unk>", "<s>", "</s>"]  # </s> is id 2, the models' EOS
-    vocab = specials + ["user", "assistant", "system", ":"] + WORDS
-    vocab += [f"w{i}" for i in range(128 - len(vocab))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    """A word-level tokenizer over VOCAB."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
+    tok.add_special_tokens(SPECIALS)
     tok.save(str(folder / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>"}
     if chat_template:

@@ -44,7 +44,8 @@ def spec_server(request, model_dirs) -> Server:
 
 @pytest.fixture(scope="module")
 def queue_server(request, model_dirs) -> Server:
-    return start(request, model_dirs, "--model", str(model_dirs["long"]), "--max-queue", "1")
+    """One sequence at a time, one more may wait."""
+    return start(request, model_dirs, "--model", str(model_dirs["long"]), "--max-num-seqs", "1", "--max-queue", "1")
 
 
 def test_health_and_models(spec_server):

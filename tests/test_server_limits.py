@@ -148,7 +148,10 @@ def test_log_lines_escape_request_text(server):
     reply = server.post("/v1/completions", json.dumps({"prompt": "the", "max_tokens": 1, forged: 1}),
                         **{"User-Agent": b"agent\xff"})
     assert reply.status == 200
-    log = server.log.read_text()
+    # aiohttp writes the access line once the response has gone out, so it may trail the reply.
+    deadline = time.monotonic() + 30
+    while "agent" not in (log := server.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "ignored unknown request fields: 'evil\\nERROR easyspec.server: forged line'" in log
     assert not any(line.startswith("ERROR easyspec.server: forged") for line in log.splitlines())
     assert "agent\\udcff" in log  # not UTF-8: escaped, rather than a logging error with a traceback
@@ -185,7 +188,8 @@ def test_empty_api_key_is_refused(model_dirs, how):
 
 
 def test_client_leaving_the_queue_frees_its_slot(request, model_dirs):
-    slow = start(request, model_dirs, "--model", str(model_dirs["slow"]), "--max-context", "16384", "--max-queue", "1")
+    slow = start(request, model_dirs, "--model", str(model_dirs["slow"]), "--max-context", "16384",
+                 "--max-num-seqs", "1", "--max-queue", "1")
     client = slow.client()
     long_kw = dict(model="m", prompt="the quick brown fox", max_tokens=16000, temperature=0, stream=True,
                    extra_body={"ignore_eos": True})
@@ -212,22 +216,39 @@ def _tampered(params: SamplingParams, **values: object) -> SamplingParams:
 
 
 def test_request_failing_in_the_engine_is_counted_and_answered_without_detail(model_dirs):
+    """Requests that fail on their own, refused as the engine takes them (a seed past 64 bits) or failing
+    in a step of the batch (a temperature that is not a number), are answered 500 without detail; the
+    request decoding beside them ends as it does alone."""
     metrics = Metrics("m")
-    scheduler = Scheduler(lambda on_failure: Engine(EngineOptions(model=str(model_dirs["base"]))), 4, metrics)
+    engine_options = EngineOptions(model=str(model_dirs["base"]), max_num_seqs=3)
+    scheduler = Scheduler(lambda on_failure: Engine(engine_options), 4, metrics)
     scheduler.start()
     loop = asyncio.new_event_loop()
+
+    def events(job: Job) -> list:
+        got = [loop.run_until_complete(asyncio.wait_for(job.events.get(), 60))]
+        while not isinstance(got[-1], ApiError) and got[-1].finish_reason is None:
+            got.append(loop.run_until_complete(asyncio.wait_for(job.events.get(), 60)))
+        return got
+
     try:
-        failing = Job([5, 6, 7], _tampered(SamplingParams(seed=1), seed=2**70), loop)
-        working = Job([5, 6, 7], SamplingParams(max_new_tokens=3), loop)
-        for job in (failing, working):
-            scheduler.submit([job])
-        error = loop.run_until_complete(asyncio.wait_for(failing.events.get(), 60))
-        assert isinstance(error, ApiError) and error.status == 500 and "incident" in error.message
-        assert not INTERNAL.search(error.message) and "Overflow" not in error.message
-        while (event := loop.run_until_complete(asyncio.wait_for(working.events.get(), 60))).finish_reason is None:
-            pass
-        assert event.finish_reason == "length" and scheduler.healthy
-        assert (metrics.finished["error"], metrics.finished["length"]) == (1, 1)
+        working = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        alone = Job([5, 6, 7], working, loop)
+        scheduler.submit([alone])
+        expected = "".join(event.text for event in events(alone))
+        failing = [Job([5, 6, 7], _tampered(SamplingParams(seed=1), seed=2**70), loop),
+                   Job([5, 6, 7], _tampered(SamplingParams(temperature=1.0, max_new_tokens=8), temperature="hot"),
+                       loop)]
+        beside = Job([5, 6, 7], working, loop)
+        scheduler.submit([failing[0], failing[1], beside])
+        for job in failing:
+            (error,) = events(job)
+            assert isinstance(error, ApiError) and error.status == 500 and "incident" in error.message
+            assert not INTERNAL.search(error.message) and "Overflow" not in error.message
+        got = events(beside)
+        assert got[-1].finish_reason == "length" and "".join(event.text for event in got) == expected
+        assert scheduler.healthy
+        assert (metrics.finished["error"], metrics.finished["length"]) == (2, 2)
     finally:
         scheduler.stop()
         loop.close()

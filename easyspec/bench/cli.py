@@ -57,7 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="untimed prompts per method before the timed runs (default: every prompt once, so that "
                         "one-time costs, a CUDA graph captured per prompt piece and context bucket or a kernel "
                         "compiled for a new shape, stay out of the timings; a server meets them on the first "
-                        "requests of each new length)")
+                        "requests of each new length); with --concurrency each level is also timed after an untimed "
+                        "wave of as many prompts as it keeps in flight, unless --warmup is 0")
+    b.add_argument("--concurrency", metavar="LEVELS",
+                   help="comma list of request concurrency levels, e.g. 1,2,4,8,16: after the main table's runs, "
+                        "each method's engine (built with --max-num-seqs of at least the largest level) serves the "
+                        "--num-prompts prompts at each level, keeping that many requests in flight (a new one "
+                        "added as one finishes); prints a table of total tokens/s, TTFT and inter-token latency "
+                        "per level and method last, and stores it in bench.json's \"concurrency\" section")
     b.add_argument("--preset", help="random-weight base of a real shape (e.g. llama-3.1-8b): timing only")
     b.add_argument("--draft-preset", help="random-weight draft of a real shape (e.g. llama-3.2-1b)")
     b.add_argument("--workdir", default="/tmp/easyspec-bench", help="where preset checkpoints are written")
@@ -95,6 +102,7 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from easyspec.bench.concurrency import ITL_NOTE, levels_section, levels_table, parse_levels, summarise_levels
     from easyspec.bench.core import (
         by_category,
         load_prompt_ids,
@@ -122,6 +130,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup takes a number of prompts, 0 or more; got {args.warmup}")
     grid = parse_sweep(args.sweep) if args.sweep else None
+    levels = parse_levels(args.concurrency) if args.concurrency is not None else []
+    if levels and max(levels) > args.num_prompts:
+        raise ValueError(f"--concurrency {max(levels)} keeps {max(levels)} requests in flight, more than "
+                         f"--num-prompts {args.num_prompts}; raise --num-prompts to {max(levels)} or more")
     acceptance = load_acceptance(args.acceptance_from) if args.acceptance_from else None
     work = Path(args.workdir)
     if args.preset:
@@ -138,6 +150,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.dtype = auto_dtype(args.device, stored_dtype(base.model))
         base = base.replace(dtype=args.dtype)
+    if levels and base.max_num_seqs is None:  # one engine per method serves every level
+        base = base.replace(max_num_seqs=max(levels))
+    elif levels and base.max_num_seqs < max(levels):
+        raise ValueError(f"--concurrency {max(levels)} needs --max-num-seqs {max(levels)} or more, got "
+                         f"{base.max_num_seqs}; leave --max-num-seqs out to size it to the largest level")
     draft_methods = {m.value for m in Method if m.uses_draft_model}
     if (grid or any(s.changes["method"] in draft_methods for s in specs)) and not base.draft:
         raise ValueError("sd and easyspec rows need a draft: pass --draft DIR or --draft-preset NAME")
@@ -149,14 +166,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True,
                             seed=0)
     prompts = load_prompt_ids(base, args.prompts, args.num_prompts, args.prompt_len, args.raw)
-    progress = Progress(len(specs) * len(prompts) * args.repeats, quiet=args.quiet)
+    if levels and len(prompts) < max(levels):
+        raise ValueError(f"{args.prompts} holds {len(prompts)} prompts, fewer than --concurrency {max(levels)} "
+                         "keeps in flight; lower the largest level or use a larger prompts file")
+    engine_rows = sum(s.label != HF_LABEL for s in specs)
+    progress = Progress(len(specs) * len(prompts) * args.repeats + engine_rows * len(levels), quiet=args.quiet)
     for line in notes:
         progress.note(line)
-    results = []
+    results, served = [], []
     for i, spec in enumerate(specs, start=1):
         progress.begin(spec.label, i, len(specs))
         try:
-            results.append(run_method(spec, base, prompts, params, args.repeats, args.warmup, progress.step))
+            result, levels_run = run_method(spec, base, prompts, params, args.repeats, args.warmup, progress.step,
+                                            levels)
+            results.append(result)
+            served += levels_run
         except RuntimeError as err:
             if spec.label != HF_LABEL:  # an optional baseline must not cost the rest of the run
                 progress.close()
@@ -192,6 +216,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         projected, missing_projection = project(results, acceptance)
         extra["projected"] = {"note": NOTE, "acceptance_from": args.acceptance_from, "rows": projected,
                               "not_projected": missing_projection}
+    if levels:
+        summarise_levels(served, results)
+        skipped = [f"{HF_LABEL}: no concurrency levels (the HF baseline runs one prompt at a time)"
+                   for r in results if r.label == HF_LABEL]
+        extra["concurrency"] = levels_section(served, levels, len(prompts), skipped)
     plot_note = write_outputs(results, Path(args.out), meta, extra)
     print(f"\n## {args.title}\n{json.dumps(meta)}\n")
     if grid:
@@ -213,6 +242,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(line)
     if grid:
         print("\n" + extra["sweep"]["best"])
+    if levels:
+        print(f"\nConcurrency ({len(prompts)} requests per level; ITL {ITL_NOTE}):")
+        for line in extra["concurrency"]["not_run"]:
+            print(line)
+        print("\n" + levels_table(served))
     if plot_note:
         print(plot_note, file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing as mp
@@ -31,6 +32,9 @@ from easyspec.model.loader import load_config, load_tokenizer
 from easyspec.model.transformer import Transformer
 from easyspec.options import EngineOptions, SamplingParams
 from easyspec.runtime.stats import STAGES
+
+if TYPE_CHECKING:
+    from easyspec.bench.concurrency import LevelResult
 
 
 @dataclass
@@ -180,13 +184,16 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
                params: SamplingParams, repeats: int, warmup: int | None,
-               progress: Callable[[str], None] | None = None) -> MethodResult:
+               progress: Callable[[str], None] | None = None,
+               levels: list[int] | None = None) -> tuple[MethodResult, list[LevelResult]]:
     """Measure one method in a fresh process: every method starts from a clean device and
     process group, and a method that fails or hangs cannot take the others down.
-    `progress` is called with a short line after every timed run."""
+    `progress` is called with a short line after every timed run. With `levels`, the same engine
+    then serves the prompts at each concurrency level (easyspec.bench.concurrency; the HF
+    baseline has none)."""
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_method_process, args=(send, spec, base, prompts, params, repeats, warmup))
+    proc = ctx.Process(target=_method_process, args=(send, spec, base, prompts, params, repeats, warmup, levels))
     proc.start()
     send.close()
     kind, payload = "progress", ""
@@ -205,12 +212,12 @@ def run_method(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, l
     return payload
 
 
-def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
+def _method_process(send, spec, base, prompts, params, repeats, warmup, levels) -> None:
     try:
         def report(line: str) -> None:
             send.send(("progress", line))
 
-        send.send(("ok", _measure(spec, base, prompts, params, repeats, warmup, report)))
+        send.send(("ok", _measure(spec, base, prompts, params, repeats, warmup, report, levels)))
     except Exception as err:  # reported by the parent as one line
         send.send(("error", f"{type(err).__name__}: {err}"))
     send.close()
@@ -220,14 +227,15 @@ def _method_process(send, spec, base, prompts, params, repeats, warmup) -> None:
 
 
 def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, list[int]]],
-             params: SamplingParams, repeats: int, warmup: int | None, report: Callable[[str], None]) -> MethodResult:
+             params: SamplingParams, repeats: int, warmup: int | None, report: Callable[[str], None],
+             levels: list[int] | None) -> tuple[MethodResult, list[LevelResult]]:
     if spec.changes["method"] == "hf":
         from easyspec.bench.hf import hf_generate
 
         result = MethodResult(spec.label, {"method": "hf", "model": base.model, "device": base.device,
                                            "dtype": base.dtype, "devices": 1})
         time_prompts(result, prompts, repeats, warmup, hf_generate(base, params), report)
-        return result
+        return result, []
     options = base.replace(**spec.changes)
     if not options.uses_draft_model:
         options = options.replace(draft=None)
@@ -242,7 +250,13 @@ def _measure(spec: MethodSpec, base: EngineOptions, prompts: list[tuple[str, lis
             return output, time.perf_counter() - start, chunk.stats.to_dict()
 
         time_prompts(result, prompts, repeats, warmup, run, report)
-    return result
+        served = []
+        if levels:
+            from easyspec.bench.concurrency import run_levels  # it imports this module
+
+            served = run_levels(engine, spec.label, [ids for _, ids in prompts], params, levels, warmup != 0,
+                                report)
+    return result, served
 
 
 def time_prompts(result: MethodResult, prompts: list[tuple[str, list[int]]], repeats: int, warmup: int | None,

@@ -1,8 +1,8 @@
 """HTTP routes: OpenAI completions and chat (streamed or not), models, health, metrics, and vLLM's
 /tokenize, /detokenize and /version.
 
-A request for n choices runs n generations one after another (seeds seed, seed + 1, ...);
-streamed, each choice's chunks come in turn, with its index.
+A request for n choices runs n generations (seeds seed, seed + 1, ...), side by side when the
+batch has room; streamed, each choice's chunks come as its tokens do (interleaved), with its index.
 
 Limits (README, server section): a body may hold 1 MiB plus 256 bytes per
 token of context and must arrive within --read-timeout; a text prompt may
@@ -318,7 +318,7 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     scheduler = state.scheduler
-    text = state.metrics.render(scheduler.waiting, int(scheduler.current is not None), scheduler.healthy)
+    text = state.metrics.render(scheduler.waiting, scheduler.running, scheduler.healthy)
     return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

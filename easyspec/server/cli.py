@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV}, "
                         f"which is preferred: a flag is visible to every user in `ps`)")
     g.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait behind the running one; more get 429")
+                   help="requests that may wait while --max-num-seqs run; more get 429")
     g.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request body; a slower one gets 408")
     g.add_argument("--served-model-name",
@@ -127,8 +127,9 @@ def serve(options: EngineOptions, sock: socket.socket, api_key: str | None, max_
     limits = Limits.for_context(engine.options.max_context, read_timeout_s)
     app = build_app(ServerState(scheduler, metrics, model_name, api_key, limits, system_fingerprint(engine.options)))
     host, port = sock.getsockname()[:2]
-    log.info("serving %s (method %s, %d device%s, context %d) on http://%s:%d; limits: %d prompt characters, "
-             "%d body bytes", model_name, options.method, options.devices, "" if options.devices == 1 else "s",
-             engine.options.max_context, host, port, limits.prompt_chars, limits.body_bytes)
+    log.info("serving %s (method %s, %d device%s, context %d, %d sequences at once) on http://%s:%d; limits: %d "
+             "prompt characters, %d body bytes", model_name, options.method, options.devices,
+             "" if options.devices == 1 else "s", engine.options.max_context, engine.options.max_num_seqs, host,
+             port, limits.prompt_chars, limits.body_bytes)
     web.run_app(app, sock=sock, print=None, handler_cancellation=True, shutdown_timeout=5.0)
     return ENGINE_FAILED_EXIT if scheduler.failure else 0

@@ -6,8 +6,11 @@ of counters and histograms, and one dependency fewer on the GPU image.
 Speculative counters follow vLLM's definitions (see easyspec.runtime.stats):
 a draft is one verification round, mean acceptance length is
 1 + accepted tokens / drafts (the bonus or recovered token counted), so plain
-decoding reads 1.0. Updates come from the engine thread and the event loop,
-reads from the event loop, hence one lock around everything.
+decoding reads 1.0; the server-wide gauge divides the totals, the per-request
+histogram observes each request's own. The batch-size histogram observes, at
+every engine step, how many sequences committed tokens in it. Updates come
+from the engine thread and the event loop, reads from the event loop, hence
+one lock around everything.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ VLLM_NAMES: dict[str, str | None] = {
     "spec_decode_num_accepted_tokens_total": "vllm:spec_decode_num_accepted_tokens_total",
     "spec_decode_num_accepted_tokens_per_pos_total": "vllm:spec_decode_num_accepted_tokens_per_pos_total",
     "spec_decode_mean_acceptance_length": None,
+    "request_mean_acceptance_length": None,
     "num_requests_waiting": "vllm:num_requests_waiting",
     "num_requests_running": "vllm:num_requests_running",
+    "batch_size": None,
     "engine_healthy": None,
     "model_info": None,
 }
@@ -42,6 +47,10 @@ VLLM_NAMES: dict[str, str | None] = {
 # Seconds; spans a tiny CPU model's milliseconds to a large model's queue waits.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# Mean acceptance length of one request: 1.0 (plain decoding, or nothing accepted) up to a deep tree's.
+ACCEPTANCE_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 16.0)
+# Sequences in one engine step: powers of two, as batch sizes are usually set.
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 
 class Histogram:
@@ -94,6 +103,8 @@ class Metrics:
         self.tpot = Histogram()
         self.e2e = Histogram()
         self.queue_wait = Histogram()
+        self.request_acceptance = Histogram(ACCEPTANCE_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -102,6 +113,13 @@ class Metrics:
     def record_start(self, queue_wait_s: float) -> None:
         with self._lock:
             self.queue_wait.observe(queue_wait_s)
+
+    def record_step(self, sequences: int) -> None:
+        """One engine step, in which `sequences` requests committed tokens (0: only prefill chunks or
+        cancellations, not observed)."""
+        if sequences:
+            with self._lock:
+                self.batch_size.observe(sequences)
 
     def record_withdrawn(self) -> None:
         """A request whose client went away while it waited: it ends cancelled without running."""
@@ -121,6 +139,8 @@ class Metrics:
             self.drafts += stats.get("rounds", 0)
             self.draft_tokens += stats.get("drafted", 0)
             self.accepted_tokens += stats.get("accepted", 0)
+            if stats.get("rounds"):
+                self.request_acceptance.observe(1.0 + stats["accepted"] / stats["rounds"])
             per_position = stats.get("accepted_per_position", [])
             missing = len(per_position) - len(self.accepted_per_position)
             self.accepted_per_position.extend([0] * max(0, missing))
@@ -165,7 +185,7 @@ class Metrics:
                    self.tpot.render(PREFIX + "time_per_output_token_seconds"))
             family("e2e_request_latency_seconds", "histogram", "From arrival in the queue to the last token.",
                    self.e2e.render(PREFIX + "e2e_request_latency_seconds"))
-            family("queue_wait_seconds", "histogram", "Time a request waited for the engine.",
+            family("queue_wait_seconds", "histogram", "From arrival to a free sequence slot in the engine.",
                    self.queue_wait.render(PREFIX + "queue_wait_seconds"))
             family("spec_decode_num_drafts_total", "counter",
                    "Verification rounds (vLLM: drafts); plain decoding counts one per token.",
@@ -178,13 +198,19 @@ class Metrics:
                    "Rounds whose draft token at this position (0-based) was accepted.",
                    [sample("spec_decode_num_accepted_tokens_per_pos_total", n, (("position", str(i)),))
                     for i, n in enumerate(self.accepted_per_position)])
-        family("spec_decode_mean_acceptance_length", "gauge",
-               "1 + accepted tokens / drafts since start (NaN before the first round).",
-               [sample("spec_decode_mean_acceptance_length", mean_len)])
-        family("num_requests_waiting", "gauge", "Requests in the queue, not yet started.",
-               [sample("num_requests_waiting", queue_length)])
-        family("num_requests_running", "gauge", "Requests being generated (0 or 1: the engine runs one).",
-               [sample("num_requests_running", running)])
+            family("spec_decode_mean_acceptance_length", "gauge",
+                   "1 + accepted tokens / drafts since start (NaN before the first round).",
+                   [sample("spec_decode_mean_acceptance_length", mean_len)])
+            family("request_mean_acceptance_length", "histogram",
+                   "Per request: 1 + its accepted tokens / its drafts (requests with at least one round).",
+                   self.request_acceptance.render(PREFIX + "request_mean_acceptance_length"))
+            family("num_requests_waiting", "gauge", "Requests in the queue, not yet decoding.",
+                   [sample("num_requests_waiting", queue_length)])
+            family("num_requests_running", "gauge",
+                   "Requests being decoded together (at most --max-num-seqs), prefill included.",
+                   [sample("num_requests_running", running)])
+            family("batch_size", "histogram", "Per engine step: the requests that committed tokens in it.",
+                   self.batch_size.render(PREFIX + "batch_size"))
         family("engine_healthy", "gauge", "1 while the engine works, 0 after a worker failure.",
                [sample("engine_healthy", int(healthy))])
         family("model_info", "gauge", "The served model name.",

@@ -10,7 +10,7 @@ Field policy (documented in the README):
   frequency_penalty, seed, max_tokens (chat: max_completion_tokens too),
   min_tokens, stop, stop_token_ids, ignore_eos, skip_special_tokens, logprobs
   (completions: a count; chat: logprobs true with top_logprobs).
-- n: that many choices, each an independent sample, run one after another;
+- n: that many choices, each an independent sample, decoded side by side as the batch has room;
   with a seed, choice i uses seed + i (vLLM's rule).
 - Chat: chat_template_kwargs (extra template variables), add_generation_prompt
   and continue_final_message, as vLLM takes them.
@@ -40,7 +40,7 @@ MAX_JSON_DEPTH = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
-MAX_CHOICES = 16  # n: the choices of one request run one after another on the engine
+MAX_CHOICES = 16  # n: the choices of one request, each a sequence of the engine's batch
 # Variables a chat template gets from the request itself, which chat_template_kwargs cannot replace.
 TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 

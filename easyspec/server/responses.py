@@ -16,6 +16,7 @@ stop string or the stop token id that ended it (null until the last chunk, and f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -143,7 +144,8 @@ async def collect(jobs: list[Job], shape: ResponseShape) -> web.Response:
 
 async def stream(request: web.Request, jobs: list[Job], shape: ResponseShape,
                  include_usage: bool) -> web.StreamResponse:
-    """Server-sent events: each choice's chunks in turn, then [DONE]."""
+    """Server-sent events: the choices' chunks as their tokens come (choices decode side by side, so their
+    chunks interleave, each with its index), then [DONE]."""
     # Headers go out once the jobs are queued, so a client sees 200 while it waits its turn.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -154,36 +156,44 @@ async def stream(request: web.Request, jobs: list[Job], shape: ResponseShape,
         await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     try:
-        generated = 0
-        for index, job in enumerate(jobs):
-            if shape.chat:
+        if shape.chat:
+            for index in range(len(jobs)):
                 await send({**shape.chunk(index, "", role=True), **extra})
-            event = await _stream_choice(job, index, shape, send, extra)
-            if event is None:
-                break
-            generated += event.completion_tokens
-        else:
-            if include_usage:
-                await send(shape.usage_chunk(shape.usage(len(jobs[0].prompt_ids), generated)))
+        finals = await _stream_choices(jobs, shape, send, extra)
+        if finals is not None and include_usage:
+            generated = sum(final.completion_tokens for final in finals)
+            await send(shape.usage_chunk(shape.usage(len(jobs[0].prompt_ids), generated)))
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass  # the client left; the caller cancels the jobs
     return response
 
 
-async def _stream_choice(job: Job, index: int, shape: ResponseShape, send: Callable[[dict], Awaitable[None]],
-                         extra: dict) -> Delta | None:
-    """Send one choice's chunks; returns its final Delta, or None after sending an error."""
-    while True:
-        event: Delta | ApiError = await job.events.get()
-        if isinstance(event, ApiError):
-            await send(event.body())
-            return None
-        if event.finish_reason is None:
-            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
-            continue
-        if event.text or event.logprobs:
-            await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
-        await send({**shape.chunk(index, None, event.finish_reason, event.stop_reason), **extra,
-                    "easyspec": event.stats.to_dict()})
-        return event
+async def _stream_choices(jobs: list[Job], shape: ResponseShape, send: Callable[[dict], Awaitable[None]],
+                          extra: dict) -> list[Delta] | None:
+    """Send every choice's chunks as its events arrive; returns the final Deltas in choice order, or None
+    after sending an error (which ends the whole response)."""
+    pending = {asyncio.ensure_future(job.events.get()): index for index, job in enumerate(jobs)}
+    finals: dict[int, Delta] = {}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for getter in sorted(done, key=pending.__getitem__):
+                index = pending.pop(getter)
+                event: Delta | ApiError = getter.result()
+                if isinstance(event, ApiError):
+                    await send(event.body())
+                    return None
+                if event.finish_reason is None:
+                    await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+                    pending[asyncio.ensure_future(jobs[index].events.get())] = index
+                    continue
+                if event.text or event.logprobs:
+                    await send({**shape.chunk(index, event.text, logprobs=event.logprobs), **extra})
+                await send({**shape.chunk(index, None, event.finish_reason, event.stop_reason), **extra,
+                            "easyspec": event.stats.to_dict()})
+                finals[index] = event
+    finally:
+        for getter in pending:
+            getter.cancel()
+    return [finals[index] for index in range(len(jobs))]

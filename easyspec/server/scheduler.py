@@ -1,30 +1,36 @@
-"""One engine thread fed by a bounded queue: requests run one at a time, in order.
+"""One engine thread drives a batch: up to --max-num-seqs requests decode together, the rest
+wait in a bounded queue.
 
-Batch size 1 is the regime speculative decoding is built for, so the engine
-never interleaves requests; concurrency lives only in the HTTP layer. The
-engine is built inside its thread, not the main one, because CUDA's current
-device (torch.cuda.set_device) is per thread and every step must run where
-the engine was set up.
+The engine thread loops: it hands waiting Jobs to the engine while the engine has a free
+sequence slot (engine.add_request; FIFO), aborts the Jobs whose client went away
+(engine.abort), runs one engine.step() (a chunk of each newcomer's prompt, one round for
+every decoding sequence) and gives each RequestOutput's tokens to its Job; with nothing
+waiting or running it sleeps on a condition that submit() signals. The engine is built
+inside this thread, not the main one, because CUDA's current device
+(torch.cuda.set_device) is per thread and every step must run where the engine was set up.
 
 Each Job carries an asyncio.Queue that the engine thread fills through
-loop.call_soon_threadsafe with Deltas (text released since the last one) and
-ends with a final Delta or an ApiError. A client that goes away withdraws its
-Job: a waiting one leaves the queue at once (its slot is free for the next
-client), a running one is noticed between engine steps; closing the generator
-then stops the request cleanly on every rank.
+loop.call_soon_threadsafe with Deltas (text released since the last one) and ends with a
+final Delta or an ApiError. A client that goes away withdraws its Job: a waiting one leaves
+the queue at once (its place is free for the next client), a running one is aborted before
+the next step and ends "cancelled" at its next decision, on every rank; its sequence slot then
+takes the next waiting Job. The other sequences of the batch go on undisturbed.
 
-Failures: a request that fails on its own (RequestFailed, or any error with
-one device) is answered 500 and serving goes on. An error that may have left
-the ranks out of step, or a worker process that dies, marks the engine failed:
-every waiting request gets 503 and `on_failure` is called, which makes the
-server exit non-zero so that its supervisor starts a fresh one.
+Admission: --max-num-seqs requests run and --max-queue more wait; a request that would pass
+that total is answered 429. A request for n choices is n Jobs, admitted together (all or
+none); they run side by side as slots allow.
 
-The text of each Delta is the engine's Chunk.text: the engine ends generation
-at stop strings and never releases any part of one, so streamed pieces add up
-to the non-streamed text.
+Failures: a request that fails on its own (a RequestOutput with an error) is answered 500,
+its detail in the log under an incident id, and the batch goes on. An error raised by step()
+(a worker process that died or a broken collective, WorkerFailure; or anything else, since
+a batched step that raised leaves no sequence's state to trust) marks the engine failed:
+every running and waiting request gets 503 and `on_failure` is called, which makes the
+server exit non-zero so that its supervisor starts a fresh one. On shutdown every outstanding
+request gets 503 and the engine thread aborts its batch, stepping until every rank has ended
+it, before the engine closes.
 
-A request for n choices is n Jobs, queued together (all or none) and so run
-one after another.
+The text of each Delta is the engine's Chunk.text: the engine ends generation at stop
+strings and never releases any part of one, so streamed pieces add up to the non-streamed text.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from easyspec.engine.decision import RequestFailed
 from easyspec.engine.engine import Engine, WorkerFailure
+from easyspec.engine.request import RequestOutput
 from easyspec.options import SamplingParams
 from easyspec.runtime.stats import SpecStats
 from easyspec.server.metrics import Metrics
@@ -66,6 +72,9 @@ class Job:
         self.params = params
         self.events: asyncio.Queue[Delta | ApiError] = asyncio.Queue()
         self.arrived = time.perf_counter()
+        self.request_id: int | None = None  # the engine's, once the job is handed to it
+        self.aborted = False  # engine.abort was called for it
+        self.first_token: float | None = None
         self._loop = loop
         self._cancelled = threading.Event()
 
@@ -90,18 +99,23 @@ def headline(message: str) -> str:
     return message.split(": ", 1)[0]
 
 
+
+
 class Scheduler:
     def __init__(self, build_engine: Callable[[Callable[[str], None]], Engine], max_queue: int,
                  metrics: Metrics) -> None:
         self._build_engine = build_engine
         self.max_queue = max_queue
-        self._waiting: deque[Job] = deque()
-        self._wake = threading.Condition()  # guards _waiting and _closing
+        self._waiting: deque[Job] = deque()  # submitted, not yet handed to the engine
+        self._in_engine: dict[int, Job] = {}  # handed to the engine (admitted or about to be), by request id
+        self._wake = threading.Condition()  # guards _waiting, _in_engine and _closing
         self.metrics = metrics
         self.engine: Engine | None = None
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # set by the server: begin shutting down
-        self.current: Job | None = None
+        # The engine's counts after its last step, for /metrics (the engine is read by its own thread only).
+        self.running = 0
+        self._engine_waiting = 0
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -118,8 +132,14 @@ class Scheduler:
         return self.failure is None
 
     @property
+    def max_num_seqs(self) -> int:
+        assert self.engine is not None, "read once the engine is ready"
+        return self.engine.options.max_num_seqs
+
+    @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not yet decoding: in this queue, or handed to the engine and not admitted yet."""
+        return len(self._waiting) + self._engine_waiting
 
     def down_error(self) -> ApiError:
         return ApiError(503, f"the engine is down ({headline(self.failure or '')}); the server is exiting so "
@@ -127,69 +147,64 @@ class Scheduler:
 
     def mark_failed(self, message: str) -> None:
         """The engine cannot go on (called by the worker watchdog, or by the engine thread): refuse
-        new work, fail what is queued, and have the server exit."""
+        new work, fail every running and waiting request, and have the server exit."""
         first = self.failure is None
         if first:
             self.failure = message
             log.error("engine failed: %s; exiting so that a supervisor can restart the server", message)
-        self._drain(self.down_error())
+        self._fail_all(self.down_error())
         if first and self.on_failure is not None:
             self.on_failure()
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs (one per choice), all of them or, when the queue has no room, none."""
-        if len(jobs) > self.max_queue:
-            raise ApiError(400, f"'n' ({len(jobs)}) is more than this server queues at once (--max-queue "
-                                f"{self.max_queue}); ask for fewer choices", param="n")
+        """Take a request's jobs (one per choice), all of them or, when the server has no room, none."""
+        capacity = self.max_num_seqs + self.max_queue
+        if len(jobs) > capacity:
+            raise ApiError(400, f"'n' ({len(jobs)}) is more than this server holds at once (--max-num-seqs "
+                                f"{self.max_num_seqs} running and --max-queue {self.max_queue} waiting); ask for "
+                                "fewer choices", param="n")
         with self._wake:
             if self._closing:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             if self.failure is not None:
                 raise self.down_error()
-            if len(self._waiting) + len(jobs) > self.max_queue:
-                raise ApiError(429, f"the request queue is full ({self.max_queue} waiting); retry later",
-                               code="queue_full")
+            if len(self._waiting) + len(self._in_engine) + len(jobs) > capacity:
+                raise ApiError(429, f"the request queue is full ({self.max_num_seqs} running, {self.max_queue} "
+                                    "waiting); retry later", code="queue_full")
             self._waiting.extend(jobs)
             self._wake.notify()
 
     def withdraw(self, job: Job) -> None:
-        """The request's client is gone or its answer is complete: stop the job, and give its queue
-        slot back at once if it has not started."""
+        """The request's client is gone or its answer is complete: stop the job (the engine thread
+        aborts it if it runs), and give its place back at once if it has not started."""
         job.cancel()
         with self._wake:
             try:
                 self._waiting.remove(job)
             except ValueError:
-                return  # running or done
+                return  # in the engine, or done
         self.metrics.record_withdrawn()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Fail outstanding requests, let the engine thread finish, close the engine."""
+        """Fail outstanding requests, let the engine thread wind down its batch, close the engine."""
         error = self.down_error() if self.failure else ApiError(503, "the server is shutting down",
                                                                   code="shutting_down")
         with self._wake:
             self._closing = True
             self._wake.notify_all()
-        running = self.current
-        if running is not None:
-            running.cancel()
-            running.push(error)
-        self._drain(error)
+        self._fail_all(error)
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def _drain(self, error: ApiError) -> None:
+    def _fail_all(self, error: ApiError) -> None:
+        """Answer every waiting and running job with `error`; the running ones are also cancelled, so
+        the engine thread sends them nothing more."""
         with self._wake:
-            jobs, self._waiting = list(self._waiting), deque()
+            jobs, self._waiting = [*self._waiting, *self._in_engine.values()], deque()
         for job in jobs:
-            job.push(error)
-
-    def _next(self) -> Job | None:
-        """The next job to run, waiting for one; None once the server is closing."""
-        with self._wake:
-            while not self._waiting and not self._closing:
-                self._wake.wait()
-            return None if self._closing else self._waiting.popleft()
+            if not job.cancelled:
+                job.cancel()
+                job.push(error)
 
     def _main(self, ready: Future[Engine]) -> None:
         try:
@@ -204,67 +219,99 @@ class Scheduler:
             engine.close()
 
     def _serve(self, engine: Engine) -> None:
-        while (job := self._next()) is not None:
-            if job.cancelled:
-                continue
-            if self.failure is not None:
-                job.push(self.down_error())
-                continue
-            self.current = job
+        while self._admit(engine):
+            for job in list(self._in_engine.values()):
+                if job.cancelled and not job.aborted:
+                    engine.abort(job.request_id)
+                    job.aborted = True
             try:
-                self._run(engine, job)
+                outputs = engine.step()
             except Exception as err:
-                self._fail(engine, job, err)
-            finally:
-                self.current = None
+                self._step_failed(err)
+                continue
+            self.running, self._engine_waiting = engine.num_running, engine.num_waiting
+            now = time.perf_counter()
+            self.metrics.record_step(sum(1 for out in outputs if out.chunk.token_ids))
+            for out in outputs:
+                self._deliver(out, now)
+        if self.failure is None:
+            self._wind_down(engine)
 
-    def _fail(self, engine: Engine, job: Job, err: Exception) -> None:
-        """A request raised in the engine: answer it without internal detail, which goes to the log."""
-        incident = uuid.uuid4().hex[:12]
-        log.error("request %s failed in the engine", incident, exc_info=err)
-        if engine.options.devices > 1 and not isinstance(err, RequestFailed) and self.failure is None:
-            # The ranks may be out of step: only a fresh engine is safe.
-            self.mark_failed(str(err) if isinstance(err, WorkerFailure) else f"{type(err).__name__}: {err}")
-        if self.failure is not None:
-            job.push(self.down_error())
+    def _admit(self, engine: Engine) -> bool:
+        """Wait until there is work, then hand waiting jobs to the engine while it has a free sequence
+        slot. False once the server is closing."""
+        with self._wake:
+            while not self._closing and (self.failure is not None or not (self._waiting or self._in_engine)):
+                self._wake.wait()
+            if self._closing:
+                return False
+            while self._waiting and engine.num_running + engine.num_waiting < engine.options.max_num_seqs:
+                job = self._waiting.popleft()
+                try:
+                    job.request_id = engine.add_request(job.prompt_ids, job.params)
+                except Exception as err:  # the server checked the request already: a bug, told as a 500
+                    self._answer_error(job, f"{type(err).__name__}: {err}", None)
+                    continue
+                self._in_engine[job.request_id] = job
+                self.metrics.record_start(time.perf_counter() - job.arrived)
+            self._engine_waiting = engine.num_waiting
+            return True
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        """Give one request's output of a step to its job."""
+        chunk = out.chunk
+        with self._wake:
+            job = self._in_engine.pop(out.request_id) if chunk.finished else self._in_engine.get(out.request_id)
+        if job is None:
+            return
+        if job.first_token is None and chunk.token_ids:
+            job.first_token = now
+        if out.error is not None or chunk.finish_reason == "error":
+            self._answer_error(job, out.error or "the engine ended the request with an error", chunk.stats)
+        elif not chunk.finished:
+            if not job.cancelled and (chunk.text or chunk.logprobs):
+                job.push(Delta(chunk.text, chunk.logprobs))
         else:
+            # Count the request before its client sees the end, so /metrics read right after a
+            # response already includes it.
+            self._record(job, chunk.finish_reason, chunk.stats)
+            if not job.cancelled:
+                job.push(Delta(chunk.text, chunk.logprobs, chunk.finish_reason, chunk.stop_reason,
+                               chunk.stats.generated, chunk.stats))
+
+    def _answer_error(self, job: Job, detail: str, stats: SpecStats | None) -> None:
+        """A request that failed on its own: the detail goes to the log, the client gets an incident id."""
+        incident = uuid.uuid4().hex[:12]
+        log.error("request %s failed in the engine: %s", incident, detail)
+        self._record(job, "error", stats)
+        if not job.cancelled:
             job.push(ApiError(500, f"generation failed (incident {incident} in the server log)",
                               code="generation_failed"))
 
-    def _run(self, engine: Engine, job: Job) -> None:
-        started = time.perf_counter()
-        self.metrics.record_start(started - job.arrived)
-        first_token: float | None = None
-        reason, stats = "error", None  # stays "error" only if the engine raises
-        recorded = False
+    def _record(self, job: Job, reason: str, stats: SpecStats | None) -> None:
+        end = time.perf_counter()
+        first = job.first_token
+        self.metrics.record_finish(reason, len(job.prompt_ids), None if stats is None else stats.to_dict(),
+                                   None if first is None else first - job.arrived, end - job.arrived,
+                                   end - (first or end))
 
-        def record() -> None:
-            end = time.perf_counter()
-            self.metrics.record_finish(reason, len(job.prompt_ids), None if stats is None else stats.to_dict(),
-                                       None if first_token is None else first_token - job.arrived,
-                                       end - job.arrived, end - (first_token or end))
+    def _step_failed(self, err: Exception) -> None:
+        """step() raised: no sequence of the batch can be trusted to be in step any more."""
+        log.error("the engine step failed", exc_info=err)
+        with self._wake:
+            jobs = list(self._in_engine.values())
+        for job in jobs:
+            self._record(job, "error", None)
+        self.running = self._engine_waiting = 0
+        self.mark_failed(str(err) if isinstance(err, WorkerFailure) else f"{type(err).__name__}: {err}")
 
-        generation = engine.generate(job.prompt_ids, job.params)
+    def _wind_down(self, engine: Engine) -> None:
+        """The server is closing: abort the batch and step until every rank has ended it, so the
+        engine closes between requests (stop() has answered their clients)."""
+        for rid in list(self._in_engine):
+            engine.abort(rid)
         try:
-            for chunk in generation:
-                if first_token is None:
-                    first_token = time.perf_counter()
-                stats = chunk.stats
-                if job.cancelled:
-                    reason = "cancelled"
-                    break
-                if not chunk.finished:
-                    if chunk.text or chunk.logprobs:
-                        job.push(Delta(chunk.text, chunk.logprobs))
-                    continue
-                reason = chunk.finish_reason
-                # Count the request before the client sees its end, so /metrics read right
-                # after a response already includes it.
-                record()
-                recorded = True
-                job.push(Delta(chunk.text, chunk.logprobs, reason, chunk.stop_reason, stats.generated, stats))
-        finally:
-            # Stops the engine between steps (on every rank) if it is not done yet.
-            generation.close()
-            if not recorded:  # cancelled, or the engine raised (before its first chunk too)
-                record()
+            while engine.has_unfinished():
+                engine.step()
+        except Exception as err:  # closing anyway; the log says why it was not clean
+            log.warning("the engine failed while its requests were cancelled at shutdown: %s", err)
