@@ -100,7 +100,6 @@ class Engine:
         self.request_defaults = request_defaults(options)
         self.followers: Followers | None = None
         self._waiting: deque[Join] = deque()  # checked requests, not yet in the batch
-        self._running: set[int] = set()
         self._next_id = 0
         self._aborted: list[RequestOutput] = []  # waiting requests aborted: their last output, at the next step
         self._cancels: list[int] = []  # running requests aborted since the last step, for the followers
@@ -172,7 +171,7 @@ class Engine:
     @property
     def num_running(self) -> int:
         """Requests in the batch (reading their prompt or decoding)."""
-        return len(self._running)
+        return len(self.worker.running)
 
     @property
     def num_waiting(self) -> int:
@@ -182,7 +181,7 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Whether step() has outputs still to give: requests waiting or running, or outputs a
         generate() stepped past for step()'s callers."""
-        return bool(self._waiting or self._running or self._aborted or self._unclaimed)
+        return bool(self._waiting or self.worker.running or self._aborted or self._unclaimed)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request (checked now: OptionsError says what is wrong); returns its id. It joins the
@@ -211,7 +210,7 @@ class Engine:
                 last = RequestOutput(request_id, Chunk([], finished=True, finish_reason="cancelled"))
                 (self._kept[request_id] if request_id in self._kept else self._aborted).append(last)
                 return
-        if request_id in self._running:
+        if self.worker.holds(request_id):
             self.worker.cancel(request_id)
             self._cancels.append(request_id)
 
@@ -239,7 +238,7 @@ class Engine:
         joins = []
         while self._waiting and len(joins) < self.worker.room:
             joins.append(self._waiting.popleft())
-        if not joins and not self._running:
+        if not joins and not self.worker.running:
             return []
         # Every rank knows which requests are cancelled, so that one still reading its prompt ends at once.
         cancels, self._cancels = self._cancels, []
@@ -250,8 +249,7 @@ class Engine:
             elif self.state.distributed and joins:
                 self._agree_seeds(joins)
             self.worker.admit(joins)
-            self._running.update(join.request_id for join in joins)
-            outputs = self.worker.step()
+            return self.worker.step()
         except (RuntimeError, OSError) as err:
             # A collective that fails (or the pipe to a follower: it is written every step) usually means a peer
             # died or hangs: name it rather than the transport error.
@@ -262,10 +260,6 @@ class Engine:
             raise
         finally:
             self._stepping = False
-        for out in outputs:
-            if out.chunk.finished:
-                self._running.discard(out.request_id)
-        return outputs
 
     def _agree_seeds(self, joins: list[Join]) -> None:
         """Under torchrun every rank queued the same requests itself: rank 0's seeds (drawn where the
@@ -279,7 +273,7 @@ class Engine:
         are kept for their own generate() or handed to the next step() caller."""
         kept = self._kept[request_id]
         while not kept:
-            if not self._waiting and not self._running:
+            if not self._waiting and not self.worker.running:
                 raise RuntimeError(f"request {request_id} is neither waiting nor running")
             self._route(self._step(), self._unclaimed)
         return kept.popleft()
@@ -290,7 +284,7 @@ class Engine:
         now on are dropped."""
         for request_id in request_ids:
             self.abort(request_id)
-            if request_id in self._running:
+            if self.worker.holds(request_id):
                 self._dropped.add(request_id)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
@@ -344,9 +338,9 @@ class Engine:
             if len(each) != len(ids) or not all(isinstance(p, SamplingParams) for p in each):
                 raise ValueError(f"generate_many: give one SamplingParams, or a list of {len(ids)} (one per "
                                  f"prompt); got {len(each)} items")
-        for prompt_ids, request in zip(ids, each, strict=True):
-            self.worker.check_request(prompt_ids, request)
-        order = [self.add_request(prompt_ids, request) for prompt_ids, request in zip(ids, each, strict=True)]
+        joins = [self._checked(prompt_ids, request) for prompt_ids, request in zip(ids, each, strict=True)]
+        self._waiting.extend(joins)  # all checked before the first is queued
+        order = [join.request_id for join in joins]
         for request_id in order:
             self._kept[request_id] = deque()
         parts: dict[int, list[RequestOutput]] = {request_id: [] for request_id in order}

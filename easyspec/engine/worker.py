@@ -133,6 +133,10 @@ class Worker:
                 SpecStats(), text, history, self.drafting.drafter(params, join.seed, history, row),
                 self.options.initial_num_draft, time.perf_counter()))
 
+    def holds(self, request_id: int) -> bool:
+        """Whether the request is in the batch (reading its prompt or decoding)."""
+        return any(seq.request_id == request_id for seq in self.running)
+
     def cancel(self, request_id: int) -> None:
         """End the request: one still reading its prompt at the next step, before its next piece
         (every rank is told, at the same step); one decoding at its next decision (rank 0's)."""

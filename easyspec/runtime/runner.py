@@ -250,40 +250,37 @@ class ModelRunner:
             # are the next row's slots, never attended: a feed reads at most max_len of them.
             kv_len = self.kv_len_for(max(self.row_base(f.row) + min(f.mask.shape[1], self.max_len) for f in feeds))
             args = self._masked_inputs(feeds, width, kv_len, pad_slot)
-            key = ("prefill" if last_only else mode, width, kv_len, "rows-masked", last_only and len(feeds))
         else:
             kv_len = self.kv_len_for(max(self.row_base(f.row) + f.start + f.num_tokens for f in feeds))
             args = (self._causal_inputs(feeds, width, pad_slot),)
-            # Named "prefill" when only the last logits are kept (prompts): the capture log says so.
-            key = ("prefill" if last_only else mode, width, kv_len, "rows", last_only and len(feeds))
+        # Named "prefill" when only the last logits are kept (prompts): the capture log says so.
+        key = ("prefill" if last_only else mode, width, kv_len, "rows-masked" if masked else "rows",
+               last_only and len(feeds))
         fn = self.steps[mode]
         cols = self._arange[:kv_len]
 
-        def step(tokens: Tensor, rest: Tensor, mask: Tensor | None = None, select: Tensor | None = None) -> Tensor:
-            if mask is None:  # rest: [4, width] positions, slots, lowest and highest slot read
-                positions, slots = rest[0], rest[1]
+        def step(tokens: Tensor, rest: Tensor, *extra: Tensor) -> Tensor:
+            """rest: [2, width] positions and slots written, then (causal) each token's lowest and highest
+            slot read; extra: the mask [width, L] (masked), then `select` (last_only)."""
+            if masked:
+                mask = extra[0]
+            else:
                 mask = (cols[None, :] >= rest[2][:, None]) & (cols[None, :] <= rest[3][:, None])  # [width, L]
-            else:  # rest: [2, width] positions, slots
-                positions, slots = rest[0], rest[1]
-            view = SlotView(self.cache, slots)
-            if select is None:
-                return fn(tokens, positions, view, kv_len, mask)
-            return fn(tokens, positions, view, kv_len, mask, select=select)
+            kwargs = {"select": extra[-1]} if last_only else {}
+            return fn(tokens, rest[0], SlotView(self.cache, rest[1]), kv_len, mask, **kwargs)
 
         def warm() -> tuple[Tensor, ...]:
             zeros = torch.zeros(width, dtype=torch.long, device=self.device)
-            rest = torch.stack((zeros, zeros + pad_slot, zeros, zeros)) if not masked else \
-                torch.stack((zeros, zeros + pad_slot))
-            mask = (torch.zeros(width, kv_len, dtype=torch.bool, device=self.device),) if masked else ()
-            if mask:
-                mask[0][:, 0] = True
-            return (zeros, rest, *mask, *(() if select is None else (torch.zeros_like(select),)))
+            rest = torch.stack((zeros, zeros + pad_slot) if masked else (zeros, zeros + pad_slot, zeros, zeros))
+            extra = []
+            if masked:
+                extra.append(torch.zeros(width, kv_len, dtype=torch.bool, device=self.device))
+                extra[0][:, 0] = True
+            if last_only:
+                extra.append(torch.zeros_like(select))
+            return (zeros, rest, *extra)
 
-        inputs = (tokens, *args, *(() if select is None else (select,)))
-        if masked:
-            out = self._run(key, step, inputs, warm)
-        else:
-            out = self._run(key, lambda t, r, *sel: step(t, r, None, *sel), inputs, warm)
+        out = self._run(key, step, (tokens, *args, *(() if select is None else (select,))), warm)
         if last_only:
             return [out[i : i + 1] for i in range(len(feeds))]
         return list(out[:total].split(sizes))
