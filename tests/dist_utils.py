@@ -44,3 +44,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 120.0) -> list:
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def idle_follower(rank, world, pipe, parent_pid):
+    """A follower process that does nothing but wait for its "close" message."""
+    while pipe.recv()[0] != "close":
+        pass

@@ -61,6 +61,9 @@ class Followers:
             self.procs.append(proc)
             self.pipes.append(parent_end)
         self._stop = threading.Event()
+        # Held by the watchdog while it decides that a follower died, and by _quiet() (before this process
+        # kills its followers itself), so that a death we cause is never reported as a failure.
+        self._watch_lock = threading.Lock()
 
     def send(self, message: object) -> None:
         for pipe in self.pipes:
@@ -71,11 +74,16 @@ class Followers:
 
         def loop() -> None:
             while not self._stop.wait(POLL_S):
-                for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes, strict=True), start=1):
-                    if not proc.is_alive():
-                        self._stop.set()
-                        on_failure(f"worker rank {rank} failed: {self._last_words(pipe, proc)}")
+                with self._watch_lock:
+                    if self._stop.is_set():
                         return
+                    dead = self._first_dead()
+                    if dead is not None:
+                        self._stop.set()
+                if dead is not None:
+                    rank, proc, pipe = dead
+                    on_failure(f"worker rank {rank} failed: {self._last_words(pipe, proc)}")
+                    return
 
         threading.Thread(target=loop, name="easyspec-watchdog", daemon=True).start()
 
@@ -83,9 +91,10 @@ class Followers:
         """A line naming a follower that has died (waiting up to wait_s for one to be seen), or None."""
         deadline = time.monotonic() + wait_s
         while True:
-            for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes, strict=True), start=1):
-                if not proc.is_alive():
-                    return f"worker rank {rank} failed: {self._last_words(pipe, proc)}"
+            dead = self._first_dead()
+            if dead is not None:
+                rank, proc, pipe = dead
+                return f"worker rank {rank} failed: {self._last_words(pipe, proc)}"
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
@@ -105,6 +114,17 @@ class Followers:
             return f"worker {ranks} did not answer within --timeout {timeout_s:g} s (alive, but stuck)"
         return None
 
+    def _first_dead(self) -> tuple[int, mp.Process, Connection] | None:
+        for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes, strict=True), start=1):
+            if not proc.is_alive():
+                return rank, proc, pipe
+        return None
+
+    def _quiet(self) -> None:
+        """End the watchdog: what happens to the followers from here on is this process's doing."""
+        with self._watch_lock:
+            self._stop.set()
+
     @staticmethod
     def _last_words(pipe: Connection, proc: mp.Process) -> str:
         try:
@@ -118,7 +138,7 @@ class Followers:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask followers to exit, then make sure they are gone within the timeout."""
-        self._stop.set()
+        self._quiet()
         for pipe in self.pipes:
             try:
                 pipe.send(("close",))
@@ -130,6 +150,7 @@ class Followers:
         self.kill()
 
     def kill(self) -> None:
+        self._quiet()
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
