@@ -33,7 +33,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     None or False describe it in their own words (or have none)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        # `is`, not `in`: 0 and 0.0 equal False but are defaults worth showing.
+        unstated = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if unstated or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
