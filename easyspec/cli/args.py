@@ -11,7 +11,9 @@ from easyspec.options import (
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MODEL_DIR,
     DTYPE_NAMES,
+    GENERATION_CONFIG_FIELDS,
     SPECULATIVE_CONFIG_KEYS,
+    VLLM_SAMPLING_DEFAULTS,
     Calibration,
     EngineOptions,
     Method,
@@ -92,9 +94,11 @@ def add_engine_args(p: argparse.ArgumentParser, method: bool = True, request_def
     if request_defaults:
         g.add_argument("--generation-config", default=ENGINE_DEFAULTS.generation_config,
                        help="sampling defaults of requests that do not set them: auto = the model's "
-                            "generation_config.json (temperature, top_p, top_k, max_new_tokens; do_sample false "
-                            "means greedy), vllm = vLLM's defaults (temperature 1, 16 new tokens), none = "
-                            "easyspec's (greedy, 128 new tokens), or a folder holding a generation_config.json")
+                            f"generation_config.json ({', '.join(GENERATION_CONFIG_FIELDS)}; do_sample false "
+                            "means greedy), vllm = vLLM's defaults (temperature "
+                            f"{VLLM_SAMPLING_DEFAULTS['temperature']:g}, {VLLM_SAMPLING_DEFAULTS['max_new_tokens']} "
+                            f"new tokens), none = easyspec's (greedy, {SAMPLING_DEFAULTS.max_new_tokens} new tokens), "
+                            "or a folder holding a generation_config.json")
     g.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template to use instead of the tokenizer's own (as in transformers)")
     if progress:
@@ -274,15 +278,11 @@ def sampling_from_args(args: argparse.Namespace) -> dict[str, object]:
         "logprobs": args.logprobs,
     }
     # Left out when they say what the defaults say: the engine's defaults (generation_config.json) apply.
-    defaults = SamplingParams()
     given = {name: value for name, value in given.items()
-             if value is not None and (name in GENERATION_DEFAULT_FIELDS or value != getattr(defaults, name))}
+             if value is not None and (name in GENERATION_CONFIG_FIELDS or value != getattr(SAMPLING_DEFAULTS, name))}
     SamplingParams(**given)  # its checks, before any model loads
     return given
 
-
-# The flags without an argparse default (None: not given), whose default is the engine's.
-GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def parse_ids(text: str, flag: str) -> tuple[int, ...]:
