@@ -11,7 +11,14 @@ from pathlib import Path
 
 from easyspec.cli.args import ENGINE_DEFAULTS, HelpFormatter
 from easyspec.distill import HELD_OUT_PROMPTS
-from easyspec.distill.settings import DEFAULT_MINUTES, INITS, DistillOptions, DraftShape, TrainSettings
+from easyspec.distill.settings import (
+    DEFAULT_GEN_BATCH,
+    DEFAULT_MINUTES,
+    INITS,
+    DistillOptions,
+    DraftShape,
+    TrainSettings,
+)
 from easyspec.options import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, Calibration, ParallelPolicy
 
 DEFAULTS = DistillOptions(model="", out="")  # every flag's default is the options' own
@@ -80,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples", type=int, default=DEFAULTS.samples,
                    help="sampled continuations per prompt, besides the greedy one")
     g.add_argument("--gen-tokens", type=int, default=DEFAULTS.gen_tokens, help="longest continuation")
-    g.add_argument("--gen-batch", type=int, help="continuations generated at once (default: 1024 on CUDA, 16 on CPU)")
+    g.add_argument("--gen-batch", type=int, help="continuations generated at once (default: "
+                   f"{DEFAULT_GEN_BATCH['cuda']} on CUDA, {DEFAULT_GEN_BATCH['cpu']} on CPU)")
     g.add_argument("--gen-minutes", type=float,
                    help="stop generating after this long and keep what the base has written (greedy replies first)")
     g.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="of the sampled continuations")

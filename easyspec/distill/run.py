@@ -22,7 +22,7 @@ import torch
 from easyspec.distill import data
 from easyspec.distill.data import Batches, DataError
 from easyspec.distill.export import export_draft
-from easyspec.distill.settings import DistillOptions, check_options
+from easyspec.distill.settings import DEFAULT_GEN_BATCH, DistillOptions, check_options
 from easyspec.distill.shape import draft_config, init_draft, non_embedding_parameters
 from easyspec.distill.train import Stopped, Trainer
 from easyspec.model import kernels
@@ -99,7 +99,7 @@ def distill(opts: DistillOptions, on_step: Callable[[int], None] | None = None) 
     tokenizer = load_tokenizer(opts.model)
     if tokenizer is None:
         raise DataError(f"{opts.model}: no tokenizer.json; distillation reads prompts and corpus text through it")
-    gen_batch = opts.gen_batch or (1024 if device.type == "cuda" else 16)
+    gen_batch = opts.gen_batch or DEFAULT_GEN_BATCH[device.type]
     if opts.data_only:
         base = load_model(opts.model, _base_dtype(device), device)
         return {"generated_data": _generated(opts, base, tokenizer, Path(opts.data), gen_batch)[1]}

@@ -12,6 +12,7 @@ from easyspec.options import DTYPE_NAMES, EngineOptions, ParallelPolicy
 
 INITS = ("base", "random")
 DEFAULT_MINUTES = 5.0  # training time when neither --minutes nor --steps is given
+DEFAULT_GEN_BATCH = {"cuda": 1024, "cpu": 16}  # continuations generated at once, by device type, without --gen-batch
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class DistillOptions:
     code_prompts: str = str(TRAIN_CODE_PROMPTS)
     samples: int = 15
     gen_tokens: int = 256
-    gen_batch: int | None = None  # None: 1024 on CUDA, 16 on CPU
+    gen_batch: int | None = None  # None: DEFAULT_GEN_BATCH of the device
     gen_minutes: float | None = None  # generation stops after this long, keeping what was written
     temperature: float = 0.8
     top_p: float = 0.95
