@@ -49,7 +49,8 @@ def test_every_flag_has_help_and_shows_its_default(monkeypatch):
                 continue
             assert action.help, f"easyspec {name} {action.option_strings or action.dest}: no help text"
             # `is`: a default of 0 or 0.0 equals False and is still shown.
-            if not (action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)):
+            unstated = action.default is None or action.default is False
+            if not (unstated or action.default in ([], (), argparse.SUPPRESS)):
                 assert f"(default: {action.default})" in text, f"easyspec {name} {action.option_strings}"
 
 

@@ -32,11 +32,11 @@ SAMPLING_DEFAULTS = SamplingParams()
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" after a flag's help where X says something: flags whose default is
-    None or False describe it in their own words (or have none)."""
+    None, False or empty describe it in their own words (or have none)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        # `is`, not `in`: 0 and 0.0 equal False but are defaults worth showing.
-        unstated = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        # `is`, not `in`: 0 and 0.0 equal False but are defaults worth showing; an empty list or tuple is not.
+        unstated = action.default is None or action.default is False or action.default in ([], (), argparse.SUPPRESS)
         if unstated or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
