@@ -28,6 +28,7 @@ from easyspec.options import (
     OptionsError,
     auto_dtype,
 )
+from easyspec.zoo import cli as zoo_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TOKENIZER = ROOT / "easyspec" / "models" / "demo" / "base" / "tokenizer.json"
@@ -40,9 +41,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def test_every_flag_has_help_and_shows_its_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100000")  # no wrapping: argparse breaks lines at hyphens too
-    for name, parser in _subcommands(build_parser()).items():
-        if name == "zoo":  # a pointer to `easyspec zoo --help`, which has its own parser
-            continue
+    # `easyspec zoo` is a pointer to the zoo's own parser: its subcommands are checked instead.
+    commands = {name: parser for name, parser in _subcommands(build_parser()).items() if name != "zoo"}
+    commands |= {f"zoo {name}": parser for name, parser in _subcommands(zoo_cli.build_parser()).items()}
+    for name, parser in commands.items():
         text = parser.format_help()
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction):

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["zoo"]:
         from easyspec.zoo.cli import main as zoo_main
 
-        zoo_main(argv[1:])  # one-line errors and exit code 2 for user mistakes, as here
+        zoo_main(argv[1:], prog="easyspec zoo")  # one-line errors and exit code 2 for user mistakes, as here
         return
     args = build_parser().parse_args(argv)
     try:

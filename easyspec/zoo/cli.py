@@ -55,19 +55,20 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train and check easyspec's own same-family model pairs; inflate a "
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Train and check easyspec's own same-family model pairs; inflate a "
                                             "trained model to a real shape.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train-pair", help="build corpus + tokenizer, train base and draft")
-    train.add_argument("--pair", required=True, choices=sorted(PAIRS))
+    train.add_argument("--pair", required=True, choices=sorted(PAIRS), help="which pair (easyspec.zoo.pairs)")
     train.add_argument("--out", required=True, type=Path, help="output folder")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=_positive(float),
                         help="training time per model (default: the pair's own)")
     budget.add_argument("--steps", type=_positive(int), help="optimiser steps per model")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the prompts drawn, the initialisation and the "
+                                                         "data order (default: %(default)s)")
     train.add_argument("--devices", default=None,
                        help="base device, then draft device; two train in parallel "
                             f"(default: {default_devices()})")
@@ -76,19 +77,24 @@ def _parser() -> argparse.ArgumentParser:
 
     prompts = sub.add_parser("prompts", help="write code-completion prompts cut from held-out files")
     prompts.add_argument("--out", required=True, type=Path, help="jsonl file to write")
-    prompts.add_argument("--pair", default="demo", choices=sorted(PAIRS), help="whose corpus cap to use")
-    prompts.add_argument("--n", type=_positive(int), default=DEFAULT_PROMPTS)
-    prompts.add_argument("--seed", type=int, default=0)
-    prompts.add_argument("--site-packages", action="store_true")
+    prompts.add_argument("--pair", default="demo", choices=sorted(PAIRS),
+                         help="whose corpus cap to use (default: %(default)s)")
+    prompts.add_argument("--n", type=_positive(int), default=DEFAULT_PROMPTS,
+                         help="prompts to write (default: %(default)s)")
+    prompts.add_argument("--seed", type=int, default=0, help="seed of the draw of prompts (default: %(default)s)")
+    prompts.add_argument("--site-packages", action="store_true",
+                         help="add installed packages' sources to the standard library's")
 
     ev = sub.add_parser("eval-pair", help="greedy mean accepted length of a trained pair")
     ev.add_argument("dir", type=Path, help="a train-pair output folder (holds base/ and draft/)")
     ev.add_argument("--prompts", type=Path, help="Spec-Bench jsonl (default: DIR/prompts.jsonl)")
-    ev.add_argument("--k", type=_positive(int), default=4, help="draft tokens per round")
-    ev.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    ev.add_argument("--k", type=_positive(int), default=4, help="draft tokens per round (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=_positive(int), default=128,
+                    help="tokens generated per prompt (default: %(default)s)")
     ev.add_argument("--limit", type=_positive(int), help="use only the first N prompts")
-    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: %(default)s)")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
 
     inf = sub.add_parser("inflate", help="write a trained model at a larger shape that computes the same function")
     inf.add_argument("--model", required=True, type=Path,
@@ -102,17 +108,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="the model is a draft: widen it only, it keeps its own layer count")
     inf.add_argument("--dtype", default="bfloat16",
                      help="storage dtype: float32 keeps the trained function to float32 rounding, bfloat16 "
-                          "also rounds the rescaled weights (norms, q projections)")
+                          "also rounds the rescaled weights (norms, q projections) (default: %(default)s)")
     inf.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> None:
+    """`prog`: how the user called it (`easyspec zoo` from the easyspec command), for --help and errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "train-pair":
-            _train_pair(args, shlex.join([*PROG.split(), *argv]))
+            _train_pair(args, shlex.join([*prog.split(), *argv]))
         elif args.command == "prompts":
             _prompts(args)
         elif args.command == "inflate":
