@@ -23,6 +23,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # keeps 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out="${OUT:-out}"
 work="${WORK:-/tmp/easyspec}"
+if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >/dev/null 2>&1; then
+    echo "error: scripts/bench-gpu.sh needs NVIDIA GPUs and nvidia-smi finds none; run it on a GPU machine" >&2
+    exit 2
+fi
 mkdir -p "$out" "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
 # End-to-end rows: every method on the same prompts (trees once per drafter kind).
