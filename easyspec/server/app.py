@@ -197,7 +197,8 @@ def _encode(engine: Engine, prompt: str | list[int] | None, messages: list[dict]
         return tok.encode(prompt or "", add_special_tokens=add_special_tokens is not False)
     if tok.chat_template is None:
         raise ApiError(400, "the model has no chat template (tokenizer_config.json 'chat_template' or "
-                            "chat_template.jinja); use /v1/completions with a plain prompt", code="no_chat_template")
+                            "chat_template.jinja); use /v1/completions with a plain prompt, or start the server "
+                            "with --chat-template FILE", code="no_chat_template")
     try:
         text = tok.render_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
                                **(template_kwargs or {}))
