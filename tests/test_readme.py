@@ -12,7 +12,8 @@ exit 0, and a curl must not answer an error. Python blocks are saved to a file a
 
 Rewrites, the only ones: a README port (8000, 8001, 8002) becomes a free port, `/tmp/` becomes the
 scratch folder, so that the test can run beside others. Commands not run are listed in
-NOT_RUN with the reason; every entry must still match a README command.
+NOT_RUN with the reason; every entry must still match a README command. Every flag README names,
+in its prose too, must be a flag of some easyspec command.
 """
 
 from __future__ import annotations
@@ -196,3 +197,33 @@ def test_every_not_run_entry_names_a_readme_command():
     for prefix in NOT_RUN:
         assert any(c.startswith(prefix) for c in every), f"NOT_RUN entry {prefix!r} matches no README command"
     assert sum(not_run(c) is None for c in every) >= 8
+
+
+# Flags README.md names that belong to other tools: pip, pytest-xdist, torchrun, docker.
+OTHER_TOOLS_FLAGS = {"--no-deps", "--index-url", "--dist", "--nproc-per-node", "--nnodes", "--rdzv-endpoint",
+                     "--restart"}
+
+
+def test_every_flag_the_readme_names_exists():
+    """A flag named in README's prose (not only in its examples) is a flag of some easyspec command, so a
+    renamed or removed flag cannot stay documented."""
+    import argparse
+
+    from easyspec.cli.main import build_parser
+    from easyspec.zoo.cli import build_parser as build_zoo_parser
+
+    flags: set[str] = set()
+
+    def collect(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+
+    collect(build_parser())
+    collect(build_zoo_parser())
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text()))
+    unknown = named - flags - OTHER_TOOLS_FLAGS
+    assert not unknown, f"README names flags no easyspec command has: {sorted(unknown)}"
+    assert OTHER_TOOLS_FLAGS <= named, f"no longer in README: {sorted(OTHER_TOOLS_FLAGS - named)}"
