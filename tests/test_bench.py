@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def test_bench_smoke(pair_dir, tmp_path):
@@ -100,6 +101,16 @@ def test_bench_rejects_malformed_sweep(pair_dir):
     out = _bench("--model", str(pair_dir / "base"), "--sweep", "num_draft=3;num_draft=4", timeout=60)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --sweep: num_draft is given twice; list all its values once"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    """Refused before a preset checkpoint is built on the missing device or a row's process starts."""
+    out = _bench("--preset", "tiny", "--device", "cuda", "--methods", "vanilla", "--workdir", str(tmp_path),
+                 "--out", str(tmp_path / "out"), timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --device cuda was asked for but no CUDA device is visible; use --device cpu"]
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_parse_sweep():

@@ -119,8 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from easyspec.bench.progress import Progress
     from easyspec.bench.project import NOTE, load_acceptance, project, projected_table, stage_ms_per_round
     from easyspec.bench.sweep import best_line, parse_sweep, ranked, sweep_specs
+    from easyspec.engine.preflight import check_device
 
     args.devices = args.devices or torchrun_world_size() or ENGINE_DEFAULTS.devices
+    check_device(args.device, args.devices)  # before a preset checkpoint is built on it or a row starts
     if args.dtype == AUTO_DTYPE and args.preset:  # presets are the shapes of 16-bit checkpoints
         args.dtype = auto_dtype(args.device, "bfloat16")
     # Everything that only reads the command line or a file is checked before any checkpoint is written.

@@ -46,20 +46,24 @@ def preflight(options: EngineOptions) -> tuple[EngineOptions, str]:
     if options.tree_width > base.vocab_size:
         raise OptionsError(f"--tree-width {options.tree_width} exceeds the vocabulary "
                            f"({base.vocab_size} tokens); lower it")
-    if options.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise OptionsError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-        if torch.cuda.device_count() < options.devices:
-            raise OptionsError(
-                f"--devices {options.devices} but only {torch.cuda.device_count()} CUDA devices are visible"
-            )
+    check_device(options.device, options.devices)
     context, rows, line = settle_context(options, base, draft)
     options = options.replace(max_context=context, max_num_seqs=rows)
     if draft is not None:
         check_draft(base, draft, options)
     return options, line
+
+
+def check_device(device: str, devices: int) -> None:
+    """--device cuda needs `devices` visible CUDA devices; the CPU runs any number of processes."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OptionsError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if torch.cuda.device_count() < devices:
+        raise OptionsError(f"--devices {devices} but only {torch.cuda.device_count()} CUDA devices are visible")
 
 
 def request_defaults(options: EngineOptions) -> dict[str, object]:
