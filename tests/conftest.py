@@ -9,6 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `pytest -n W` runs W test processes, and many tests start 2-4 more (gloo ranks, servers): with
+    # torch's default of one thread per core each, they fight over the cores and small matmuls slow
+    # down tenfold. Each process gets its share instead; the children inherit it through the variable.
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 if not torch.cuda.is_available():
