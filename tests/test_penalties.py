@@ -51,6 +51,28 @@ def test_repetition_penalty_matches_transformers(penalty: float) -> None:
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("penalty", [1e-40, 1e-320, 1e38])
+def test_a_penalty_past_float32_saturates_instead_of_nan(penalty: float) -> None:
+    """Any penalty > 0 is valid, but l / 1e-40 overflows float32 to inf (and 1e-320 rounds to 0, dividing by
+    zero); inf - inf is NaN in the temperature's shift. A penalized logit saturates at float32's largest
+    magnitude instead: the distribution stays finite and only penalized tokens' logits moved."""
+    logits = torch.tensor([[2.0, 3.0, -1.0, 1.0, -4.0, 0.5]])
+    seen = torch.tensor([True, True, True, False, True, True])
+    params = SamplingParams(temperature=0.7, repetition_penalty=penalty, logprobs=2)
+    scores = apply_history(logits[None], params, seen[None], torch.zeros(1, 1, 6), torch.zeros(1, 1, dtype=torch.long),
+                           NO_ENDS)[0]
+    assert not scores.isnan().any() and not scores.isinf().any()
+    assert scores[0, 3] == 1.0  # not in the history: untouched
+    probs = process_logits(scores, params)
+    assert torch.isfinite(probs).all() and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
+    greedy = process_logits(scores, SamplingParams(repetition_penalty=penalty))
+    assert torch.isfinite(greedy).all() and float(greedy.sum()) == 1.0
+    # Every token seen, every logit negative: a penalty of 1e38 must not send them all to -inf.
+    everything = apply_history(-logits.abs()[None], params, torch.ones(1, 6, dtype=torch.bool), torch.zeros(1, 1, 6),
+                               torch.zeros(1, 1, dtype=torch.long), NO_ENDS)[0]
+    assert torch.isfinite(process_logits(everything, params)).all()
+
+
 def test_presence_and_frequency_penalties_follow_openai() -> None:
     """logit - frequency * count - presence * (count > 0), over the output only (the prompt's tokens untouched)."""
     g = torch.Generator().manual_seed(1)

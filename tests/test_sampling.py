@@ -135,9 +135,10 @@ def test_temperature_only_is_scaled_softmax(temperature: float) -> None:
     torch.testing.assert_close(probs, torch.softmax(logits / temperature, dim=-1))
 
 
-@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-7])
+@pytest.mark.parametrize("temperature", [1e-320, 1e-46, 1e-40, 1e-30, 1e-7])
 def test_tiny_temperature_is_the_argmax_not_nan(temperature: float) -> None:
-    """Dividing raw logits by 1e-40 overflows to inf and the softmax to NaN; the limit is the argmax."""
+    """Dividing raw logits by 1e-40 overflows to inf and the softmax to NaN; the limit is the argmax.
+    1e-46 and 1e-320 are positive (they sample) but round to 0 in float32, where 0 / 0 is NaN."""
     logits = _random_logits(8, seed=4) * 30
     for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)):
         probs = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))

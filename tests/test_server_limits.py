@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -167,6 +168,33 @@ def test_half_sent_body_times_out(server):
             reply += chunk
     head, body = reply.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in body
+
+
+def test_clients_that_leave_early_are_499_not_server_errors(server):
+    """A client that resets its connection while its body is read, or right after sending a whole
+    streaming request, left: counted 499 (nginx's "client closed request") or, when its stream had
+    begun, 200; never a 500 with an "unhandled error" traceback in the log."""
+    body = json.dumps({"prompt": "the", "max_tokens": 50, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    before = server.metrics()
+    sends = [head + body[:10], head + body] * 3
+    for sent in sends:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(sent)
+        time.sleep(0.05)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        sock.close()
+
+    def counted(status: int) -> float:
+        key = f'easyspec_requests_total{{endpoint="/v1/completions",status="{status}"}}'
+        return server.metrics().get(key, 0) - before.get(key, 0)
+
+    deadline = time.monotonic() + 30
+    while sum(counted(status) for status in (200, 499, 500)) < len(sends) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (counted(500), counted(200) + counted(499)) == (0, len(sends))
+    assert "unhandled error" not in server.log.read_text()
 
 
 def test_metrics_need_the_key_and_health_does_not(server):

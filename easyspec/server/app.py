@@ -101,6 +101,7 @@ class ServerState:
 
 STATE = web.AppKey("state", ServerState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status counted for a client that left
 # Behind the key when one is set; /health stays open for load balancers and supervisors.
 PUBLIC_PATHS = ("/health",)
 
@@ -148,8 +149,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         message = f"{err.reason}: {request.method} {ascii(request.path)[1:-1]}"
         response = _error_response(ApiError(err.status, message, code=err.reason.lower().replace(" ", "_")))
     except asyncio.CancelledError:
-        state.metrics.count_request(_endpoint(request), 499)  # nginx's "client closed request"
+        state.metrics.count_request(_endpoint(request), CLIENT_CLOSED)
         raise
+    except ConnectionResetError:
+        # The client left while its body was read or before the response began (the reset can also surface
+        # in place of the handler's cancellation): nothing to answer, and no server error.
+        response = web.Response(status=CLIENT_CLOSED)
     except Exception:  # a bug: log it, answer 500 without its text, keep serving
         incident = uuid.uuid4().hex[:12]
         log.exception("incident %s: unhandled error in %s %s", incident, request.method, loggable(request.path))

@@ -36,6 +36,8 @@ from easyspec.options import SamplingParams
 
 __all__ = ["TokenHistory", "apply_history", "chain_precedes", "row_counts"]
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def chain_precedes(rows: int, drafted: int, device: torch.device | str | None = None) -> Tensor:
     """bool [rows, drafted]: row j of a chain follows draft tokens 0..j-1."""
@@ -67,6 +69,9 @@ def apply_history(logits: Tensor, params: SamplingParams, prompt_seen: Tensor | 
         seen = prompt_seen.unsqueeze(-2) | (counts > 0)  # [..., R, V]
         penalty = params.repetition_penalty
         scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
+        # A penalty far from 1 (1e-40, 1e38) overflows float32, and inf - inf is NaN once the temperature's
+        # shift subtracts the largest score: such logits saturate at float32's largest magnitude instead.
+        scores = scores.clamp(-FLOAT32_MAX, FLOAT32_MAX)
     if params.frequency_penalty != 0:
         scores = scores - params.frequency_penalty * counts
     if params.presence_penalty != 0:

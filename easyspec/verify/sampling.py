@@ -22,6 +22,7 @@ before they are divided by the temperature, which leaves the distribution
 unchanged but means no temperature, however small, can overflow to inf and
 turn the softmax into NaN: as the temperature goes to 0 the distribution goes
 to the argmax (split evenly between exact ties), as the limit says it should.
+Temperatures too small for float32 divide as its smallest normal number, the same limit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from torch import Tensor
 from easyspec.options import SamplingParams
 
 __all__ = ["greedy", "process_logits", "process_scores", "sample"]
+
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -74,7 +77,10 @@ def process_scores(logits: Tensor, params: SamplingParams) -> Tensor:
     # Work in float32: half-precision cumulative sums would move the top-p cut. Shifting the
     # largest logit to 0 first keeps a tiny temperature from dividing its way to inf (see above).
     scores = logits.to(torch.float32)  # [..., V]
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature  # [..., V], max 0
+    # A temperature below float32's smallest normal number would round to 0 (0 / 0 = NaN) or be flushed
+    # to 0 on GPUs; dividing by that number instead gives the same limit, the argmax.
+    temperature = max(params.temperature, FLOAT32_TINY)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature  # [..., V], max 0
 
     # Both filters work on a candidate list sorted ascending, then scatter the
     # survivors into a -inf canvas. Scattering the top-k indices (rather than
@@ -108,5 +114,5 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     noise = torch.empty_like(probs).exponential_(generator=generator)  # [..., V]
     # An exact zero draw would give 0/0 = NaN for zero-probability tokens, and
     # argmax treats NaN as the maximum; clamping keeps those tokens at 0.
-    noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    noise.clamp_min_(FLOAT32_TINY)
     return (probs / noise).argmax(dim=-1)
