@@ -212,6 +212,29 @@ def test_split_kv_attention_over_a_batch_of_rows(dtype):
             assert_close(alone[0], got[i], dtype)
 
 
+def test_reference_attention_reads_only_the_blocks_some_token_sees():
+    """On the CPU the reference drops cache blocks that no token of the step sees (a batch's other rows,
+    the unused end of a row): the result is plain attention over every slot with the mask."""
+    heads, kv_heads, head_dim, row_len = 6, 2, 32, 300  # rows not a multiple of the block size
+    positions = [(0, 5), (2, 299), (2, 150), (3, 0)]  # (row, position); row 1 unused
+    kv_len = 4 * row_len
+    q = randn(len(positions), heads, head_dim, dtype=torch.float32).cpu()
+    keys = randn(kv_heads, kv_len + 40, head_dim, dtype=torch.float32, seed=1).cpu()
+    values = randn(kv_heads, kv_len + 40, head_dim, dtype=torch.float32, seed=2).cpu()
+    cols = torch.arange(kv_len)
+    mask = torch.stack([(cols >= row * row_len) & (cols <= row * row_len + pos) for row, pos in positions])
+    group = heads // kv_heads
+    group_mask = mask.repeat(group, 1)
+    kept_keys, _, kept_mask = kernels._seen_blocks(keys[:, :kv_len], values[:, :kv_len], group_mask)
+    assert kept_keys.shape[1] == kept_mask.shape[1] < kv_len and kept_mask.sum() == group_mask.sum()
+    qg = q.view(-1, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, head_dim)
+    plain = torch.nn.functional.scaled_dot_product_attention(qg, keys[None, :, :kv_len], values[None, :, :kv_len],
+                                                             attn_mask=group_mask)
+    plain = plain.view(kv_heads, group, -1, head_dim).permute(2, 0, 1, 3).reshape(-1, heads, head_dim)
+    got = kernels.cached_attention_reference(q, keys, values, group_mask, kv_len)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+
+
 def _prefill_then_steps(model, fused: bool, positions_split: int, tokens: torch.Tensor) -> tuple:
     """Logits of tokens[positions_split:] after a prefill of the rest, as one step, and the cache."""
     kernels.use_fused(fused)
