@@ -364,6 +364,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely tokens'
 
     def __post_init__(self) -> None:
+        # As vLLM's SamplingParams takes them: one stop string alone, lists for either field, None for none.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, (str, list)):
+                object.__setattr__(self, name, () if value is None else (value,) if isinstance(value, str)
+                                   else tuple(value))
         # NaN fails every comparison, so each check is written to reject it.
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
@@ -393,9 +399,9 @@ class SamplingParams:
             raise SamplingError("min_tokens", f"min_tokens must be an int from 0 to max_new_tokens "
                                               f"({self.max_new_tokens}), got {self.min_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise SamplingError("stop", f"stop must be a tuple of str, got {self.stop!r}")
+            raise SamplingError("stop", f"stop must be a str or a list or tuple of str, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise SamplingError("stop_token_ids", "stop_token_ids must be a tuple of token ids (ints >= 0), "
+            raise SamplingError("stop_token_ids", "stop_token_ids must be a list or tuple of token ids (ints >= 0), "
                                                   f"got {self.stop_token_ids!r}")
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):

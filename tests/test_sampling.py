@@ -75,6 +75,15 @@ def test_default_params_are_greedy() -> None:
     assert not SamplingParams(temperature=0.5).greedy
 
 
+def test_stop_fields_take_what_vllm_takes():
+    """A vLLM user writes stop="\\n" or stop=["a", "b"] and stop_token_ids=[2]; None means none."""
+    assert SamplingParams(stop="\n").stop == ("\n",)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=[2, 3]).stop == ("a", "b")
+    assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)
+    assert SamplingParams(stop=None, stop_token_ids=None) == SamplingParams()
+    hash(SamplingParams(stop=["a"]))  # still a frozen, hashable value
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -93,7 +102,8 @@ def test_default_params_are_greedy() -> None:
         ({"seed": 2**63}, r"64-bit signed integer \(-2\*\*63 to 2\*\*63 - 1\), got 9223372036854775808"),
         ({"seed": -(2**63) - 1}, "seed must be None or a 64-bit signed integer"),
         ({"seed": True}, "seed must be None"),
-        ({"stop": ["x"]}, "stop must be a tuple of str"),
+        ({"stop": [b"x"]}, "stop must be a str or a list or tuple of str"),
+        ({"stop": {"x"}}, "stop must be a str or a list or tuple of str"),
         ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
         ({"min_p": math.nan}, "min_p must be a finite number"),
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0"),
@@ -101,8 +111,8 @@ def test_default_params_are_greedy() -> None:
         ({"frequency_penalty": -3}, r"frequency_penalty must be in \[-2, 2\], got -3"),
         ({"min_tokens": 5, "max_new_tokens": 4}, r"min_tokens must be an int from 0 to max_new_tokens \(4\), got 5"),
         ({"min_tokens": -1}, "min_tokens must be an int from 0"),
-        ({"stop_token_ids": [2]}, "stop_token_ids must be a tuple of token ids"),
-        ({"stop_token_ids": (2, -1)}, "stop_token_ids must be a tuple of token ids"),
+        ({"stop_token_ids": [2.0]}, "stop_token_ids must be a list or tuple of token ids"),
+        ({"stop_token_ids": (2, -1)}, "stop_token_ids must be a list or tuple of token ids"),
         ({"skip_special_tokens": 1}, "skip_special_tokens must be True or False"),
         ({"logprobs": 21}, "logprobs must be None or an int from 0 to 20, got 21"),
         ({"logprobs": True}, "logprobs must be None or an int"),
