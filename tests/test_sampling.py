@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from easyspec.options import SamplingError, SamplingParams
-from easyspec.verify.sampling import greedy, process_logits, sample
+from easyspec.verify.sampling import greedy, process_logits, sample, seeded_generator
 
 # (temperature, top_k, top_p) combinations covering each filter alone, both
 # together, degenerate values (k >= V, k == 1) and tight/loose nucleus sizes.
@@ -82,6 +82,16 @@ def test_stop_fields_take_what_vllm_takes():
     assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)
     assert SamplingParams(stop=None, stop_token_ids=None) == SamplingParams()
     hash(SamplingParams(stop=["a"]))  # still a frozen, hashable value
+
+
+def test_every_bit_of_a_seed_counts_on_the_cpu():
+    """A CPU generator keeps a seed's low 32 bits only: these pairs once gave identical samples."""
+    def draws(seed: int) -> list[float]:
+        return torch.rand(8, generator=seeded_generator("cpu", seed)).tolist()
+
+    for a, b in ((1, 2**32 + 1), (-1, 2**63 - 1), (0, -(2**63))):
+        assert draws(a) != draws(b)
+    assert draws(12345) == draws(12345)
 
 
 @pytest.mark.parametrize(

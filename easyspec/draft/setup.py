@@ -31,6 +31,7 @@ from easyspec.parallel.state import ParallelState
 from easyspec.parallel.tp import check_divisible, load_sharded
 from easyspec.runtime.runner import LAYER_PARALLEL, Feed, ModelRunner
 from easyspec.verify.penalties import TokenHistory
+from easyspec.verify.sampling import seeded_generator
 from easyspec.verify.types import Proposal, TreeProposal
 
 
@@ -104,7 +105,7 @@ class Drafting:
             return None
         if Method(opts.method) is Method.NGRAM:
             return NgramDrafter(self.state.device, opts.ngram_min, opts.ngram_max)
-        gen = torch.Generator(self.state.device).manual_seed(seed + 1)
+        gen = seeded_generator(self.state.device, seed + 1)
         if opts.tree:
             return TreeDrafter(self.runner, params, gen, opts.tree_width, opts.initial_num_draft, history,
                                layer_parallel=opts.is_layer_parallel, sampling=opts.tree_sampling, row=row)

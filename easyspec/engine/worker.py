@@ -48,7 +48,7 @@ from easyspec.runtime.stats import SpecStats, StageTimer
 from easyspec.verify.logprobs import token_logprobs
 from easyspec.verify.penalties import TokenHistory, chain_precedes
 from easyspec.verify.rejection import verify_greedy, verify_stochastic
-from easyspec.verify.sampling import process_scores, sample
+from easyspec.verify.sampling import process_scores, sample, seeded_generator
 from easyspec.verify.tree import (
     ancestors,
     path_moves,
@@ -129,7 +129,7 @@ class Worker:
             self.free_rows.remove(row)
             self.running.append(Running(
                 join.request_id, row, join.prompt_ids, params,
-                torch.Generator(device).manual_seed(join.seed) if self.state.is_driver else None,
+                seeded_generator(device, join.seed) if self.state.is_driver else None,
                 SpecStats(), text, history, self.drafting.drafter(params, join.seed, history, row),
                 self.options.initial_num_draft, time.perf_counter()))
 

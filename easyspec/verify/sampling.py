@@ -101,6 +101,19 @@ def process_scores(logits: Tensor, params: SamplingParams) -> Tensor:
     return scores  # [..., V]
 
 
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on `device` for a 64-bit `seed`. A CPU generator keeps only a seed's low 32 bits
+    (seeds 1 and 2**32 + 1, or -1 and 2**63 - 1, gave the same tokens), so there the seed is first
+    mixed (splitmix64's finaliser) so that every bit counts; CUDA generators take all 64 bits as is."""
+    generator = torch.Generator(device)
+    if generator.device.type == "cpu":
+        mixed = seed & 0xFFFF_FFFF_FFFF_FFFF
+        mixed = ((mixed ^ (mixed >> 30)) * 0xBF58_476D_1CE4_E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+        mixed = ((mixed ^ (mixed >> 27)) * 0x94D0_49BB_1331_11EB) & 0xFFFF_FFFF_FFFF_FFFF
+        seed = (mixed ^ (mixed >> 31)) & 0xFFFF_FFFF
+    return generator.manual_seed(seed)
+
+
 def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """Draw one token per row: probs [..., V] -> long [...].
 
