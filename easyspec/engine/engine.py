@@ -21,7 +21,6 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 from easyspec.engine.decision import RequestFailed, seed_box
 from easyspec.engine.preflight import preflight, request_defaults
-from easyspec.engine.request import Chunk, Join, RequestOutput
+from easyspec.engine.request import Chunk, GenerationResult, Join, RequestOutput
 from easyspec.engine.worker import Worker
 from easyspec.model.checkpoint import read_text
 from easyspec.model.progress import bar
@@ -43,8 +42,6 @@ from easyspec.options import (
 from easyspec.parallel import comm
 from easyspec.parallel.launch import Followers, free_port, set_rendezvous, torchrun_rank, watch_parent
 from easyspec.parallel.state import init_parallel, shutdown_parallel
-from easyspec.runtime.stats import SpecStats
-from easyspec.verify.logprobs import TokenLogprob
 
 log = logging.getLogger("easyspec")
 
@@ -63,19 +60,6 @@ def exit_on_failure(message: str) -> None:
     with _fatal_lock:
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(1)
-
-
-@dataclass
-class GenerationResult:
-    """One prompt's whole generation (Engine.generate_many)."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    stop_reason: str | int | None  # the stop string or stop token that ended it (vLLM's stop_reason); else None
-    stats: SpecStats
-    logprobs: list[TokenLogprob] | None = None  # one per token when SamplingParams.logprobs is set
 
 
 class Engine:

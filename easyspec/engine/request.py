@@ -1,5 +1,5 @@
-"""A request as the engine carries it: entering the batch (Join), running in it (Running), and
-what each step commits for it (Chunk, RequestOutput)."""
+"""A request as the engine carries it: entering the batch (Join), running in it (Running), what
+each step commits for it (Chunk, RequestOutput), and its whole generation (GenerationResult)."""
 
 from __future__ import annotations
 
@@ -72,3 +72,16 @@ class Running:
     failure: Exception | None = None  # what a step of rank 0's raised for it
     logprobs: list[TokenLogprob] | None = None  # rank 0: the candidates' of the last step, when asked for
     finished: bool = False
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's whole generation (Engine.generate_many)."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None  # the stop string or stop token that ended it (vLLM's stop_reason); else None
+    stats: SpecStats
+    logprobs: list[TokenLogprob] | None = None  # one per token when SamplingParams.logprobs is set
