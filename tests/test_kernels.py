@@ -31,6 +31,7 @@ triton = pytest.importorskip("triton", reason="the fused kernels are Triton kern
 from easyspec import Engine  # noqa: E402
 from easyspec.model import decode_attention, fused_linear, fused_qkv, kernels, triton_support  # noqa: E402
 from easyspec.model.checkpoint import load_model  # noqa: E402
+from easyspec.model.transformer import seen_spans  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -213,8 +214,9 @@ def test_split_kv_attention_over_a_batch_of_rows(dtype):
 
 
 def test_reference_attention_reads_only_the_blocks_some_token_sees():
-    """On the CPU the reference drops cache blocks that no token of the step sees (a batch's other rows,
-    the unused end of a row): the result is plain attention over every slot with the mask."""
+    """On the CPU a step drops the cache blocks that no token of it sees (a batch's other rows, the
+    unused end of a row; model.transformer.seen_spans): attention over the rest is plain attention over
+    every slot with the mask."""
     heads, kv_heads, head_dim, row_len = 6, 2, 32, 300  # rows not a multiple of the block size
     positions = [(0, 5), (2, 299), (2, 150), (3, 0)]  # (row, position); row 1 unused
     kv_len = 4 * row_len
@@ -225,13 +227,15 @@ def test_reference_attention_reads_only_the_blocks_some_token_sees():
     mask = torch.stack([(cols >= row * row_len) & (cols <= row * row_len + pos) for row, pos in positions])
     group = heads // kv_heads
     group_mask = mask.repeat(group, 1)
-    kept_keys, _, kept_mask = kernels._seen_blocks(keys[:, :kv_len], values[:, :kv_len], group_mask)
+    spans = seen_spans(mask)
+    kept_keys, kept_values, kept_mask = (torch.cat([t[:, span] for span in spans], dim=1)
+                                         for t in (keys, values, group_mask))
     assert kept_keys.shape[1] == kept_mask.shape[1] < kv_len and kept_mask.sum() == group_mask.sum()
     qg = q.view(-1, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, head_dim)
     plain = torch.nn.functional.scaled_dot_product_attention(qg, keys[None, :, :kv_len], values[None, :, :kv_len],
                                                              attn_mask=group_mask)
     plain = plain.view(kv_heads, group, -1, head_dim).permute(2, 0, 1, 3).reshape(-1, heads, head_dim)
-    got = kernels.cached_attention_reference(q, keys, values, group_mask, kv_len)
+    got = kernels.cached_attention_reference(q, kept_keys, kept_values, kept_mask, kept_mask.shape[1])
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
 
 

@@ -77,33 +77,10 @@ def cached_attention_reference(q: Tensor, keys: Tensor, values: Tensor, group_ma
     kv_heads = keys.shape[0]
     group = heads // kv_heads
     keys, values, group_mask = keys[:, :kv_len], values[:, :kv_len], group_mask[:, :kv_len]
-    if q.device.type == "cpu":
-        keys, values, group_mask = _seen_blocks(keys, values, group_mask)
     # Fold the query heads that share a KV head into the query axis so each cached key is read once.
     qg = q.view(seq, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * seq, head_dim)
     out = F.scaled_dot_product_attention(qg, keys[None], values[None], attn_mask=group_mask)  # [1, Hkv, G*T, hd]
     return out.view(kv_heads, group, seq, head_dim).permute(2, 0, 1, 3).reshape(seq, heads, head_dim)
-
-
-SEEN_BLOCK = 128  # cache slots kept or dropped together by _seen_blocks
-
-
-def _seen_blocks(keys: Tensor, values: Tensor, group_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """keys/values [Hkv, L, hd] and group_mask [Q, L] without the blocks of SEEN_BLOCK slots that no
-    query sees. A batch's step reads every row's slots up to the highest row in use while each token
-    sees only its own row's: without this, 4 rows at a long context read 4 whole contexts per token.
-    Dropped columns weigh exactly 0 in the softmax, so the attention is the same (to float
-    rounding, as any change of the step's shape gives). Eager only: the kept count depends on the data."""
-    slots = group_mask.shape[1]
-    blocks = -(-slots // SEEN_BLOCK)
-    padded = F.pad(group_mask, (0, blocks * SEEN_BLOCK - slots))  # [Q, blocks * SEEN_BLOCK]
-    seen = padded.view(-1, blocks, SEEN_BLOCK).any(2).any(0)  # [blocks]
-    if bool(seen.all()):
-        return keys, values, group_mask
-    # Runs of seen blocks (one per row in use, typically), each copied once as a slice.
-    edges = torch.diff(F.pad(seen.to(torch.int8), (1, 1))).nonzero()[:, 0].tolist()  # run starts and ends
-    spans = [slice(start * SEEN_BLOCK, end * SEEN_BLOCK) for start, end in zip(edges[::2], edges[1::2], strict=True)]
-    return tuple(torch.cat([t[:, span] for span in spans], dim=1) for t in (keys, values, group_mask))
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, eps: float,

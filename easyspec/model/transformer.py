@@ -83,6 +83,28 @@ class StepInputs:
     cache: KVCache | None
     kv_len: int
     group_mask: Tensor | None = None
+    # Eager CPU steps: the spans of cache slots some token sees (group_mask holds only their columns),
+    # None: slots 0..kv_len-1. A batch's step spans every row up to the highest in use, though each
+    # token sees only its own row's: without this, 4 rows at a long context read 4 contexts per token.
+    kv_spans: list[slice] | None = None
+
+
+SEEN_BLOCK = 128  # cache slots kept or dropped together by seen_spans
+
+
+def seen_spans(mask: Tensor) -> list[slice] | None:
+    """The runs of SEEN_BLOCK-slot blocks of mask [T, L] that some token sees, as column slices;
+    None when every block is seen. Dropped columns weigh exactly 0 in the softmax, so attention over
+    the kept ones is the same (to float rounding, as any change of the step's shape gives)."""
+    slots = mask.shape[1]
+    blocks = -(-slots // SEEN_BLOCK)
+    padded = F.pad(mask, (0, blocks * SEEN_BLOCK - slots))  # [T, blocks * SEEN_BLOCK]
+    seen = padded.view(-1, blocks, SEEN_BLOCK).any(2).any(0)  # [blocks]
+    if bool(seen.all()):
+        return None
+    edges = torch.diff(F.pad(seen.to(torch.int8), (1, 1))).nonzero()[:, 0].tolist()  # run starts and ends
+    return [slice(start * SEEN_BLOCK, min(end * SEEN_BLOCK, slots)) for start, end in zip(edges[::2], edges[1::2],
+                                                                                             strict=True)]
 
 
 class Attention(nn.Module):
@@ -128,7 +150,12 @@ class Attention(nn.Module):
             q = kernels.attention_inputs(x[0], norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias,
                                          *qk_norms, step.cos, step.sin, nh, nkv, keys, values,
                                          step.cache.slots_for(step.positions))  # [T, H, hd]
-            out = kernels.cached_attention(q, keys, values, step.group_mask, step.kv_len)  # [T, H, hd]
+            kv_len = step.kv_len
+            if step.kv_spans is not None:  # only the slots some token sees, [Hkv, L', hd]
+                keys = torch.cat([keys[:, span] for span in step.kv_spans], dim=1)
+                values = torch.cat([values[:, span] for span in step.kv_spans], dim=1)
+                kv_len = keys.shape[1]
+            out = kernels.cached_attention(q, keys, values, step.group_mask, kv_len)  # [T, H, hd]
             return self.o_proj(out.reshape(1, seq, nh * hd), residual=residual)
 
         # No cache (training or a one-off full forward): causal attention over this forward's
@@ -241,7 +268,12 @@ class Transformer(nn.Module):
         if window is not None:
             mask = self._windowed(mask, torch.arange(mask.shape[1], device=positions.device), positions)
         group = self.config.num_heads // self.config.num_kv_heads
-        return StepInputs(positions, cos, sin, mask, cache, kv_len, mask.repeat(group, 1))
+        group_mask, spans = mask.repeat(group, 1), None
+        if positions.device.type == "cpu":  # eager: the kept count may depend on the data
+            spans = seen_spans(mask[:, :kv_len])
+            if spans is not None:
+                group_mask = torch.cat([group_mask[:, span] for span in spans], dim=1)
+        return StepInputs(positions, cos, sin, mask, cache, kv_len, group_mask, spans)
 
     def _windowed(self, mask: Tensor, key_positions: Tensor, positions: Tensor) -> Tensor:
         """mask [T, L] limited to keys among the last sliding_window positions of each query
